@@ -1,0 +1,95 @@
+"""Small layers that several papers share: MLP, coordinate maps, sine position encodings,
+attention helpers. Anything paper-specific lives in the model file.
+
+Shapes: B batch, C channels, H W feature map, L tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """Linear layers with an activation between them (none after the last)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
+                 act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < num_layers - 1:
+                layers.append(act())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def coord_map(batch: int, h: int, w: int, device=None, dtype=None) -> Tensor:
+    """2-channel map of normalised (x, y) coordinates in [-1, 1]: (B, 2, H, W)."""
+    ys = torch.linspace(-1, 1, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1, 1, w, device=device, dtype=dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(batch, 2, h, w)
+
+
+def sine_pos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device=None) -> Tensor:
+    """DETR's fixed 2-D sine position encoding, (H*W, dim): half the channels for y, half for x."""
+    if dim % 4:
+        raise ValueError(f"dim={dim} must be divisible by 4")
+    quarter = dim // 4
+    freq = temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None] / freq  # (H, dim/4)
+    xs = torch.arange(w, device=device, dtype=torch.float32)[:, None] / freq  # (W, dim/4)
+    pos_y = torch.cat([ys.sin(), ys.cos()], 1)[:, None, :].expand(h, w, dim // 2)
+    pos_x = torch.cat([xs.sin(), xs.cos()], 1)[None, :, :].expand(h, w, dim // 2)
+    return torch.cat([pos_y, pos_x], -1).flatten(0, 1)  # (H*W, dim)
+
+
+def sine_pos_1d(length: int, dim: int, temperature: float = 10000.0, device=None) -> Tensor:
+    """Transformer's fixed 1-D sine position encoding, (L, dim)."""
+    half = dim // 2
+    freq = temperature ** (torch.arange(half, device=device, dtype=torch.float32) / half)
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None] / freq
+    return torch.cat([pos.sin(), pos.cos()], 1)
+
+
+def safe_softmax(logits: Tensor, dim: int) -> Tensor:
+    """Softmax where a fully masked slice (all -inf) gives zeros instead of NaN."""
+    all_masked = torch.isneginf(logits).all(dim=dim, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(all_masked, 0.0), dim=dim)
+    return probs.masked_fill(all_masked, 0.0)
+
+
+
+class Attention(nn.Module):
+    """Standard multi-head attention (Vaswani et al. 2017) on `F.scaled_dot_product_attention`,
+    which picks a fused kernel where one applies.
+
+    key_mask (B, M) is True on keys that may be attended to (padded words are False); every
+    query must keep at least one key.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        kv_dim = kv_dim or dim
+        self.heads, self.dropout = heads, dropout
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(kv_dim, dim)
+        self.to_v = nn.Linear(kv_dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        B, N, _ = q.shape
+        split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split(self.to_q(q)), split(self.to_k(k)), split(self.to_v(v))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, dim)

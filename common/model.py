@@ -1,0 +1,134 @@
+"""The contract every model in this library follows, so that `train.py`, `eval.py` and a user's
+own code treat MaIL, MMNet, M3Dec and MARIS alike.
+
+A model module (`maris.py`, ...) defines a config dataclass, `CONFIGS` (at least "paper" and
+"tiny") and `MODEL`, the model class, a subclass of `RISModel`. The model
+
+- declares its preprocessing in `input_spec` (an `InputSpec`) and its `tokenizer`;
+- names the batch entries its `forward` takes in `input_names` (always image, text, text_mask;
+  MaIL adds cand_masks, cand_valid; every model accepts image_mask, True on real pixels);
+- `forward(..., target=None)` returns a dict with "mask_logits" (B, 1, H, W) at the input
+  resolution, the auxiliary outputs its losses need and, when `target` (B, 1, H, W) is given,
+  "loss" plus one "loss_<term>" entry per term of the paper's loss;
+- `configure_optimizers(lr, total_steps)` returns the paper's optimiser and a per-step scheduler;
+- may override `vis_panels(out, i)` to add paper-specific panels to eval.py's visualisations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# segment-anything's pixel statistics, given on the 0-255 scale (build_sam.py), here on 0-1
+SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+SAM_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images must be prepared for a model. data.py, eval.py and user code all read this.
+
+    resize:
+      "square":  stretch to size x size (aspect not kept).
+      "longest": longest side to `size`, aspect kept, pad bottom-right to size x size (SAM).
+      "shorter": shorter side to `size`, longer side at most `max_size`, aspect kept, pad
+                 bottom-right to a multiple of `pad_multiple` (ViLT); sizes vary per image and
+                 the collate function pads a batch to its largest image.
+    Padding is zeros after normalisation; `image_mask` in the batch marks the real pixels.
+    """
+
+    size: int
+    resize: str = "square"
+    max_size: int | None = None
+    pad_multiple: int = 1
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # on the 0-1 scale
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.resize not in ("square", "longest", "shorter"):
+            raise ValueError(f"unknown resize mode {self.resize!r}")
+        if self.resize == "shorter" and self.max_size is None:
+            raise ValueError('resize="shorter" needs max_size')
+
+    def resized_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Size (h, w) an image of size (h, w) takes inside the padded canvas."""
+        if self.resize == "square":
+            return self.size, self.size
+        if self.resize == "longest":
+            scale = self.size / max(h, w)
+        else:
+            scale = min(self.size / min(h, w), self.max_size / max(h, w))
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def canvas_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Padded size of one image (before batch padding)."""
+        if self.resize in ("square", "longest"):
+            return self.size, self.size
+        rh, rw = self.resized_hw(h, w)
+        m = self.pad_multiple
+        return -(-rh // m) * m, -(-rw // m) * m
+
+
+class RISModel(nn.Module):
+    """Base class of the four models: holds the parts of the contract that are not paper-specific."""
+
+    input_names: tuple[str, ...] = ("image", "text", "text_mask")
+    input_spec: InputSpec
+    tokenizer: object  # common.tokenizers.*: sentence -> (ids, truncated)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True):
+        """Like nn.Module.train, but frozen encoders (see `freeze`) stay in eval mode."""
+        super().train(mode)
+        for m in self.modules():
+            if getattr(m, "frozen", False):
+                m.eval()
+        return self
+
+    def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
+        """Extra (title, map (h, w) in [0, 1]) panels for sample i of a batch; none by default."""
+        return []
+
+    def inputs_from(self, batch: dict) -> dict:
+        """The batch entries `forward` takes (see `input_names`)."""
+        inputs = {k: batch[k] for k in self.input_names}
+        if "image_mask" in batch:
+            inputs["image_mask"] = batch["image_mask"]
+        return inputs
+
+
+def config_from_dict(default, values: dict):
+    """Rebuild a config dataclass from a dict (a checkpoint's), naming any unknown field."""
+    fields = {f.name for f in dataclasses.fields(default)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(
+            f"config fields {unknown} are not fields of {type(default).__name__} "
+            "(was the checkpoint written by another model or version?)"
+        )
+    values = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v for k, v in values.items()}
+    return dataclasses.replace(default, **values)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Freeze parameters; RISModel.train() keeps a frozen module in eval mode (BN, dropout)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.frozen = True
+    return module.eval()

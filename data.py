@@ -1,0 +1,546 @@
+"""Data: RefCOCO / RefCOCO+ / G-Ref in the REFER format, the built-in synthetic `shapes` data,
+preprocessing driven by a model's `InputSpec` and tokenizer, and batching.
+
+A raw sample (what a dataset's __getitem__ returns) is a dict:
+  image        uint8 (H, W, 3) RGB, the image as the user sees it
+  sentence     str, the referring expression
+  mask         bool (H, W), the referred object
+  instances    bool (K, H, W), every annotated object of the image (the referred one included);
+               MaIL's candidate masks
+  target_index int, index of the referred object in `instances` (-1 if absent)
+  image_id     int
+A prepared sample (Preprocess) holds tensors at the model's input resolution; `collate` pads
+them into a batch. Predictions go back to the original resolution with `to_original`.
+
+Shapes: B batch, K candidates, L tokens, H W input size, H0 W0 original size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from common.model import InputSpec
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageError(OSError):
+    """An image file exists but cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL image -> uint8 (H, W, 3) RGB.
+
+    16-bit and 32-bit grey images are scaled to 8 bits (not clipped); images with transparency
+    are composited on white, the way most viewers show them; CMYK, palette and grey convert.
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image(path: str, exif: bool = True) -> np.ndarray:
+    """Read an image as uint8 RGB, rotated as its EXIF orientation says (as viewers show it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path!r}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated file fails here with its name
+            if exif:
+                im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot decode image {path!r}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# REFER format: RefCOCO, RefCOCO+, G-Ref
+# ---------------------------------------------------------------------------------------------
+
+SPLITS = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+}
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+
+REFER_LAYOUT = """expected layout:
+  DATA_ROOT/refcoco/refs(unc).p        DATA_ROOT/refcoco/instances.json
+  DATA_ROOT/refcoco+/refs(unc).p       DATA_ROOT/refcoco+/instances.json
+  DATA_ROOT/refcocog/refs(umd).p       DATA_ROOT/refcocog/refs(google).p
+  DATA_ROOT/refcocog/instances.json
+  DATA_ROOT/images/train2014/COCO_train2014_000000000009.jpg ...  (or --image-dir DIR)"""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Accepts only plain containers and scalars: REFER pickles hold nothing else, and a pickle
+    that asks for any class or function (the way malicious pickles run code) is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a REFER refs file holds only lists, dicts, "
+            "strings and numbers"
+        )
+
+
+def load_refs(path: str) -> list[dict]:
+    """Read a REFER `refs(<split_by>).p` (written by Python 2: latin1 strings) safely."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"REFER refs file not found: {path!r}\n{REFER_LAYOUT}")
+    try:
+        with open(path, "rb") as f:
+            refs = _PlainUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as err:  # truncated or not a pickle at all
+        raise ValueError(f"corrupt REFER refs file {path!r}: {type(err).__name__}: {err}") from err
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise ValueError(f"{path!r} is not a REFER refs file (expected a list of dicts)")
+    return refs
+
+
+def load_instances(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO instances file not found: {path!r}\n{REFER_LAYOUT}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt instances file {path!r}: {err}") from err
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise ValueError(f"{path!r} is not a COCO instances file (needs 'images', 'annotations')")
+    return data
+
+
+def decode_segmentation(segm, h: int, w: int) -> np.ndarray:
+    """COCO polygons or RLE -> bool (h, w). Overlapping polygons sum, so binarise with > 0."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segm, list):  # polygons
+        rles = mask_utils.frPyObjects(segm, h, w)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:  # compressed RLE
+        rle = dict(segm, counts=segm["counts"].encode() if isinstance(segm["counts"], str)
+                   else segm["counts"])
+    m = mask_utils.decode(rle)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return m > 0
+
+
+class ReferDataset(Dataset):
+    """One sample per (referred object, sentence) of a REFER split.
+
+    Arguments:
+      root: DATA_ROOT (see REFER_LAYOUT); dataset: refcoco | refcoco+ | refcocog;
+      split_by: unc | umd | google; split: e.g. val, testA; image_dir: overrides
+      DATA_ROOT/images/train2014.
+    Refs without sentences are skipped and counted in `skipped_refs`.
+    """
+
+    def __init__(self, root: str, dataset: str = "refcoco", split: str = "val",
+                 split_by: str | None = None, image_dir: str | None = None):
+        split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
+        if (dataset, split_by) not in SPLITS:
+            raise ValueError(f"unknown dataset/split_by {dataset}/{split_by}; known: {list(SPLITS)}")
+        if split not in SPLITS[dataset, split_by]:
+            raise ValueError(f"{dataset} ({split_by}) has splits {SPLITS[dataset, split_by]}, "
+                             f"not {split!r}")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data root not found: {root!r}\n{REFER_LAYOUT}")
+        self.image_dir = image_dir or os.path.join(root, "images", "train2014")
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"image folder not found: {self.image_dir!r}\n{REFER_LAYOUT}")
+        refs = load_refs(os.path.join(root, dataset, f"refs({split_by}).p"))
+        inst = load_instances(os.path.join(root, dataset, "instances.json"))
+        self.anns = {a["id"]: a for a in inst["annotations"]}
+        self.images = {im["id"]: im for im in inst["images"]}
+        self.anns_of_image: dict[int, list[int]] = defaultdict(list)
+        for a in inst["annotations"]:
+            self.anns_of_image[a["image_id"]].append(a["id"])
+        self.samples: list[tuple[int, int, str]] = []  # (image_id, ann_id, sentence)
+        self.skipped_refs = 0
+        for ref in refs:
+            if ref.get("split") != split:
+                continue
+            sents = [s.get("sent") or s.get("raw") or "" for s in ref.get("sentences") or []]
+            sents = [s for s in sents if s.strip()]
+            if not sents or ref["ann_id"] not in self.anns:
+                self.skipped_refs += 1
+                continue
+            self.samples += [(ref["image_id"], ref["ann_id"], s) for s in sents]
+        self.name = f"{dataset}({split_by})/{split}"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_path(self, image_id: int) -> str:
+        name = self.images.get(image_id, {}).get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
+        return os.path.join(self.image_dir, name)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id, ann_id, sentence = self.samples[i]
+        info = self.images[image_id]
+        h, w = info["height"], info["width"]
+        path = self.image_path(image_id)
+        image = load_image(path)
+        if image.shape[:2] != (h, w):  # annotations are in the stored orientation
+            image = load_image(path, exif=False)
+            if image.shape[:2] != (h, w):
+                raise ImageError(f"{path!r} is {image.shape[1]}x{image.shape[0]}, but "
+                                 f"instances.json says {w}x{h}")
+        ids = self.anns_of_image[image_id]
+        instances = np.stack([decode_segmentation(self.anns[a]["segmentation"], h, w) for a in ids])
+        target = ids.index(ann_id)
+        return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
+                    target_index=target, image_id=image_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in synthetic data: coloured shapes and sentences that refer to exactly one of them
+# ---------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
+           "yellow": (235, 205, 35), "purple": (145, 60, 190)}
+KINDS = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": (0.06, 0.09), "big": (0.13, 0.18)}  # radius as a fraction of the image side
+ATTRIBUTE_SETS = (("kind",), ("colour", "kind"), ("colour",), ("size", "kind"),
+                  ("size", "colour", "kind"))
+# (axis, sign, words): the target is the extreme of its group along the axis
+EXTREMES = (("x", -1, ("on the left", "leftmost")), ("x", 1, ("on the right", "rightmost")),
+            ("y", -1, ("at the top", "topmost")), ("y", 1, ("at the bottom", "bottom")))
+RELATIONS = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+def _phrase(attrs: dict) -> str:
+    words = [attrs[k] for k in ("size", "colour") if k in attrs]
+    return " ".join(words + [attrs.get("kind", "shape" if words else "shape")])
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if kind == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if kind == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    return None  # circle
+
+
+class ShapesDataset(Dataset):
+    """Deterministic synthetic referring segmentation: 2-6 shapes on a textured background.
+
+    Each sample is generated from (seed, split, index) alone, so every process and every run sees
+    the same data. The sentence picks out exactly one shape by its attributes ("the big red
+    circle"), its position within a group ("the triangle on the left", "the leftmost blue
+    shape") or its relation to another shape ("the square below the green circle"). Masks are
+    exact; every shape is a candidate instance (MaIL).
+    """
+
+    def __init__(self, split: str = "train", num_samples: int = 2000, image_size: int = 128,
+                 seed: int = 0):
+        if split not in SPLIT_CODES:
+            raise ValueError(f"shapes has splits {tuple(SPLIT_CODES)}, not {split!r}")
+        self.split, self.num_samples, self.size, self.seed = split, num_samples, image_size, seed
+        self.name = f"shapes/{split}"
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], i])
+        while True:  # a scene without any unambiguous sentence is redrawn (rare)
+            objects = self._place(rng)
+            target = int(rng.integers(len(objects)))
+            sentence = self._describe(objects, target, rng)
+            if sentence is not None:
+                break
+        image, instances = self._render(objects, rng)
+        return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
+                    target_index=target, image_id=i)
+
+    def _place(self, rng) -> list[dict]:
+        n = int(rng.integers(2, 7))
+        objects: list[dict] = []
+        for _ in range(200):
+            if len(objects) == n:
+                break
+            size = str(rng.choice(list(SIZES)))
+            r = rng.uniform(*SIZES[size]) * self.size
+            cx, cy = rng.uniform(r + 2, self.size - r - 2, size=2)
+            if all(math.hypot(cx - o["cx"], cy - o["cy"]) > r + o["r"] + 3 for o in objects):
+                objects.append(dict(kind=str(rng.choice(KINDS)), colour=str(rng.choice(list(COLOURS))),
+                                    size=size, cx=cx, cy=cy, r=r))
+        return objects
+
+    def _describe(self, objects: list[dict], t: int, rng) -> str | None:
+        target, margin = objects[t], 0.05 * self.size
+        found: dict[str, list[str]] = {"attribute": [], "position": [], "relation": []}
+
+        def group(attrs):
+            return [o for o in objects if all(o[k] == v for k, v in attrs.items())]
+
+        def extreme(members, axis, sign):  # target beats every other member by a margin
+            return all(sign * (target["c" + axis] - o["c" + axis]) > margin
+                       for o in members if o is not target)
+
+        unique_refs = []  # other objects that attributes alone identify
+        for keys in ATTRIBUTE_SETS + ((),):
+            attrs = {k: target[k] for k in keys}
+            members = group(attrs)
+            if len(members) == 1:
+                found["attribute"].append(f"the {_phrase(attrs)}")
+            elif len(members) >= 2:
+                for axis, sign, (after, before) in EXTREMES:
+                    if extreme(members, axis, sign):
+                        found["position"].append(f"the {_phrase(attrs)} {after}")
+                        if keys:
+                            found["position"].append(f"the {before} {_phrase(attrs)}")
+        for o in objects:
+            if o is target:
+                continue
+            for keys in ATTRIBUTE_SETS[:2]:
+                attrs = {k: o[k] for k in keys}
+                if len(group(attrs)) == 1:
+                    unique_refs.append((o, attrs))
+                    break
+        for ref, ref_attrs in unique_refs:
+            for keys in ATTRIBUTE_SETS[:2] + ((),):
+                attrs = {k: target[k] for k in keys}
+                members = [o for o in group(attrs) if o is not ref]
+                if len(members) < 2:
+                    continue  # attributes alone would do
+                for rel, (axis, sign) in RELATIONS.items():
+                    hits = [o for o in members
+                            if sign * (o["c" + axis] - ref["c" + axis]) > o["r"] + ref["r"]]
+                    if hits == [target]:
+                        found["relation"].append(f"the {_phrase(attrs)} {rel} the {_phrase(ref_attrs)}")
+        kinds = [k for k in ("attribute", "position", "relation") if found[k]]
+        if not kinds:
+            return None
+        weights = np.array([{"attribute": 0.5, "position": 0.3, "relation": 0.2}[k] for k in kinds])
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        return str(rng.choice(found[kind]))
+
+    def _render(self, objects: list[dict], rng) -> tuple[np.ndarray, np.ndarray]:
+        s = self.size
+        # textured background: a smooth random field, faint stripes and pixel noise, all greyish
+        coarse = rng.normal(0, 1, size=(5, 5, 1))
+        field = np.asarray(Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255)
+                                           .astype(np.uint8)[:, :, 0]).resize((s, s), Image.BICUBIC),
+                           dtype=np.float32)[:, :, None] / 255.0
+        yy, xx = np.mgrid[0:s, 0:s]
+        angle, period = rng.uniform(0, math.pi), rng.uniform(6, 16)
+        stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
+        tint = rng.uniform(90, 170) + rng.uniform(-12, 12, size=3)
+        bg = tint + 40 * (field - 0.5) + 6 * stripes[:, :, None] + rng.normal(0, 5, size=(s, s, 3))
+        image = bg
+        instances = np.zeros((len(objects), s, s), dtype=bool)
+        for k, o in enumerate(objects):
+            canvas = Image.new("L", (s, s), 0)
+            draw = ImageDraw.Draw(canvas)
+            poly = _shape_polygon(o["kind"], o["cx"], o["cy"], o["r"])
+            if poly is None:
+                draw.ellipse([o["cx"] - o["r"], o["cy"] - o["r"], o["cx"] + o["r"], o["cy"] + o["r"]],
+                             fill=255)
+            else:
+                draw.polygon(poly, fill=255)
+            instances[k] = np.asarray(canvas) > 0
+            colour = np.array(COLOURS[o["colour"]]) + rng.uniform(-15, 15, size=3)
+            shade = 1 + 0.08 * (field[:, :, 0] - 0.5)[:, :, None]  # a little lighting
+            image = np.where(instances[k][:, :, None], colour * shade, image)
+        return np.clip(image, 0, 255).astype(np.uint8), instances
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and batching
+# ---------------------------------------------------------------------------------------------
+
+_FLIP_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_FLIP_RE = re.compile(r"\b(" + "|".join(_FLIP_WORDS) + r")\b")
+
+
+def flip_sentence(sentence: str) -> str:
+    """Swap left and right words, so that a mirrored image keeps its sentence true."""
+    return _FLIP_RE.sub(lambda m: _FLIP_WORDS[m.group(1)], sentence)
+
+
+def resize_image(image: np.ndarray, spec: InputSpec) -> tuple[Tensor, tuple[int, int]]:
+    """uint8 (H0, W0, 3) -> normalised float (3, h, w) resized as the spec says, and (h, w)."""
+    h0, w0 = image.shape[:2]
+    h, w = spec.resized_hw(h0, w0)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 255.0
+    if (h, w) != (h0, w0):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0], (h, w)
+
+
+def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> Tensor:
+    """bool (K, H0, W0) -> bool (K, h, w) by nearest neighbour."""
+    m = torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8)[None]
+    if tuple(m.shape[-2:]) != tuple(hw):
+        m = F.interpolate(m, size=hw, mode="nearest-exact")
+    return m[0].bool()
+
+
+def pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Zero-pad the last two axes at the bottom and right."""
+    return F.pad(x, (0, hw[1] - x.shape[-1], 0, hw[0] - x.shape[-2]))
+
+
+class Preprocess:
+    """Raw sample -> model inputs, as the model's InputSpec and tokenizer say.
+
+    Training augmentation is a horizontal flip (probability 1/2) with "left"/"right" swapped in
+    the sentence; nothing that changes colour, size or relative position, which sentences name.
+    """
+
+    def __init__(self, spec: InputSpec, tokenizer, *, train: bool = False,
+                 candidates: bool = False, keep_original: bool = False):
+        self.spec, self.tokenizer = spec, tokenizer
+        self.train, self.candidates, self.keep_original = train, candidates, keep_original
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        image, sentence, mask = sample["image"], sample["sentence"], sample["mask"]
+        instances = sample.get("instances")
+        if self.train and rng is not None and rng.random() < 0.5:
+            image, mask, sentence = image[:, ::-1], mask[:, ::-1], flip_sentence(sentence)
+            instances = instances[:, :, ::-1] if instances is not None else None
+        ids, truncated = self.tokenizer(sentence)
+        x, hw = resize_image(image, self.spec)
+        canvas = self.spec.canvas_hw(*image.shape[:2])
+        out = dict(image=pad_to(x, canvas), text=torch.tensor(ids), truncated=truncated,
+                   mask=pad_to(resize_masks(mask[None], hw), canvas), valid_hw=hw,
+                   orig_hw=tuple(image.shape[:2]), sentence=sentence,
+                   image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1))
+        if self.candidates:
+            k = instances if instances is not None and len(instances) else mask[None]
+            out["cand_masks"] = pad_to(resize_masks(k, hw), canvas)
+        if self.keep_original:
+            out["gt"] = torch.from_numpy(np.ascontiguousarray(mask))
+        return out
+
+
+class PreparedDataset(Dataset):
+    """A raw dataset plus Preprocess. Augmentation randomness comes from (seed, epoch, index), so
+    a run is reproducible whatever the number of workers and after a resume."""
+
+    def __init__(self, base: Dataset, preprocess: Preprocess, seed: int = 0):
+        self.base, self.preprocess, self.seed, self.epoch = base, preprocess, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.preprocess(self.base[i], np.random.default_rng([self.seed, self.epoch, i]))
+        item["index"] = i
+        return item
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict:
+    """Pad a list of prepared samples into a batch.
+
+    image (B, 3, H, W), image_mask (B, H, W) True on real pixels, text (B, L) padded with
+    `pad_id`, text_mask (B, L) True on real tokens, mask (B, 1, H, W) float target;
+    with candidates: cand_masks (B, K, H, W) bool, cand_valid (B, K) bool, target_index (B,).
+    """
+    B = len(items)
+    H = max(it["image"].shape[1] for it in items)
+    W = max(it["image"].shape[2] for it in items)
+    L = max(len(it["text"]) for it in items)
+    batch = dict(
+        image=torch.stack([pad_to(it["image"], (H, W)) for it in items]),
+        image_mask=torch.zeros(B, H, W, dtype=torch.bool),
+        text=torch.full((B, L), pad_id, dtype=torch.long),
+        text_mask=torch.zeros(B, L, dtype=torch.bool),
+        mask=torch.stack([pad_to(it["mask"], (H, W)) for it in items]).float(),
+        target_index=torch.tensor([it["target_index"] for it in items]),
+        index=torch.tensor([it["index"] for it in items]),
+        truncated=sum(bool(it["truncated"]) for it in items),
+    )
+    for b, it in enumerate(items):
+        h, w = it["valid_hw"]
+        batch["image_mask"][b, :h, :w] = True
+        batch["text"][b, : len(it["text"])] = it["text"]
+        batch["text_mask"][b, : len(it["text"])] = True
+    for key in ("valid_hw", "orig_hw", "sentence", "image_id"):
+        batch[key] = [it[key] for it in items]
+    if "gt" in items[0]:
+        batch["gt"] = [it["gt"] for it in items]
+    if "cand_masks" in items[0]:
+        K = max(len(it["cand_masks"]) for it in items)
+        batch["cand_masks"] = torch.zeros(B, K, H, W, dtype=torch.bool)
+        batch["cand_valid"] = torch.zeros(B, K, dtype=torch.bool)
+        for b, it in enumerate(items):
+            k = len(it["cand_masks"])
+            batch["cand_masks"][b, :k] = pad_to(it["cand_masks"], (H, W))
+            batch["cand_valid"][b, :k] = True
+    return batch
+
+
+def to_original(logits: Tensor, valid_hw: tuple[int, int], orig_hw: tuple[int, int]) -> Tensor:
+    """Logits (1, H, W) on the padded input canvas -> logits (H0, W0) at the original size."""
+    h, w = valid_hw
+    x = logits[..., :h, :w].float()[None]  # (1, 1, h, w)
+    return F.interpolate(x, size=tuple(orig_hw), mode="bilinear", align_corners=False)[0, 0]
+
+
+class ShardSampler(Sampler):
+    """Rank r of w takes samples r, r+w, r+2w, ...: every sample exactly once over all ranks,
+    whatever the split size (unlike DistributedSampler, which pads by repeating samples)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_dataset(name: str, split: str, *, data_root: str | None = None,
+                  split_by: str | None = None, image_dir: str | None = None,
+                  shapes_size: int = 2000, shapes_image_size: int = 128, seed: int = 0) -> Dataset:
+    """`shapes` (built in) or a REFER dataset (refcoco, refcoco+, refcocog) split."""
+    if name == "shapes":
+        return ShapesDataset(split, shapes_size, shapes_image_size, seed)
+    if data_root is None:
+        raise ValueError(f"--data-root is needed for {name}\n{REFER_LAYOUT}")
+    return ReferDataset(data_root, name, split, split_by, image_dir)

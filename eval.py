@@ -1,0 +1,212 @@
+"""Evaluate a checkpoint, visualise its predictions, or predict one image + sentence.
+
+  python eval.py --checkpoint runs/maris-tiny-shapes/best.pt                   # val split
+  python eval.py --checkpoint C --dataset refcoco --data-root D --split val testA testB --json m.json
+  torchrun --nproc_per_node=2 eval.py --checkpoint C                         # same numbers, faster
+  python eval.py --checkpoint C --save-vis vis/ --num-vis 16                  # overlays
+  python eval.py --checkpoint C --image photo.jpg --text "the dog on the left" --out dog.png
+
+Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution:
+mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of samples. Data flags default to the ones the
+checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+import train
+from common.metrics import THRESHOLDS
+
+# ---------------------------------------------------------------------------------------------
+# Visualisation
+# ---------------------------------------------------------------------------------------------
+
+PRED_COLOUR, GT_COLOUR = np.array([230, 40, 40]), np.array([40, 200, 70])
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    return out.astype(np.uint8)
+
+
+def heatmap(image: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] of any size, resized onto the image and blended as a blue-red heat map."""
+    v = np.asarray(Image.fromarray((np.clip(value, 0, 1) * 255).astype(np.uint8))
+                   .resize(image.shape[1::-1], Image.BILINEAR), dtype=np.float32)[:, :, None] / 255
+    heat = np.concatenate([v, 0.2 * np.ones_like(v), 1 - v], 2) * 255
+    return (0.45 * image + 0.55 * heat).astype(np.uint8)
+
+
+def compose(panels: list[tuple[str, np.ndarray]], header: str, width: int = 256) -> Image.Image:
+    """Panels (title, uint8 image) side by side, wrapping every 6, under a header line."""
+    font = ImageFont.load_default()
+    tiles = []
+    for title, img in panels:
+        im = Image.fromarray(img)
+        im = im.resize((width, max(1, round(im.height * width / im.width))), Image.BILINEAR)
+        tile = Image.new("RGB", (width, im.height + 14), "white")
+        tile.paste(im, (0, 14))
+        ImageDraw.Draw(tile).text((2, 1), title[:42], fill="black", font=font)
+        tiles.append(tile)
+    cols = min(6, len(tiles))
+    rows = -(-len(tiles) // cols)
+    th = max(t.height for t in tiles)
+    sheet = Image.new("RGB", (cols * width, rows * th + 18), "white")
+    ImageDraw.Draw(sheet).text((2, 3), header[:160], fill="black", font=font)
+    for k, t in enumerate(tiles):
+        sheet.paste(t, ((k % cols) * width, 18 + (k // cols) * th))
+    return sheet
+
+
+def visual(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, sentence: str,
+           extra: list[tuple[str, torch.Tensor]], iou: float | None = None) -> Image.Image:
+    panels = [("prediction", overlay(image, pred, PRED_COLOUR))]
+    if gt is not None:
+        panels.append(("ground truth", overlay(image, gt, GT_COLOUR)))
+    for title, value in extra:
+        panels.append((title, heatmap(image, value.detach().float().cpu().numpy())))
+    header = f'"{sentence}"' + (f"  IoU={iou:.3f}" if iou is not None else "")
+    return compose(panels, header)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction on one image
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model, image: np.ndarray, sentence: str, device="cpu") -> tuple[np.ndarray, dict]:
+    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution."""
+    prep = data.Preprocess(model.input_spec, model.tokenizer,
+                           candidates="cand_masks" in model.input_names)
+    sample = dict(image=image, sentence=sentence, mask=np.zeros(image.shape[:2], bool),
+                  instances=np.zeros((0, *image.shape[:2]), bool))
+    item = prep(sample)
+    item["index"] = 0
+    batch = train.move(data.collate([item], model.tokenizer.pad_id), device)
+    model.eval()
+    out = model(**model.inputs_from(batch))
+    logits = data.to_original(out["mask_logits"][0], batch["valid_hw"][0], batch["orig_hw"][0])
+    return (logits > 0).cpu().numpy(), out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (or: all)")
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--save-vis", default=None, metavar="DIR", help="write overlay PNGs here")
+    p.add_argument("--num-vis", type=int, default=16, help="how many samples to visualise per split")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    p.add_argument("--image", default=None, help="predict on this image (with --text, --out)")
+    p.add_argument("--text", default=None, help="the referring expression for --image")
+    p.add_argument("--out", default=None, help="mask PNG for --image; the overlay goes beside it")
+    train.add_data_args(p)
+    args = p.parse_args(argv)
+    if (args.image is None) != (args.text is None):
+        p.error("--image and --text go together")
+    return args
+
+
+def run_predict(args, model, device) -> None:
+    image = data.load_image(args.image)
+    mask, out = predict(model, image, args.text, device)
+    path = args.out or os.path.splitext(args.image)[0] + ".mask.png"
+    Image.fromarray((mask * 255).astype(np.uint8)).save(path)
+    root, _ = os.path.splitext(path)
+    visual(image, mask, None, args.text, model.vis_panels(out, 0)).save(root + ".overlay.png")
+    print(f"mask ({mask.mean() * 100:.1f}% of the image) -> {path}; overlay -> {root}.overlay.png")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ckpt = train.load_checkpoint(args.checkpoint)
+    rank, world, device = train.setup_distributed()
+    model, module, cfg = train.build_model_from_checkpoint(ckpt, device)
+    model.eval()
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if args.image is not None:
+        if rank == 0:
+            run_predict(args, model, device)
+        return {}
+
+    # data flags the user did not give come from the training run
+    trained = ckpt.get("args", {})
+    defaults = vars(parse_args(["--checkpoint", args.checkpoint]))
+    for key in ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
+                "shapes_image_size", "data_seed"):
+        if getattr(args, key) == defaults[key] and trained.get(key) is not None:
+            setattr(args, key, trained[key])
+    if args.workers is None:
+        args.workers = 0
+    args.seed = trained.get("seed", 0)
+    splits = args.split
+    if splits == ["all"]:
+        split_by = args.split_by or data.DEFAULT_SPLIT_BY.get(args.dataset)
+        splits = [s for s in data.SPLITS.get((args.dataset, split_by), ("train", "val", "test"))
+                  if s != "train"]
+
+    results = {}
+    for split in splits:
+        loader = train.make_eval_loader(args, split, model, rank, world, args.batch_size)
+        on_batch = None
+        if args.save_vis:
+            os.makedirs(args.save_vis, exist_ok=True)
+            on_batch = make_visualiser(args, split, model, loader.dataset)
+        results[split] = train.evaluate(model, loader, device, args.amp, on_batch)
+    if rank == 0:
+        print_table(results, f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results[splits[0]] if len(splits) == 1 else results, f, indent=1)
+    if world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def make_visualiser(args, split: str, model, dataset):
+    count = {"n": 0}
+
+    def on_batch(batch, out, ious):
+        for i, idx in enumerate(batch["index"].tolist()):
+            if count["n"] >= args.num_vis:
+                return
+            count["n"] += 1
+            image = dataset.base[idx]["image"]
+            pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i],
+                                    batch["orig_hw"][i]) > 0
+            visual(image, pred.cpu().numpy(), batch["gt"][i].cpu().numpy(), batch["sentence"][i],
+                   model.vis_panels(out, i), ious[i]).save(
+                os.path.join(args.save_vis, f"{split}_{idx:06d}.png"))
+
+    return on_batch
+
+
+def print_table(results: dict, title: str) -> None:
+    cols = ["mIoU", "oIoU"] + [f"Pr@{t}" for t in THRESHOLDS]
+    print(title)
+    print(f"{'split':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}")
+    for split, m in results.items():
+        print(f"{split:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols) + f"{m['n']:>8}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
