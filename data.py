@@ -229,7 +229,7 @@ class ReferDataset(Dataset):
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
            "yellow": (235, 205, 35), "purple": (145, 60, 190)}
 KINDS = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": (0.06, 0.09), "big": (0.13, 0.18)}  # radius as a fraction of the image side
+SIZES = {"small": (0.09, 0.12), "big": (0.15, 0.2)}  # radius as a fraction of the image side
 ATTRIBUTE_SETS = (("kind",), ("colour", "kind"), ("colour",), ("size", "kind"),
                   ("size", "colour", "kind"))
 # (axis, sign, words): the target is the extreme of its group along the axis
@@ -349,7 +349,7 @@ class ShapesDataset(Dataset):
         kinds = [k for k in ("attribute", "position", "relation") if found[k]]
         if not kinds:
             return None
-        weights = np.array([{"attribute": 0.5, "position": 0.3, "relation": 0.2}[k] for k in kinds])
+        weights = np.array([{"attribute": 0.6, "position": 0.25, "relation": 0.15}[k] for k in kinds])
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         return str(rng.choice(found[kind]))
 

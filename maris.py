@@ -227,7 +227,7 @@ class MARIS(RISModel):
         """AdamW with warm-up and polynomial decay (see Interpretations: the paper's recipe is in
         its supplementary material)."""
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr,
-                                weight_decay=self.cfg.weight_decay)
+                                weight_decay=self.cfg.weight_decay, fused=True)
         return opt, optim.poly(opt, total_steps, power=0.9, warmup=self.cfg.warmup)
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:

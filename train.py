@@ -407,7 +407,7 @@ def main(argv=None) -> dict:
             step += 1
             bar.update(1)
             if is_main and (step % args.log_every == 0 or step == 1):
-                parts = {k: round(float(v), 5) for k, v in out.items() if k.startswith("loss")}
+                parts = {k: round(v.item(), 5) for k, v in out.items() if k.startswith("loss")}
                 rec = dict(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
                            time=round(time.time() - t0, 1), truncated_sentences=truncated, **parts)
                 log(rec)

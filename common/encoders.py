@@ -126,9 +126,7 @@ class SAMImageEncoder(nn.Module):
             # checkpoint; trained from scratch it needs a random start to break symmetry.
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             warn_random(f"SAM {arch} image encoder", "pass a segment-anything checkpoint")
-        else:
-            if spec["patch_size"] != 16 or img_size != 1024:
-                raise ValueError("segment-anything weights need patch 16 at img_size=1024")
+        else:  # shapes must match: segment-anything's weights are for patch 16 at 1024 px
             load_matching(self, load_state_dict_file(weights), "image_encoder.", weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -211,4 +209,370 @@ class CLIPTextEncoder(nn.Module):
         if self.text_projection is not None:
             sentence = sentence @ self.text_projection  # (B, embed_dim)
         return words, sentence, text_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# ViLT single-stream transformer (Kim et al. 2021), through transformers (MaIL)
+# ---------------------------------------------------------------------------------------------
+
+# "vilt-b32" is ViltConfig's default, the architecture of dandelin/vilt-b32-mlm: ViT-B/32 (d 768,
+# 12 blocks, 12 heads, P 32), position grid for 384 px, 40 text positions, BERT's 30522 words.
+# "tiny" is this library's CPU-sized variant with the same structure.
+VILT_ARCHS = {
+    "vilt-b32": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=3072, patch_size=32, image_size=384),
+    "tiny": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=384, patch_size=16, image_size=128),
+}
+
+
+class ViLTEncoder(nn.Module):
+    """ViLT's transformer taken apart, so that a model can put its own tokens into the sequence.
+
+    Parts, as ViLT names them: `text_embed` (BERT embeddings: word + position + segment, then
+    LayerNorm), `patch_embed` (P x P convolution), `cls_token` (the image's class token),
+    `pos_embed` (a grid for image_size / P patches, plus the class token's), `type_embed` (modality
+    types: 0 text, 1 image), `blocks` (pre-norm ViT blocks), `norm` (the final LayerNorm).
+    Images of any size: as ViLT does, the position grid is resized bilinearly (corners aligned)
+    to each image's own patch grid (its real pixels, `image_mask`); padded patches get none and
+    are never attended to.
+
+    Arguments:
+      arch: "vilt-b32" | "tiny"; a weights folder must hold that architecture.
+      weights: a local Hugging Face ViLT folder (config.json and the weights, e.g. a download of
+        dandelin/vilt-b32-mlm), read with local_files_only; None = random.
+      vocab_size: rows of the word-embedding table (the tokenizer's vocabulary).
+    Shapes: B batch, L words, h w patch grid, N = h*w, S sequence, d width.
+    """
+
+    def __init__(self, arch: str = "vilt-b32", weights: str | None = None,
+                 vocab_size: int = 30522):
+        super().__init__()
+        from transformers import ViltConfig, ViltModel
+
+        if arch not in VILT_ARCHS:
+            raise ValueError(f"unknown ViLT arch {arch!r}; choose from {sorted(VILT_ARCHS)}")
+        spec = VILT_ARCHS[arch]
+        if weights is None:
+            vilt = ViltModel(ViltConfig(vocab_size=vocab_size, **spec), add_pooling_layer=False)
+            # ViLT initialises these two with trunc_normal(0.02) (HF leaves them at zero and
+            # expects a checkpoint): from scratch they must break the symmetry of patches
+            nn.init.trunc_normal_(vilt.embeddings.position_embeddings, std=0.02)
+            nn.init.trunc_normal_(vilt.embeddings.cls_token, std=0.02)
+            warn_random(f"ViLT {arch} transformer", "pass a local Hugging Face ViLT folder")
+        else:
+            if not os.path.isdir(weights):
+                raise FileNotFoundError(f"ViLT weights must be a local Hugging Face folder "
+                                        f"(config.json + weights), not {weights!r}")
+            vilt = ViltModel.from_pretrained(weights, local_files_only=True,
+                                             add_pooling_layer=False)
+            got = {k: getattr(vilt.config, k) for k in spec}
+            if got != spec:
+                raise ValueError(f"{weights!r} holds a ViLT with {got}, not the {arch!r} "
+                                 f"architecture {spec}")
+            if vilt.config.vocab_size != vocab_size:
+                raise ValueError(f"{weights!r} has {vilt.config.vocab_size} word embeddings, but "
+                                 f"the tokenizer has {vocab_size} words: give its vocab.txt")
+        emb = vilt.embeddings
+        self.text_embed = emb.text_embeddings
+        self.patch_embed = emb.patch_embeddings.projection
+        self.cls_token, self.pos_embed = emb.cls_token, emb.position_embeddings
+        self.type_embed = emb.token_type_embeddings
+        self.blocks = vilt.encoder.layer
+        self.norm = vilt.layernorm
+        self.dim, self.heads = spec["hidden_size"], spec["num_attention_heads"]
+        self.patch_size = spec["patch_size"]
+        self.grid = spec["image_size"] // spec["patch_size"]  # side of the pretrained position grid
+        self.max_text_len = vilt.config.max_position_embeddings
+
+    def embed_text(self, ids: Tensor) -> Tensor:
+        """Word tokens plus the text type embedding: (B, L) -> (B, L, d)."""
+        if ids.shape[1] > self.max_text_len:
+            raise ValueError(f"{ids.shape[1]} tokens exceed ViLT's {self.max_text_len} positions")
+        return self.text_embed(input_ids=ids) + self.type_embed.weight[0]
+
+    def image_positions(self, patch_valid: Tensor) -> Tensor:
+        """Position embeddings (B, N, d) of each image's patches; patch_valid (B, h, w) marks the
+        patches of real pixels (a top-left rectangle). ViLT resizes its grid to every image's
+        patch rectangle (bilinear, corners aligned); sampling the grid at those coordinates does
+        the same for the whole batch at once, and padded patches get zeros, as in ViLT."""
+        B, h, w = patch_valid.shape
+        rows = patch_valid[:, :, 0].sum(1).clamp(min=1)  # (B,) real patch rows
+        cols = patch_valid[:, 0, :].sum(1).clamp(min=1)
+        ys = torch.arange(h, device=patch_valid.device)[None] / (rows[:, None] - 1).clamp(min=1)
+        xs = torch.arange(w, device=patch_valid.device)[None] / (cols[:, None] - 1).clamp(min=1)
+        grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1) * 2 - 1
+        table = self.pos_embed[:, 1:].transpose(1, 2).unflatten(2, (self.grid, self.grid))
+        pos = nn.functional.grid_sample(table.expand(B, -1, -1, -1), grid.to(table.dtype),
+                                        mode="bilinear", align_corners=True)  # (B, d, h, w)
+        pos = pos * patch_valid[:, None]
+        return pos.flatten(2).transpose(1, 2)  # (B, N, d)
+
+    def embed_image(self, image: Tensor, image_mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Image tokens [class; patches] plus positions and the image type embedding.
+
+        image (B, 3, H, W), image_mask (B, H, W) True on real pixels (None: all real).
+        Returns tokens (B, 1 + N, d), their key mask (B, 1 + N), patch positions (B, N, d).
+        """
+        x = self.patch_embed(image)  # (B, d, h, w)
+        B, _, h, w = x.shape
+        if image_mask is None:
+            patch_valid = torch.ones(B, h, w, dtype=torch.bool, device=image.device)
+        else:  # a patch is real if its pixels are (images are padded bottom-right)
+            P = self.patch_size
+            real = image_mask[:, None, : h * P, : w * P].float()
+            patch_valid = nn.functional.max_pool2d(real, P)[:, 0] > 0  # (B, h, w)
+        pos = self.image_positions(patch_valid)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        tokens = torch.cat([cls, x.flatten(2).transpose(1, 2) + pos], 1) + self.type_embed.weight[1]
+        key_mask = torch.cat([patch_valid.new_ones(B, 1), patch_valid.flatten(1)], 1)
+        return tokens, key_mask, pos
+
+    def forward(self, tokens: Tensor, key_mask: Tensor) -> Tensor:
+        """The transformer on any token sequence (B, S, d); key_mask (B, S) False on tokens that
+        must never be attended to. Each block: z^ = MSA(LN(z)) + z, z = MLP(LN(z^)) + z^."""
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, nh, S, hs)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = tokens
+        for blk in self.blocks:  # ViltLayer's weights, attention on SDPA (ViLT's dropout is 0)
+            att, h = blk.attention.attention, blk.layernorm_before(x)
+            q, k, v = split(att.query(h)), split(att.key(h)), split(att.value(h))
+            o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + blk.attention.output.dense(o.transpose(1, 2).flatten(2))
+            x = x + blk.output.dense(blk.intermediate(blk.layernorm_after(x)))
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# M3Dec: Darknet-53 (Redmon & Farhadi 2018) and a bi-directional GRU over word embeddings
+# (GloVe, Pennington et al. 2014) for the CNN setting; Swin-B (Liu et al. 2021, torchvision) and
+# BERT-base (Devlin et al. 2019, transformers) for the transformer setting
+# ---------------------------------------------------------------------------------------------
+
+# YOLOv3's Darknet-53: a 3x3 stem of `width` channels, then five stages, each a stride-2 3x3 conv
+# that doubles the channels and `depths[i]` residual blocks. "tiny" is this library's CPU-sized
+# variant with the same structure.
+DARKNET_ARCHS = {"darknet53": dict(width=32, depths=(1, 2, 8, 8, 4)),
+                 "tiny": dict(width=8, depths=(1, 1, 1, 2, 1))}
+
+
+def _conv_bn_leaky(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1))
+
+
+class _DarknetResidual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn_leaky(c, c // 2, 1), _conv_bn_leaky(c // 2, c, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class Darknet53(nn.Module):
+    """Darknet-53, YOLOv3's backbone, returning the output of each of its five stages.
+
+    Arguments:
+      arch: "darknet53" | "tiny".
+      weights: a state dict of this module (a .pth/.pt file), or a Darknet binary file
+        (`yolov3.weights`, whose first 52 convolutions are Darknet-53 trained on COCO, as MCN,
+        VLT and M3Dec use; or `darknet53.conv.74`, ImageNet); None = random.
+    Returns (forward): five maps (B, C_i, H / 2^(i+1), W / 2^(i+1)), C_i = `channels[i]`.
+    """
+
+    def __init__(self, arch: str = "darknet53", weights: str | None = None):
+        super().__init__()
+        if arch not in DARKNET_ARCHS:
+            raise ValueError(f"unknown Darknet arch {arch!r}; choose from {sorted(DARKNET_ARCHS)}")
+        width, depths = DARKNET_ARCHS[arch]["width"], DARKNET_ARCHS[arch]["depths"]
+        self.channels = [width * 2 ** (i + 1) for i in range(len(depths))]
+        self.stem = _conv_bn_leaky(3, width, 3)
+        self.stages = nn.ModuleList(
+            nn.Sequential(_conv_bn_leaky(c // 2, c, 3, stride=2), *(_DarknetResidual(c) for _ in range(d)))
+            for c, d in zip(self.channels, depths))
+        if weights is None:
+            warn_random(f"Darknet {arch}", "pass yolov3.weights or a state dict of this module")
+        elif weights.endswith((".weights", ".74")):
+            load_darknet_binary(self, weights)
+        else:
+            load_matching(self, load_state_dict_file(weights), "", weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def load_darknet_binary(module: nn.Module, path: str) -> None:
+    """Darknet's own weight format: a header, then for every convolution in network order its
+    BatchNorm bias, weight, running mean and variance, then its kernel (float32). Only the first
+    convolutions are read: the rest of a yolov3.weights file is YOLO's detection head."""
+    import struct
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path!r}")
+    with open(path, "rb") as f:
+        major, minor, _ = struct.unpack("<3i", f.read(12))
+        f.read(8 if major * 10 + minor >= 2 else 4)  # images seen during training
+        values = torch.frombuffer(bytearray(f.read()), dtype=torch.float32)
+    pos = 0
+    with torch.no_grad():
+        for m in module.modules():  # registration order is Darknet's layer order
+            if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d):
+                conv, bn = m[0], m[1]
+                for t in (bn.bias, bn.weight, bn.running_mean, bn.running_var, conv.weight):
+                    if pos + t.numel() > values.numel():
+                        raise ValueError(f"{path!r} ends before the network's last convolution")
+                    t.copy_(values[pos : pos + t.numel()].view_as(t))
+                    pos += t.numel()
+
+
+def load_glove(weight: Tensor, vocab, path: str) -> int:
+    """Copy the GloVe vector of every vocabulary word found in a GloVe text file ("word v1 ...
+    vD" per line) into its row of `weight` (V, D); returns how many were found."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GloVe file not found: {path!r}")
+    index = {w: i for i, w in enumerate(vocab) if i > 0}  # row 0 is padding
+    dim, found = weight.shape[1], 0
+    with open(path, encoding="utf-8", errors="replace") as f, torch.no_grad():
+        for line in f:
+            word, *values = line.rstrip().rsplit(" ", dim)  # some GloVe words contain spaces
+            if word in index:
+                if len(values) != dim:
+                    raise ValueError(f"{path!r} does not hold {dim}-d vectors")
+                weight[index[word]] = torch.tensor([float(v) for v in values])
+                found += 1
+    if not found:
+        raise ValueError(f"{path!r}: no word of the vocabulary found; not a GloVe text file?")
+    return found
+
+
+class GRUTextEncoder(nn.Module):
+    """Word embeddings and a bi-directional GRU (the language encoder of MCN, VLT and M3Dec's
+    CNN setting): per-word features and a sentence feature.
+
+    Both directions are summed, as VLT does. Padding never reaches a real word: the backward GRU
+    reads each sentence reversed within its own length, so padding only ever follows real words.
+
+    Arguments:
+      vocab: the word list of common.tokenizers.WordTokenizer ("<pad>" first).
+      dim: hidden size of each direction (the model width C).
+      word_dim: embedding size (300 for GloVe).
+      weights: a GloVe text file (glove.840B.300d.txt); words it lacks, or all words when None,
+        start random.
+    Returns (forward): words (B, L, dim), zero on padding; sentence (B, dim), the final states of
+      both directions summed; text_mask (B, L).
+    """
+
+    def __init__(self, vocab, dim: int, word_dim: int = 300, weights: str | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(len(vocab), word_dim, padding_idx=0)
+        self.fwd = nn.GRU(word_dim, dim, batch_first=True)
+        self.bwd = nn.GRU(word_dim, dim, batch_first=True)
+        self.dim = dim
+        if weights is None:
+            warn_random("word embeddings", "pass a GloVe text file such as glove.840B.300d.txt")
+        else:
+            load_glove(self.embed.weight, vocab, weights)
+
+    def forward(self, ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, L = ids.shape
+        lengths = text_mask.long().sum(1, keepdim=True)  # (B, 1)
+        pos = torch.arange(L, device=ids.device)[None]  # (1, L)
+        rev = torch.where(pos < lengths, lengths - 1 - pos, pos)  # reverses the real words only
+        x = self.embed(ids)  # (B, L, word_dim)
+        fwd, _ = self.fwd(x)  # (B, L, dim)
+        bwd, _ = self.bwd(x.gather(1, rev[..., None].expand_as(x)))
+        bwd = bwd.gather(1, rev[..., None].expand_as(fwd))  # back to word order
+        words = (fwd + bwd) * text_mask[..., None]
+        last = (lengths - 1).clamp(min=0)[..., None].expand(B, 1, self.dim)
+        sentence = fwd.gather(1, last)[:, 0] + bwd[:, 0]  # forward ends at the last word, backward at the first
+        return words, sentence, text_mask
+
+
+# torchvision's swin_b, and this library's CPU-sized variant with the same structure
+SWIN_ARCHS = {"swin_b": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32]),
+              "tiny": dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])}
+
+
+class SwinImageEncoder(nn.Module):
+    """Swin Transformer from torchvision, returning the output of each of its four stages.
+
+    Arguments:
+      arch: "swin_b" (torchvision.models.swin_b, window 7) | "tiny" (window 4).
+      weights: a state dict file of torchvision's swin_b (swin_b-68c6b09e.pth); None = random.
+    Returns (forward): four maps (B, C_i, H / 2^(i+2), W / 2^(i+2)), C_i = `channels[i]`,
+      channels first (torchvision's stages are channels last).
+    """
+
+    def __init__(self, arch: str = "swin_b", weights: str | None = None):
+        super().__init__()
+        from torchvision.models import swin_b
+        from torchvision.models.swin_transformer import SwinTransformer
+
+        if arch not in SWIN_ARCHS:
+            raise ValueError(f"unknown Swin arch {arch!r}; choose from {sorted(SWIN_ARCHS)}")
+        if arch == "swin_b":
+            net = swin_b(weights=None)
+        else:
+            net = SwinTransformer(patch_size=[4, 4], window_size=[4, 4], stochastic_depth_prob=0.0,
+                                  **SWIN_ARCHS[arch])
+        self.features = net.features  # patch embedding, then (stage, patch merging) x 3, stage
+        self.channels = [SWIN_ARCHS[arch]["embed_dim"] * 2**i for i in range(4)]
+        if weights is None:
+            warn_random(f"Swin {arch}", "pass torchvision's swin_b state dict file")
+        else:
+            load_matching(self, load_state_dict_file(weights), "", weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)  # (B, h, w, C)
+            if i % 2 == 1:  # the output of a stage
+                feats.append(x.permute(0, 3, 1, 2))
+        return feats
+
+
+# BertConfig's defaults are bert-base-uncased's architecture; "tiny" is CPU-sized
+BERT_ARCHS = {"bert-base": {}, "tiny": dict(hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=128)}
+
+
+class BertTextEncoder(nn.Module):
+    """BERT from transformers: per-token features and the [CLS] feature.
+
+    Arguments:
+      arch: "bert-base" | "tiny" (the architecture when no weights are given).
+      weights: a local Hugging Face BERT folder (config.json, weights, vocab.txt; e.g. a download
+        of bert-base-uncased), read with local_files_only; None = random.
+    Returns (forward): words (B, L, dim), sentence (B, dim) the [CLS] token's, text_mask (B, L).
+    """
+
+    def __init__(self, arch: str = "bert-base", weights: str | None = None):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        if weights is None:
+            if arch not in BERT_ARCHS:
+                raise ValueError(f"unknown BERT arch {arch!r}; choose from {sorted(BERT_ARCHS)}")
+            self.bert = BertModel(BertConfig(**BERT_ARCHS[arch]), add_pooling_layer=False)
+            warn_random(f"BERT {arch}", "pass a local Hugging Face BERT folder")
+        else:
+            if not os.path.isdir(weights):
+                raise FileNotFoundError(f"BERT weights must be a local Hugging Face folder "
+                                        f"(config.json + weights + vocab.txt), not {weights!r}")
+            self.bert = BertModel.from_pretrained(weights, local_files_only=True,
+                                                  add_pooling_layer=False)
+        self.dim = self.bert.config.hidden_size
+
+    def forward(self, ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # a 4-D boolean mask (True: attend) is used as given; from a 2-D one transformers would
+        # inspect the mask's values, which fails on the meta device
+        words = self.bert(input_ids=ids, attention_mask=text_mask[:, None, None, :]).last_hidden_state
+        return words, words[:, 0], text_mask
 

@@ -1,4 +1,8 @@
-"""Per-step learning-rate schedules for the papers' recipes (all `LambdaLR`, stepped every step)."""
+"""Per-step learning-rate schedules for the papers' recipes (all `LambdaLR`, stepped every step).
+
+Build Adam/AdamW with `fused=True`: on this project's CPU it steps 7x faster than the default
+(measured on 3.2M parameters, 1 thread: 7.6 ms vs 55 ms), and it is the fast path on CUDA too.
+"""
 
 from __future__ import annotations
 

@@ -74,3 +74,64 @@ class WordPieceTokenizer:
         if truncated:
             ids = ids[: self.max_len - 1] + [self._tok.sep_token_id]
         return ids, truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# M3Dec: whole words in a vocabulary built from the training split (GRU text encoder)
+# ---------------------------------------------------------------------------------------------
+
+PAD_WORD, UNK_WORD = "<pad>", "<unk>"
+
+
+def split_words(sentence: str) -> list[str]:
+    """Lower-cased runs of letters and digits: "The man's hat!" -> [the, man, s, hat]."""
+    text = clean_sentence(sentence).lower()
+    return "".join(ch if ch.isalnum() else " " for ch in text).split()
+
+
+def build_word_vocab(sentences, min_count: int = 1) -> tuple[str, ...]:
+    """("<pad>", "<unk>", then every word seen at least `min_count` times, sorted).
+
+    Rarer words are left out so that they map to "<unk>", which is then seen in training too.
+    """
+    counts: dict[str, int] = {}
+    for sentence in sentences:
+        for word in split_words(sentence):
+            counts[word] = counts.get(word, 0) + 1
+    words = sorted(w for w, c in counts.items() if c >= min_count)
+    if not words:
+        raise ValueError("no words to build a vocabulary from (no training sentences?)")
+    return (PAD_WORD, UNK_WORD, *words)
+
+
+class WordTokenizer:
+    """Whole words looked up in a fixed vocabulary (MCN, VLT and M3Dec feed GloVe vectors of
+    words to a GRU); words outside it map to "<unk>". No start or end tokens.
+
+    The vocabulary comes from `build_word_vocab` on the training split and is saved with the
+    model (M3Dec keeps it in its config), so that evaluation and prediction read sentences
+    exactly as training did. A missing vocabulary is an error.
+    """
+
+    pad_id = 0
+
+    def __init__(self, vocab, max_len: int):
+        vocab = list(vocab or ())
+        if not vocab:
+            raise ValueError("no word vocabulary: build one from the training sentences with "
+                             "common.tokenizers.build_word_vocab")
+        if vocab[0] != PAD_WORD or UNK_WORD not in vocab or len(set(vocab)) != len(vocab):
+            raise ValueError(f"a word vocabulary starts with {PAD_WORD!r}, holds {UNK_WORD!r} "
+                             "and has no duplicates")
+        self.words = vocab
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.unk_id = self.index[UNK_WORD]
+        self.max_len = max_len
+        self.vocab_size = len(vocab)
+
+    def __call__(self, sentence: str) -> tuple[list[int], bool]:
+        words = split_words(sentence)
+        if not words:
+            raise ValueError(f"sentence {sentence!r} has no words (letters or digits)")
+        ids = [self.index.get(w, self.unk_id) for w in words]
+        return ids[: self.max_len], len(ids) > self.max_len

@@ -1,6 +1,5 @@
 import os
 import sys
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -10,8 +9,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-warnings.filterwarnings("ignore", message=".*random initialisation.*")
-warnings.filterwarnings("ignore", message=".*random weights, so it is trained.*")
 
 
 @pytest.fixture

@@ -1,0 +1,177 @@
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from common.model import InputSpec
+from common.tokenizers import ClipTokenizer
+
+
+def write_refer(root, refs, images, anns):
+    """A small REFER-format dataset: refs pickled with protocol 2 (as Python 2 wrote them)."""
+    os.makedirs(root / "refcoco", exist_ok=True)
+    os.makedirs(root / "images" / "train2014", exist_ok=True)
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(root / "refcoco" / "instances.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": []}, f)
+    for im in images:
+        arr = np.full((im["height"], im["width"], 3), 120, np.uint8)
+        Image.fromarray(arr).save(root / "images" / "train2014" / im["file_name"])
+
+
+@pytest.fixture
+def refer_root(tmp_path):
+    images = [{"id": 9, "height": 20, "width": 30, "file_name": "COCO_train2014_000000000009.jpg"}]
+    anns = [
+        # two overlapping polygons: their overlap is counted twice by pycocotools, binarise > 0
+        {"id": 1, "image_id": 9, "category_id": 1,
+         "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12], [6, 6, 16, 6, 16, 16, 6, 16]]},
+        {"id": 2, "image_id": 9, "category_id": 2,
+         "segmentation": {"size": [20, 30], "counts": [20 * 20, 20 * 5, 20 * 5]}},  # raw RLE
+    ]
+    refs = [
+        {"ref_id": 0, "ann_id": 1, "image_id": 9, "split": "train", "category_id": 1,
+         "sent_ids": [0, 1], "file_name": "COCO_train2014_000000000009_1.jpg",
+         "sentences": [{"sent_id": 0, "sent": "left thing", "raw": "Left thing", "tokens": []},
+                       {"sent_id": 1, "sent": "the big one", "raw": "the big one", "tokens": []}]},
+        {"ref_id": 1, "ann_id": 2, "image_id": 9, "split": "val", "category_id": 2,
+         "sent_ids": [2], "file_name": "x.jpg",
+         "sentences": [{"sent_id": 2, "sent": "right stripe", "raw": "", "tokens": []}]},
+        {"ref_id": 2, "ann_id": 2, "image_id": 9, "split": "train", "category_id": 2,
+         "sent_ids": [], "file_name": "x.jpg", "sentences": []},  # no sentence: skipped
+    ]
+    write_refer(tmp_path, refs, images, anns)
+    return tmp_path
+
+
+def test_refer_loads_protocol2_pickle(refer_root):
+    train = data.ReferDataset(str(refer_root), "refcoco", "train", "unc")
+    assert len(train) == 2  # one sample per sentence
+    assert train.skipped_refs == 1
+    s = train[0]
+    assert s["sentence"] == "left thing"
+    assert s["image"].shape == (20, 30, 3) and s["image"].dtype == np.uint8
+    assert s["mask"].dtype == bool
+    # union of the two squares, binarised (not 2 where they overlap)
+    assert s["mask"].sum() == 10 * 10 * 2 - 6 * 6
+    assert s["instances"].shape == (2, 20, 30) and s["target_index"] == 0
+    val = data.ReferDataset(str(refer_root), "refcoco", "val")
+    v = val[0]
+    assert v["target_index"] == 1 and v["mask"].sum() == 20 * 5  # uncompressed RLE, column-major
+
+
+def test_refer_split_validation(refer_root):
+    with pytest.raises(ValueError, match="splits"):
+        data.ReferDataset(str(refer_root), "refcoco", "test", "unc")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.ReferDataset(str(refer_root), "refcoco", "val", "google")
+
+
+def test_missing_files_name_the_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected layout"):
+        data.ReferDataset(str(tmp_path / "nowhere"), "refcoco", "val")
+    os.makedirs(tmp_path / "images" / "train2014")
+    with pytest.raises(FileNotFoundError, match=r"refs\(unc\)\.p"):
+        data.ReferDataset(str(tmp_path), "refcoco", "val")
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "refs(unc).p"
+    with open(path, "wb") as f:
+        pickle.dump([{"ref": Evil()}], f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.load_refs(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_shapes_deterministic_and_consistent():
+    a = data.ShapesDataset("train", 20, 64, seed=3)
+    b = data.ShapesDataset("train", 20, 64, seed=3)
+    for i in (0, 7, 19):
+        x, y = a[i], b[i]
+        assert x["sentence"] == y["sentence"]
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["mask"], y["mask"])
+        assert 2 <= len(x["instances"]) <= 6
+        assert np.array_equal(x["instances"][x["target_index"]], x["mask"]) and x["mask"].any()
+    assert data.ShapesDataset("val", 5, 64, seed=3)[0]["sentence"] is not None
+    assert not np.array_equal(a[0]["image"], data.ShapesDataset("val", 20, 64, seed=3)[0]["image"])
+
+
+def test_shapes_sentences_refer_to_their_target():
+    """Sentences that name a colour and a kind name the target's colour and kind."""
+    ds = data.ShapesDataset("train", 60, 128, seed=0)
+    checked = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        words = s["sentence"].split()
+        head = words[: words.index(next(w for w in words if w in data.KINDS + ("shape",))) + 1]
+        colours = [w for w in head if w in data.COLOURS]
+        if colours:  # the target's own colour, measured from the image
+            rgb = s["image"][s["mask"]].mean(0)
+            nearest = min(data.COLOURS, key=lambda c: np.abs(np.array(data.COLOURS[c]) - rgb).sum())
+            assert nearest == colours[0], s["sentence"]
+            checked += 1
+    assert checked > 10
+
+
+def test_flip_sentence():
+    assert data.flip_sentence("the circle on the left of the leftmost square") == \
+        "the circle on the right of the rightmost square"
+    assert data.flip_sentence("cleft palate") == "cleft palate"
+
+
+@pytest.mark.parametrize("spec,canvas", [
+    (InputSpec(64, "square"), (64, 64)),
+    (InputSpec(64, "longest"), (64, 64)),
+    (InputSpec(32, "shorter", max_size=48, pad_multiple=16), (32, 48)),
+])
+def test_preprocess_and_collate(spec, canvas):
+    tok = ClipTokenizer(12)
+    raw = dict(image=np.zeros((40, 80, 3), np.uint8), sentence="the red circle",
+               mask=np.zeros((40, 80), bool), instances=np.zeros((2, 40, 80), bool), target_index=1)
+    raw["mask"][10:20, 30:50] = True
+    raw["instances"][1] = raw["mask"]
+    prep = data.Preprocess(spec, tok, candidates=True, keep_original=True)
+    items = [prep(raw), prep(dict(raw, sentence="a much longer sentence about a red circle"))]
+    for k, it in enumerate(items):
+        it["index"] = k
+    batch = data.collate(items, tok.pad_id)
+    assert batch["image"].shape == (2, 3, *canvas)
+    assert batch["mask"].shape == (2, 1, *canvas)
+    assert batch["cand_masks"].shape == (2, 2, *canvas) and batch["cand_valid"].all()
+    h, w = spec.resized_hw(40, 80)
+    assert batch["image_mask"][0].sum() == h * w
+    assert batch["text_mask"].sum(1).tolist() == [len(items[0]["text"]), len(items[1]["text"])]
+    assert (batch["text"][0, len(items[0]["text"]):] == tok.pad_id).all()
+    # back to the original resolution: the target mask, as logits, comes back where it was
+    logits = batch["mask"][0] * 20 - 10
+    back = data.to_original(logits, batch["valid_hw"][0], batch["orig_hw"][0]) > 0
+    assert back.shape == (40, 80)
+    assert (back == torch.from_numpy(raw["mask"])).float().mean() > 0.97
+
+
+def test_augmentation_depends_only_on_seed_epoch_index():
+    base = data.ShapesDataset("train", 8, 64)
+    prep = data.Preprocess(InputSpec(64), ClipTokenizer(20), train=True)
+    a, b = data.PreparedDataset(base, prep, seed=1), data.PreparedDataset(base, prep, seed=1)
+    a.set_epoch(2), b.set_epoch(2)
+    assert all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(8))
+    flipped = [not torch.equal(a[i]["image"], data.PreparedDataset(base, data.Preprocess(
+        InputSpec(64), ClipTokenizer(20)), seed=1)[i]["image"]) for i in range(8)]
+    assert 0 < sum(flipped) < 8  # some, not all, samples are mirrored
+
+
+def test_shard_sampler_covers_every_sample_once():
+    for n, world in ((10, 3), (7, 2), (1, 4)):
+        got = sorted(i for r in range(world) for i in data.ShardSampler(n, r, world))
+        assert got == list(range(n))

@@ -1,0 +1,148 @@
+"""MARIS blocks against the paper's equations, and its encoders."""
+
+import math
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+import maris
+from common.encoders import CLIPTextEncoder, SAMImageEncoder
+from common.tokenizers import ClipTokenizer
+
+
+def eq3_to_5(f_v, f_l, text_mask, w_v, w_l, norm_v, norm_l, tau):
+    """Direct transcription of Eq. (3)-(5), one sample at a time, loops over pixels and words."""
+    outs_v, outs_l = [], []
+    for b in range(f_v.shape[0]):
+        z_v, z_l = f_v[b] @ w_v.T, f_l[b] @ w_l.T
+        n, l = z_v.shape[0], z_l.shape[0]
+        s = z_v @ z_l.T
+        keep = [[(1 / (1 + math.exp(-s[i, j].item())) >= tau) and bool(text_mask[b, j])
+                 for j in range(l)] for i in range(n)]
+        a_v, a_l = torch.zeros(n, l), torch.zeros(n, l)
+        for i in range(n):  # softmax over the words a pixel keeps
+            js = [j for j in range(l) if keep[i][j]]
+            if js:
+                a_v[i, js] = torch.softmax(s[i, js], 0)
+        for j in range(l):  # softmax over the pixels a word keeps
+            is_ = [i for i in range(n) if keep[i][j]]
+            if is_:
+                a_l[is_, j] = torch.softmax(s[is_, j], 0)
+        outs_v.append(norm_v(a_v @ z_l + z_v))
+        outs_l.append(norm_l(a_l.T @ z_v + z_l))
+    return torch.stack(outs_v), torch.stack(outs_l)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 0.7])
+def test_mutual_aware_attention_matches_equations(tau):
+    torch.manual_seed(0)
+    block = maris.MutualAwareAttention(vis_dim=6, text_dim=5, dim=4, tau=tau)
+    f_v, f_l = torch.randn(2, 7, 6), torch.randn(2, 3, 5)
+    text_mask = torch.tensor([[True, True, True], [True, True, False]])
+    lav, val, _ = block(f_v, f_l, text_mask)
+    ref_lav, ref_val = eq3_to_5(f_v, f_l, text_mask, block.w_v.weight, block.w_l.weight,
+                                block.norm_v, block.norm_l, tau)
+    assert torch.allclose(lav, ref_lav, atol=1e-5)
+    assert torch.allclose(val, ref_val, atol=1e-5)
+
+
+def test_attention_mask_drops_irrelevant_pairs_and_never_nans():
+    torch.manual_seed(0)
+    block = maris.MutualAwareAttention(4, 4, 4, tau=0.5)
+    f_v, f_l = torch.randn(1, 5, 4), torch.randn(1, 3, 4)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    _, _, attn = block(f_v, f_l, mask)
+    relevance = torch.sigmoid(block.w_v(f_v) @ block.w_l(f_l).transpose(1, 2))
+    assert (attn[relevance < 0.5] == 0).all()  # the text's reading of Eq. (4)
+    assert (attn[relevance >= 0.5] > 0).all()
+    block.tau = 1.01  # every pair masked: no attention at all, F_lav = LN(Z_v), no NaN
+    lav, val, attn = block(f_v, f_l, mask)
+    assert torch.isfinite(lav).all() and torch.isfinite(val).all() and (attn == 0).all()
+    assert torch.allclose(lav, block.norm_v(block.w_v(f_v)))
+
+
+def test_padded_words_take_no_attention():
+    torch.manual_seed(0)
+    block = maris.MutualAwareAttention(4, 4, 4, tau=0.0)
+    _, _, attn = block(torch.randn(1, 5, 4), torch.randn(1, 3, 4), torch.tensor([[True, True, False]]))
+    assert (attn[..., 2] == 0).all() and torch.allclose(attn.sum(-1), torch.ones(1, 5))
+
+
+def test_feature_enhancement_uses_all_three_levels():
+    fe = maris.FeatureEnhancement(in_dim=8, dim=16)
+    feats = [torch.randn(2, 4, 4, 8, requires_grad=True) for _ in range(3)]
+    out = fe(*feats)
+    assert out.shape == (2, 16, 4, 4)
+    out.sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+
+
+def test_sam_encoder_returns_the_global_attention_blocks():
+    torch.manual_seed(0)
+    enc = SAMImageEncoder("tiny", img_size=64, global_blocks=(1, 2, 3))
+    assert enc.out_indexes == [3, 5, 7]
+    # segment-anything's own encoder with the same weights, run block by block
+    ref = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=64, depth=8, num_heads=2, mlp_ratio=4,
+                          norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
+                          global_attn_indexes=(1, 3, 5, 7), window_size=4)
+    ref.load_state_dict(enc.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    h = ref.patch_embed(x) + ref.pos_embed
+    expected = []
+    for i, blk in enumerate(ref.blocks):
+        h = blk(h)
+        if i in (3, 5, 7):
+            expected.append(h)
+    for got, want in zip(enc(x), expected):
+        assert got.shape == (1, 8, 8, 64) and torch.allclose(got, want, atol=1e-5)
+
+
+def test_sam_weights_load_from_a_segment_anything_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    src = SAMImageEncoder("tiny", img_size=64)
+    state = {f"image_encoder.{k}": v for k, v in src.state_dict().items()}
+    state["image_encoder.neck.0.weight"] = torch.zeros(1)  # SAM parts we do not build
+    state["mask_decoder.iou_token.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "sam.pth")
+    dst = SAMImageEncoder("tiny", img_size=64, weights=str(tmp_path / "sam.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        SAMImageEncoder("tiny", img_size=128, weights=str(tmp_path / "sam.pth"))
+
+
+def test_clip_text_weights_load_from_an_open_clip_checkpoint(tmp_path):
+    torch.manual_seed(2)
+    src = CLIPTextEncoder("tiny")
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}  # as saved under DDP
+    state["module.visual.conv1.weight"] = torch.zeros(1)
+    state["module.logit_scale"] = torch.zeros(())
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "clip.pt")
+    dst = CLIPTextEncoder("tiny", weights=str(tmp_path / "clip.pt"), project=False)
+    assert torch.equal(dst.token_embedding.weight, src.token_embedding.weight)
+    assert dst.text_projection is None
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        CLIPTextEncoder("tiny", weights=str(tmp_path / "nowhere.pt"))
+
+
+def test_clip_tokenizer_offline_truncation_and_empty():
+    tok = ClipTokenizer(6)
+    ids, truncated = tok("the big red circle")
+    assert ids[0] == tok.sot_id and ids[-1] == tok.eot_id and not truncated and len(ids) == 6
+    ids, truncated = tok("the big red circle on the very far left")
+    assert len(ids) == 6 and ids[-1] == tok.eot_id and truncated
+    assert tok("  la   pomme  rouge ")[0] == tok("la pomme rouge")[0]
+    assert len(tok("der große Bär")[0]) > 2  # non-ASCII text tokenises
+    for bad in ("", "   ", "\n\t"):
+        with pytest.raises(ValueError, match="empty"):
+            tok(bad)
+
+
+def test_frozen_when_weights_given_trained_otherwise(tmp_path):
+    src = SAMImageEncoder("tiny", img_size=128)
+    torch.save({f"image_encoder.{k}": v for k, v in src.state_dict().items()}, tmp_path / "s.pth")
+    cfg = maris.CONFIGS["tiny"]
+    with pytest.warns(UserWarning, match="text encoder has random weights"):
+        model = maris.MARIS(maris.MARISConfig(**{**cfg.__dict__, "image_weights": str(tmp_path / "s.pth")}))
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    assert all(p.requires_grad for p in model.text_encoder.parameters())

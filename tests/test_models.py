@@ -1,0 +1,115 @@
+"""Checks every model must pass (tiny configs, CPU): the contract, gradients, determinism,
+padding invariance, the paper configs on the meta device, checkpoint round trip."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import train
+from helpers import MODEL_NAMES, build, make_batch
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def tiny(request):
+    model = build(request.param)
+    return request.param, model, make_batch(model)
+
+
+def test_forward_shape_and_loss(tiny):
+    name, model, batch = tiny
+    model.train()
+    out = model(**model.inputs_from(batch), target=batch["mask"])
+    B, _, H, W = batch["image"].shape
+    assert out["mask_logits"].shape == (B, 1, H, W)
+    assert torch.isfinite(out["mask_logits"]).all()
+    assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
+    terms = [k for k in out if k.startswith("loss_")]
+    assert terms, f"{name} names no loss terms"
+    assert all(torch.isfinite(out[k]) for k in terms)
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny):
+    name, model, batch = tiny
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(**model.inputs_from(batch), target=batch["mask"])["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing[:8]}"
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and (not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
+    assert not bad, f"{name}: zero or non-finite gradient for {bad[:8]}"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_frozen_encoders_get_no_gradient(name):
+    model = build(name, freeze_encoders=True)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen, f"{name}: freeze_encoders=True froze nothing"
+    batch = make_batch(model)
+    model.train()
+    model(**model.inputs_from(batch), target=batch["mask"])["loss"].backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    # frozen modules stay in eval mode (their BN statistics and dropout do not move)
+    assert all(not m.training for m in model.modules() if getattr(m, "frozen", False))
+
+
+def test_eval_is_deterministic(tiny):
+    _, model, batch = tiny
+    model.eval()
+    with torch.no_grad():
+        a = model(**model.inputs_from(batch))["mask_logits"]
+        b = model(**model.inputs_from(batch))["mask_logits"]
+    assert torch.equal(a, b)
+
+
+def test_padding_does_not_change_the_output(tiny):
+    _, model, batch = tiny
+    model.eval()
+    padded = dict(batch)
+    extra = 5
+    padded["text"] = torch.cat([batch["text"], batch["text"].new_full((len(batch["text"]), extra),
+                                                                     model.tokenizer.pad_id)], 1)
+    padded["text_mask"] = torch.cat([batch["text_mask"],
+                                     batch["text_mask"].new_zeros(len(batch["text"]), extra)], 1)
+    with torch.no_grad():
+        a = model(**model.inputs_from(batch))["mask_logits"]
+        b = model(**model.inputs_from(padded))["mask_logits"]
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def paper_configs():
+    return [(n, c) for n in MODEL_NAMES for c in train.load_model_module(n).CONFIGS if c != "tiny"]
+
+
+@pytest.mark.parametrize("name,config", paper_configs())
+def test_paper_config_builds_and_runs_on_meta(name, config):
+    with torch.device("meta"):
+        model = build(name, config)
+        spec = model.input_spec
+        H = W = spec.size
+        if spec.resize == "shorter":  # a landscape image at the largest size the spec allows
+            W = spec.max_size
+        inputs = dict(image=torch.zeros(1, 3, H, W), text=torch.zeros(1, 7, dtype=torch.long),
+                      text_mask=torch.ones(1, 7, dtype=torch.bool),
+                      image_mask=torch.ones(1, H, W, dtype=torch.bool))
+        if "cand_masks" in model.input_names:
+            inputs["cand_masks"] = torch.zeros(1, 3, H, W, dtype=torch.bool)
+            inputs["cand_valid"] = torch.ones(1, 3, dtype=torch.bool)
+        out = model(**{k: inputs[k] for k in model.input_names}, image_mask=inputs["image_mask"],
+                    target=torch.zeros(1, 1, H, W))
+    assert out["mask_logits"].shape == (1, 1, H, W)
+    assert out["loss"].shape == ()
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    name, model, batch = tiny
+    ckpt = dict(model_name=name, config=dataclasses.asdict(model.cfg), model=model.state_dict())
+    path = str(tmp_path / "c.pt")
+    train.save_checkpoint(ckpt, path)
+    again, _, _ = train.build_model_from_checkpoint(train.load_checkpoint(path))
+    model.eval(), again.eval()
+    with torch.no_grad():
+        a = model(**model.inputs_from(batch))["mask_logits"]
+        b = again(**again.inputs_from(batch))["mask_logits"]
+    assert torch.equal(a, b)
