@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -96,12 +97,16 @@ REFER_LAYOUT = """expected layout:
   DATA_ROOT/images/train2014/COCO_train2014_000000000009.jpg ...  (or --image-dir DIR)"""
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a class or function: refused (REFER refs hold none)."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Accepts only plain containers and scalars: REFER pickles hold nothing else, and a pickle
     that asks for any class or function (the way malicious pickles run code) is refused."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"refusing to load {module}.{name}: a REFER refs file holds only lists, dicts, "
             "strings and numbers"
         )
@@ -114,7 +119,7 @@ def load_refs(path: str) -> list[dict]:
     try:
         with open(path, "rb") as f:
             refs = _PlainUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError:
+    except UnsafePickleError:
         raise
     except Exception as err:  # truncated or not a pickle at all
         raise ValueError(f"corrupt REFER refs file {path!r}: {type(err).__name__}: {err}") from err
@@ -456,10 +461,16 @@ class Preprocess:
 
 class PreparedDataset(Dataset):
     """A raw dataset plus Preprocess. Augmentation randomness comes from (seed, epoch, index), so
-    a run is reproducible whatever the number of workers and after a resume."""
+    a run is reproducible whatever the number of workers and after a resume.
 
-    def __init__(self, base: Dataset, preprocess: Preprocess, seed: int = 0):
+    skip_bad: an image that cannot be decoded (ImageError) yields None, which `collate` drops
+    and counts (training: one corrupt file among 100k should not end a run). Otherwise, as in
+    evaluation, the error stops the run, naming the file: metrics must cover every sample.
+    """
+
+    def __init__(self, base: Dataset, preprocess: Preprocess, seed: int = 0, skip_bad: bool = False):
         self.base, self.preprocess, self.seed, self.epoch = base, preprocess, seed, 0
+        self.skip_bad = skip_bad
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -467,19 +478,31 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> dict:
-        item = self.preprocess(self.base[i], np.random.default_rng([self.seed, self.epoch, i]))
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            raw = self.base[i]
+        except ImageError as err:
+            if not self.skip_bad:
+                raise
+            warnings.warn(f"skipping sample {i}: {err}", stacklevel=2)
+            return None
+        item = self.preprocess(raw, np.random.default_rng([self.seed, self.epoch, i]))
         item["index"] = i
         return item
 
 
-def collate(items: list[dict], pad_id: int = 0) -> dict:
-    """Pad a list of prepared samples into a batch.
+def collate(items: list[dict | None], pad_id: int = 0) -> dict:
+    """Pad a list of prepared samples into a batch (None items, skipped samples, are dropped and
+    counted in "skipped").
 
     image (B, 3, H, W), image_mask (B, H, W) True on real pixels, text (B, L) padded with
     `pad_id`, text_mask (B, L) True on real tokens, mask (B, 1, H, W) float target;
     with candidates: cand_masks (B, K, H, W) bool, cand_valid (B, K) bool, target_index (B,).
     """
+    skipped = sum(it is None for it in items)
+    items = [it for it in items if it is not None]
+    if not items:
+        raise ImageError(f"all {skipped} images of a batch failed to decode (see the warnings)")
     B = len(items)
     H = max(it["image"].shape[1] for it in items)
     W = max(it["image"].shape[2] for it in items)
@@ -493,6 +516,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         target_index=torch.tensor([it["target_index"] for it in items]),
         index=torch.tensor([it["index"] for it in items]),
         truncated=sum(bool(it["truncated"]) for it in items),
+        skipped=skipped,
     )
     for b, it in enumerate(items):
         h, w = it["valid_hw"]

@@ -88,10 +88,16 @@ def build_model_from_checkpoint(ckpt: dict, device="cpu"):
     with quiet_random_init(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = module.MODEL(cfg)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {ckpt['model_name']} with its config: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt["model"]]
+    unexpected = [k for k in ckpt["model"] if k not in own]
+    shapes = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+              for k, v in ckpt["model"].items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"the checkpoint's weights do not fit {ckpt['model_name']} built from its "
+                         f"config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatch {shapes[:5]}")
+    model.load_state_dict(ckpt["model"])
     return model.to(device), module, cfg
 
 
@@ -155,7 +161,18 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the agent's store outlives a restart (--max-restarts): the keys of
+            # the dead attempt are still there, and a restarted rank may read a peer's old
+            # address ("Connection refused", or a hang). Keys are scoped by attempt instead.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  world, is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"ris_attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
     return rank, world, device
 
 
@@ -272,6 +289,10 @@ def main(argv=None) -> dict:
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.config}-{args.dataset}")
     os.makedirs(args.out, exist_ok=True)
+    if is_main:  # a run killed while writing a checkpoint leaves its temporary file behind
+        for name in os.listdir(args.out):
+            if ".pt.tmp." in name:
+                os.remove(os.path.join(args.out, name))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
@@ -287,6 +308,12 @@ def main(argv=None) -> dict:
     if ckpt is not None:
         if ckpt["model_name"] != args.model:
             raise ValueError(f"{resume_path} holds a {ckpt['model_name']} model, not {args.model}")
+        wanted = dataclasses.asdict(build_config(module, args))
+        differ = {k: (ckpt["config"].get(k), v) for k, v in wanted.items()
+                  if k not in ("image_weights", "text_weights") and ckpt["config"].get(k) != v}
+        if differ:
+            raise ValueError(f"{resume_path} was trained with another config; field: (checkpoint, "
+                             f"asked) = {differ}. Resume with the same --config/--set flags.")
         model, module, cfg = build_model_from_checkpoint(ckpt)
     else:
         cfg = build_config(module, args)
@@ -303,7 +330,7 @@ def main(argv=None) -> dict:
                               shapes_image_size=args.shapes_image_size, seed=args.data_seed)
     prep = data.Preprocess(raw.input_spec, raw.tokenizer, train=True,
                            candidates="cand_masks" in raw.input_names)
-    train_set = data.PreparedDataset(base, prep, seed=args.seed)
+    train_set = data.PreparedDataset(base, prep, seed=args.seed, skip_bad=True)
     sampler = TrainSampler(len(train_set), rank, world, args.seed)
     collate = lambda b: data.collate(b, raw.tokenizer.pad_id)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
@@ -345,6 +372,8 @@ def main(argv=None) -> dict:
               f"{args.dataset}: {len(train_set)} train samples; {world} process(es) x batch {batch_size}; "
               f"{total_steps} steps; amp={args.amp}; device={device}"
               + (f"; resumed at step {step}" if ckpt else ""), flush=True)
+        if getattr(base, "skipped_refs", 0):
+            print(f"{base.skipped_refs} refs without sentences skipped", flush=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=1)
 
@@ -366,7 +395,7 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     metrics: dict = {}
-    bad_steps, truncated, t0 = 0, 0, time.time()
+    bad_steps, truncated, skipped, t0 = 0, 0, 0, time.time()
     model.train()
     while step < total_steps and epoch < epochs:
         sampler.set_epoch(epoch, start_batch * batch_size)
@@ -378,6 +407,7 @@ def main(argv=None) -> dict:
         for batch in loader:
             next_batch += 1
             truncated += batch["truncated"]
+            skipped += batch["skipped"]
             batch = move(batch, device)
             with autocast(device, args.amp):
                 out = model(**raw.inputs_from(batch), target=batch["mask"])
@@ -409,7 +439,8 @@ def main(argv=None) -> dict:
             if is_main and (step % args.log_every == 0 or step == 1):
                 parts = {k: round(v.item(), 5) for k, v in out.items() if k.startswith("loss")}
                 rec = dict(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                           time=round(time.time() - t0, 1), truncated_sentences=truncated, **parts)
+                           time=round(time.time() - t0, 1), truncated_sentences=truncated,
+                           skipped_images=skipped, **parts)
                 log(rec)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
                 if not sys.stderr.isatty():
@@ -433,9 +464,14 @@ def main(argv=None) -> dict:
                 best = metrics["mIoU"]
                 checkpoint("best.pt", start_batch, epoch)
         checkpoint("last.pt", start_batch, epoch)
+    if world > 1:  # counts over all ranks for the summary
+        counts = torch.tensor([truncated, skipped], dtype=torch.float64)
+        dist.all_reduce(counts)
+        truncated, skipped = int(counts[0]), int(counts[1])
     if is_main:
-        print(f"done: {step} steps in {time.time() - t0:.0f}s; {truncated} sentences truncated; "
-              f"checkpoints in {args.out}", flush=True)
+        print(f"done: {step} steps in {time.time() - t0:.0f}s; {truncated} sentences truncated "
+              f"to the model's limit; {skipped} undecodable images skipped; checkpoints in "
+              f"{args.out}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
