@@ -9,6 +9,7 @@ A raw sample (what a dataset's __getitem__ returns) is a dict:
                MaIL's candidate masks
   target_index int, index of the referred object in `instances` (-1 if absent)
   image_id     int
+  image_key    str, names the image and how it was generated (the feature cache's key)
 A prepared sample (Preprocess) holds tensors at the model's input resolution; `collate` pads
 them into a batch. Predictions go back to the original resolution with `to_original`.
 
@@ -224,7 +225,7 @@ class ReferDataset(Dataset):
         instances = np.stack([decode_segmentation(self.anns[a]["segmentation"], h, w) for a in ids])
         target = ids.index(ann_id)
         return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                    target_index=target, image_id=image_id)
+                    target_index=target, image_id=image_id, image_key=f"coco/{image_id}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +294,8 @@ class ShapesDataset(Dataset):
                 break
         image, instances = self._render(objects, rng)
         return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                    target_index=target, image_id=i)
+                    target_index=target, image_id=i,
+                    image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
 
     def _place(self, rng) -> list[dict]:
         n = int(rng.integers(2, 7))
@@ -429,19 +431,19 @@ def pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
 class Preprocess:
     """Raw sample -> model inputs, as the model's InputSpec and tokenizer say.
 
-    Training augmentation is a horizontal flip (probability 1/2) with "left"/"right" swapped in
+    Augmentation (training) is a horizontal flip (probability 1/2) with "left"/"right" swapped in
     the sentence; nothing that changes colour, size or relative position, which sentences name.
     """
 
-    def __init__(self, spec: InputSpec, tokenizer, *, train: bool = False,
+    def __init__(self, spec: InputSpec, tokenizer, *, augment: bool = False,
                  candidates: bool = False, keep_original: bool = False):
         self.spec, self.tokenizer = spec, tokenizer
-        self.train, self.candidates, self.keep_original = train, candidates, keep_original
+        self.augment, self.candidates, self.keep_original = augment, candidates, keep_original
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         image, sentence, mask = sample["image"], sample["sentence"], sample["mask"]
         instances = sample.get("instances")
-        if self.train and rng is not None and rng.random() < 0.5:
+        if self.augment and rng is not None and rng.random() < 0.5:
             image, mask, sentence = image[:, ::-1], mask[:, ::-1], flip_sentence(sentence)
             instances = instances[:, :, ::-1] if instances is not None else None
         ids, truncated = self.tokenizer(sentence)
@@ -450,7 +452,8 @@ class Preprocess:
         out = dict(image=pad_to(x, canvas), text=torch.tensor(ids), truncated=truncated,
                    mask=pad_to(resize_masks(mask[None], hw), canvas), valid_hw=hw,
                    orig_hw=tuple(image.shape[:2]), sentence=sentence,
-                   image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1))
+                   image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1),
+                   image_key=sample.get("image_key", ""))
         if self.candidates:
             k = instances if instances is not None and len(instances) else mask[None]
             out["cand_masks"] = pad_to(resize_masks(k, hw), canvas)
@@ -523,7 +526,7 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict:
         batch["image_mask"][b, :h, :w] = True
         batch["text"][b, : len(it["text"])] = it["text"]
         batch["text_mask"][b, : len(it["text"])] = True
-    for key in ("valid_hw", "orig_hw", "sentence", "image_id"):
+    for key in ("valid_hw", "orig_hw", "sentence", "image_id", "image_key"):
         batch[key] = [it[key] for it in items]
     if "gt" in items[0]:
         batch["gt"] = [it["gt"] for it in items]

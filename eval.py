@@ -115,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--num-vis", type=int, default=16, help="how many samples to visualise per split")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    p.add_argument("--cache-features", default=None, metavar="DIR",
+                   help="read/write frozen encoders' features here (as train.py --cache-features)")
     p.add_argument("--image", default=None, help="predict on this image (with --text, --out)")
     p.add_argument("--text", default=None, help="the referring expression for --image")
     p.add_argument("--out", default=None, help="mask PNG for --image; the overlay goes beside it")
@@ -163,6 +165,11 @@ def main(argv=None) -> dict:
         splits = [s for s in data.SPLITS.get((args.dataset, split_by), ("train", "val", "test"))
                   if s != "train"]
 
+    cache = None
+    if args.cache_features:
+        from common.cache import FeatureCache
+
+        cache = FeatureCache(args.cache_features, model)
     results = {}
     for split in splits:
         loader = train.make_eval_loader(args, split, model, rank, world, args.batch_size)
@@ -170,7 +177,7 @@ def main(argv=None) -> dict:
         if args.save_vis:
             os.makedirs(args.save_vis, exist_ok=True)
             on_batch = make_visualiser(args, split, model, loader.dataset)
-        results[split] = train.evaluate(model, loader, device, args.amp, on_batch)
+        results[split] = train.evaluate(model, loader, device, args.amp, on_batch, cache)
     if rank == 0:
         print_table(results, f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}")
         if args.json:

@@ -73,6 +73,7 @@ class MARISConfig:
     num_ma_blocks: int = 2  # "two sequential Mutual-Aware Attention blocks"
     num_decoder_blocks: int = 2  # not given
     tau: float = 0.5  # Eq. (4) threshold (value only in the supplementary)
+    up_dims: tuple[int, ...] = (64, 32)  # widths of the two upsampling blocks (D/4, D/8, as SAM)
     image_weights: str | None = None  # segment-anything checkpoint (sam_vit_h_4b8939.pth)
     text_weights: str | None = None  # open_clip / OpenAI CLIP checkpoint
     freeze_encoders: bool | None = None  # None: freeze an encoder iff its weights are given
@@ -189,15 +190,33 @@ class MARIS(RISModel):
         self.decoder = nn.ModuleList(DecoderBlock(D, cfg.heads) for _ in range(cfg.num_decoder_blocks))
         up = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),
                                         nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear"))
-        self.upsample = nn.Sequential(up(D, D // 4), up(D // 4, D // 8))
-        self.query_mlp = MLP(D, D, D // 8, num_layers=2)
+        u1, u2 = cfg.up_dims
+        self.upsample = nn.Sequential(up(D, u1), up(u1, u2))
+        self.query_mlp = MLP(D, D, u2, num_layers=2)
+
+    def frozen_parts(self) -> set[str]:
+        """Which encoders are frozen, so that common.cache may store their features."""
+        return {name for name, enc in (("image", self.image_encoder), ("text", self.text_encoder))
+                if getattr(enc, "frozen", False)}
+
+    def encode_image(self, image: Tensor) -> dict[str, Tensor]:
+        """F_v1, F_v2, F_v3 (B, h, w, C): SAM's 2nd-4th global-attention blocks."""
+        f_v1, f_v2, f_v3 = self.image_encoder(image)
+        return {"f_v1": f_v1, "f_v2": f_v2, "f_v3": f_v3}
+
+    def encode_text(self, text: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
+        """F_l (B, L, C'): CLIP's per-token features."""
+        return {"f_l": self.text_encoder(text, text_mask)[0]}
 
     def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, image_mask: Tensor | None = None,
-                target: Tensor | None = None) -> dict[str, Tensor]:
+                target: Tensor | None = None, image_feats: dict[str, Tensor] | None = None,
+                text_feats: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """image_feats / text_feats: precomputed encode_image / encode_text outputs (common.cache)."""
         B, _, H, W = image.shape
         # 1. frozen encoders: F_v1, F_v2, F_v3 (B, h, w, C) and F_l (B, L, C')
-        f_v1, f_v2, f_v3 = self.image_encoder(image)
-        f_l, _, _ = self.text_encoder(text, text_mask)
+        image_feats = image_feats if image_feats is not None else self.encode_image(image)
+        f_v1, f_v2, f_v3 = image_feats["f_v1"], image_feats["f_v2"], image_feats["f_v3"]
+        f_l = (text_feats if text_feats is not None else self.encode_text(text, text_mask))["f_l"]
         # 2. Feature Enhancement (Eq. 1-2), flattened to F_v (B, N, D)
         f_v = self.enhance(f_v1, f_v2, f_v3)
         h, w = f_v.shape[-2:]
@@ -211,8 +230,8 @@ class MARIS(RISModel):
         for block in self.decoder:
             f_lav, f_c = block(f_lav, f_c, c_mask)
         # 5. upsample the visual features, MLP on the query token F^_m, and their product
-        vis = self.upsample(f_lav.transpose(1, 2).unflatten(2, (h, w)))  # (B, D/8, 4h, 4w)
-        kernel = self.query_mlp(f_c[:, 0])  # (B, D/8)
+        vis = self.upsample(f_lav.transpose(1, 2).unflatten(2, (h, w)))  # (B, u2, 4h, 4w)
+        kernel = self.query_mlp(f_c[:, 0])  # (B, u2)
         logits = torch.einsum("bc,bchw->bhw", kernel, vis)[:, None]
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         out = {"mask_logits": logits, "word_attn": word_attn}

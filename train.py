@@ -187,9 +187,10 @@ def move(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: str = "none", on_batch=None) -> dict:
+def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None) -> dict:
     """Metrics of common.metrics over a loader, at each image's original resolution, summed
-    across ranks. `on_batch(batch, out, ious)` sees every batch (visualisations)."""
+    across ranks. `on_batch(batch, out, ious)` sees every batch (visualisations); `cache`, a
+    common.cache.FeatureCache, supplies frozen encoders' features."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = raw.training
     raw.eval()
@@ -197,7 +198,8 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None) -> dict:
     for batch in loader:
         batch = move(batch, device)
         with autocast(device, amp):
-            out = raw(**raw.inputs_from(batch))
+            feats = cache.features(raw, batch) if cache is not None else {}
+            out = raw(**raw.inputs_from(batch), **feats)
         ious = []
         for i in range(len(batch["gt"])):
             pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i], batch["orig_hw"][i]) > 0
@@ -215,7 +217,7 @@ def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size:
     base = data.build_dataset(args.dataset, split, data_root=args.data_root, split_by=args.split_by,
                               image_dir=args.image_dir, shapes_size=args.shapes_eval_size,
                               shapes_image_size=args.shapes_image_size, seed=args.data_seed)
-    prep = data.Preprocess(model.input_spec, model.tokenizer, train=False,
+    prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     ds = data.PreparedDataset(base, prep, seed=args.seed)
     return DataLoader(ds, batch_size=batch_size, sampler=data.ShardSampler(len(ds), rank, world),
@@ -263,6 +265,10 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--eval-batch-size", type=int, default=None)
     g.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
+    g.add_argument("--no-augment", action="store_true", help="no training augmentation (flips)")
+    g.add_argument("--cache-features", default=None, metavar="DIR",
+                   help="keep frozen encoders' features on disk and train from them (see README)")
+    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     return p.parse_args(argv)
 
 
@@ -328,7 +334,7 @@ def main(argv=None) -> dict:
     base = data.build_dataset(args.dataset, "train", data_root=args.data_root, split_by=args.split_by,
                               image_dir=args.image_dir, shapes_size=args.shapes_train_size,
                               shapes_image_size=args.shapes_image_size, seed=args.data_seed)
-    prep = data.Preprocess(raw.input_spec, raw.tokenizer, train=True,
+    prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=not args.no_augment,
                            candidates="cand_masks" in raw.input_names)
     train_set = data.PreparedDataset(base, prep, seed=args.seed, skip_bad=True)
     sampler = TrainSampler(len(train_set), rank, world, args.seed)
@@ -350,6 +356,18 @@ def main(argv=None) -> dict:
         val_loader = make_eval_loader(args, val_split, raw, rank, world,
                                       args.eval_batch_size or batch_size)
 
+    cache = None
+    if args.cache_features:
+        if not args.no_augment:
+            raise ValueError("--cache-features: training augmentation (random flips) changes the "
+                             "images every epoch, so cached features would be stale; add --no-augment")
+        from common.cache import FeatureCache
+
+        cache = FeatureCache(args.cache_features, raw)
+        if is_main:
+            print(f"feature cache for the frozen {' and '.join(cache.parts)} encoder(s): "
+                  f"{', '.join(cache.dirs.values())}", flush=True)
+
     # optimisation: the paper's optimiser and schedule, declared by the model
     optimizer, scheduler = raw.configure_optimizers(lr, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -364,6 +382,8 @@ def main(argv=None) -> dict:
         if device.type == "cuda":  # BN statistics over the global batch (MaIL Sec. 4.1 asks so)
             raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
 
     total, trainable = count_parameters(raw)
     log_path = os.path.join(args.out, "log.jsonl")
@@ -410,7 +430,8 @@ def main(argv=None) -> dict:
             skipped += batch["skipped"]
             batch = move(batch, device)
             with autocast(device, args.amp):
-                out = model(**raw.inputs_from(batch), target=batch["mask"])
+                feats = cache.features(raw, batch) if cache is not None else {}
+                out = model(**raw.inputs_from(batch), **feats, target=batch["mask"])
             loss = out["loss"]
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:  # every rank must skip the same step, or DDP would hang
@@ -454,7 +475,7 @@ def main(argv=None) -> dict:
             epoch, next_batch = epoch + 1, 0
         start_batch = next_batch
         if val_loader is not None:
-            metrics = evaluate(model, val_loader, device, args.amp)
+            metrics = evaluate(raw, val_loader, device, args.amp, cache=cache)
             log(dict(step=step, epoch=epoch, time=round(time.time() - t0, 1), val=metrics))
             if is_main:
                 print(f"epoch {epoch} step {step} ({time.time() - t0:.0f}s): val "

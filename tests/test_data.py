@@ -162,7 +162,7 @@ def test_preprocess_and_collate(spec, canvas):
 
 def test_augmentation_depends_only_on_seed_epoch_index():
     base = data.ShapesDataset("train", 8, 64)
-    prep = data.Preprocess(InputSpec(64), ClipTokenizer(20), train=True)
+    prep = data.Preprocess(InputSpec(64), ClipTokenizer(20), augment=True)
     a, b = data.PreparedDataset(base, prep, seed=1), data.PreparedDataset(base, prep, seed=1)
     a.set_epoch(2), b.set_epoch(2)
     assert all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(8))

@@ -1,0 +1,129 @@
+"""Frozen-encoder feature cache: compute a frozen encoder's features once per image (and once per
+sentence), keep them on disk in fp16, and train or evaluate the rest of the model from them.
+
+A model supports the cache when it implements
+  frozen_parts() -> set of "image" / "text" whose encoders are frozen,
+  encode_image(image) -> dict of (B, ...) tensors, encode_text(text, text_mask) -> dict of
+  (B, L, ...) tensors (token axis second), and
+  forward(..., image_feats=None, text_feats=None) that uses them instead of the encoders.
+
+Layout: ROOT/<part>/<fingerprint>/<key>.pt, one torch file per image or sentence, written to a
+temporary name and renamed, so a run killed mid-write leaves no half entry (it is recomputed);
+an unreadable entry is recomputed too. The fingerprint hashes everything the features depend on:
+the encoder's weights, the model config fields that shape the encoder, the preprocessing
+(InputSpec: size, resize, mean/std) and, for text, the tokenizer. Entries are loaded memory-mapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+from torch import Tensor
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's weights (names, shapes and bytes)."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model, part: str) -> str:
+    encoder = model.image_encoder if part == "image" else model.text_encoder
+    tok = model.tokenizer
+    described = {
+        "model": type(model).__name__,
+        "config": {k: v for k, v in dataclasses.asdict(model.cfg).items()
+                   if k not in ("image_weights", "text_weights", "lr", "epochs", "batch_size")},
+        "weights": state_hash(encoder),
+        "input": dataclasses.asdict(model.input_spec) if part == "image" else
+        {"tokenizer": type(tok).__name__, "max_len": tok.max_len,
+         "vocab": getattr(tok, "vocab_path", None)},
+    }
+    return hashlib.sha1(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _safe_key(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+class FeatureCache:
+    """Caches the features of a model's frozen encoders (see module docstring)."""
+
+    def __init__(self, root: str, model):
+        missing = [f for f in ("frozen_parts", "encode_image", "encode_text") if not hasattr(model, f)]
+        if missing:
+            raise ValueError(f"{type(model).__name__} does not support the feature cache (needs {missing})")
+        self.parts = sorted(model.frozen_parts())
+        if not self.parts:
+            raise ValueError(
+                f"{type(model).__name__}: no encoder is frozen, so its features change during "
+                "training and cannot be cached; give pretrained weights or --freeze-encoders")
+        self.dirs = {p: os.path.join(root, p, fingerprint(model, p)) for p in self.parts}
+        for d in self.dirs.values():
+            os.makedirs(d, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def _load(self, path: str) -> dict[str, Tensor] | None:
+        if not os.path.isfile(path):
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # unreadable (disk error, foreign file): recompute
+            return None
+
+    def _store(self, path: str, feats: dict[str, Tensor]) -> None:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        torch.save({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in feats.items()}, tmp)
+        os.replace(tmp, path)
+
+    def _lookup(self, part: str, keys: list[str], compute) -> list[dict[str, Tensor]]:
+        paths = [os.path.join(self.dirs[part], _safe_key(k) + ".pt") for k in keys]
+        entries = [self._load(p) for p in paths]
+        todo = [i for i, e in enumerate(entries) if e is None]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            with torch.no_grad():
+                fresh = compute(todo)
+            for j, i in enumerate(todo):
+                entry = {k: v[j] for k, v in fresh.items()}
+                self._store(paths[i], entry)
+                entries[i] = {k: v.to(torch.float16) for k, v in entry.items()}  # as if read back
+        return entries
+
+    def features(self, model, batch: dict) -> dict[str, dict[str, Tensor]]:
+        """{"image_feats": ..., "text_feats": ...} for the frozen parts, on the batch's device."""
+        device = batch["text"].device
+        out = {}
+        if "image" in self.parts:
+            entries = self._lookup("image", batch["image_key"],
+                                   lambda idx: model.encode_image(batch["image"][idx]))
+            out["image_feats"] = {k: torch.stack([e[k] for e in entries]).to(device, torch.float32)
+                                  for k in entries[0]}
+        if "text" in self.parts:
+            lengths = batch["text_mask"].sum(1).tolist()
+
+            def encode(idx):
+                L = max(lengths[i] for i in idx)
+                feats = model.encode_text(batch["text"][idx, :L], batch["text_mask"][idx, :L])
+                return feats
+
+            entries = self._lookup("text", [f"{len(s)}:{s}" for s in batch["sentence"]], encode)
+            L = batch["text"].shape[1]
+            text_feats = {}
+            for k in entries[0]:
+                rows = []
+                for e, n in zip(entries, lengths):
+                    v = e[k][:n].float()  # the sentence's own tokens; padding is zeros
+                    rows.append(torch.cat([v, v.new_zeros(L - n, *v.shape[1:])]))
+                text_feats[k] = torch.stack(rows).to(device)
+            out["text_feats"] = text_feats
+        return out

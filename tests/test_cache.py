@@ -1,0 +1,71 @@
+"""The frozen-encoder feature cache gives the same training loss as recomputing the encoders."""
+
+import os
+
+import pytest
+import torch
+
+import train
+from common.cache import FeatureCache
+from helpers import build, make_batch
+
+
+@pytest.fixture
+def frozen():
+    return build("maris", freeze_encoders=True)
+
+
+def test_cached_and_uncached_training_give_the_same_loss(frozen, tmp_path):
+    batch = make_batch(frozen, n=3, split="train")
+    cache = FeatureCache(str(tmp_path), frozen)
+    assert cache.parts == ["image", "text"]
+    frozen.train()
+    torch.manual_seed(0)
+    plain = frozen(**frozen.inputs_from(batch), target=batch["mask"])["loss"]
+    first = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch), target=batch["mask"])
+    assert cache.misses == 6 and cache.hits == 0  # 3 images + 3 sentences computed and stored
+    again = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch), target=batch["mask"])
+    assert cache.hits == 6  # read back from disk
+    # fp16 storage: equal within fp16 rounding of the features
+    assert first["loss"].item() == pytest.approx(plain.item(), rel=2e-3)
+    assert again["loss"].item() == pytest.approx(first["loss"].item(), rel=1e-6)
+    again["loss"].backward()
+    assert all(p.grad is None for p in frozen.image_encoder.parameters())
+
+
+def test_half_written_entries_are_recomputed_never_read(frozen, tmp_path):
+    batch = make_batch(frozen, n=2)
+    cache = FeatureCache(str(tmp_path), frozen)
+    cache.features(frozen, batch)
+    image_dir = cache.dirs["image"]
+    entry = sorted(os.listdir(image_dir))[0]
+    with open(os.path.join(image_dir, entry), "r+b") as f:  # damage a complete entry
+        f.truncate(100)
+    open(os.path.join(image_dir, "abc.pt.tmp.123"), "wb").write(b"partial")  # an interrupted write
+    fresh = FeatureCache(str(tmp_path), frozen)
+    feats = fresh.features(frozen, batch)
+    assert fresh.misses == 1 and fresh.hits == 3
+    direct = frozen.encode_image(batch["image"])
+    assert torch.allclose(feats["image_feats"]["f_v1"], direct["f_v1"], atol=1e-2)
+
+
+def test_cache_keys_change_with_weights_and_preprocessing(frozen, tmp_path):
+    a = FeatureCache(str(tmp_path), frozen)
+    other = build("maris", freeze_encoders=True)
+    with torch.no_grad():
+        other.image_encoder.pos_embed.add_(1.0)
+    b = FeatureCache(str(tmp_path), other)
+    assert a.dirs["image"] != b.dirs["image"] and a.dirs["text"] == b.dirs["text"]
+    bigger = build("maris", freeze_encoders=True, image_size=96)
+    assert FeatureCache(str(tmp_path), bigger).dirs["image"] != a.dirs["image"]
+
+
+def test_cache_is_refused_when_it_would_be_stale(tmp_path):
+    with pytest.raises(ValueError, match="no encoder is frozen"):
+        FeatureCache(str(tmp_path), build("maris"))
+    args = ["--model", "maris", "--freeze-encoders", "--cache-features", str(tmp_path / "c"),
+            "--shapes-train-size", "8", "--batch-size", "4", "--out", str(tmp_path / "r")]
+    with pytest.raises(ValueError, match="--no-augment"):
+        train.main(args)
+    train.main(args + ["--no-augment", "--epochs", "1", "--shapes-eval-size", "4"])
+    assert os.listdir(tmp_path / "c" / "image")
