@@ -14,9 +14,11 @@ checkpoint was trained with.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -102,18 +104,185 @@ def predict(model, image: np.ndarray, sentence: str, device="cpu") -> tuple[np.n
 
 
 # ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """Achieved GFLOP/s of an n x n matmul in `dtype`: the reference for model FLOP utilisation."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_batch(model, n: int, device) -> dict:
+    """A real batch of synthetic shapes at the model's own input size."""
+    spec = model.input_spec
+    side = spec.max_size if spec.resize == "shorter" else spec.size
+    base = data.ShapesDataset("val", n, side, seed=0)
+    prep = data.Preprocess(spec, model.tokenizer, candidates="cand_masks" in model.input_names)
+    items = [dict(prep(base[i]), index=i) for i in range(n)]
+    return train.move(data.collate(items, model.tokenizer.pad_id), device)
+
+
+def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
+                warmup: int, repeats: int, freeze: bool, cached: bool) -> dict:
+    """One row of the benchmark table (see README, "Reading the benchmark")."""
+    import dataclasses
+    import resource
+    import warnings
+
+    from common.encoders import quiet_random_init
+    from common.model import count_parameters
+
+    module = train.load_model_module(name)
+    cfg = module.CONFIGS[config]
+    if freeze:
+        cfg = dataclasses.replace(cfg, freeze_encoders=True)
+    torch.manual_seed(0)
+    with quiet_random_init(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = module.MODEL(cfg).to(device)
+    total, trainable = count_parameters(model)
+    one, batch = bench_batch(model, 1, device), bench_batch(model, batch_size, device)
+    feats = {}
+    if cached:  # the step trains from stored encoder features (common.cache) instead
+        with torch.no_grad():
+            if "image" in model.frozen_parts():
+                feats["image_feats"] = model.encode_image(batch["image"])
+            if "text" in model.frozen_parts():
+                feats["text_feats"] = model.encode_text(batch["text"], batch["text_mask"])
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        with train.autocast(device, amp):
+            model(**model.inputs_from(one))
+
+    fwd_flops = count_flops(forward)
+    latency = median_time(forward, device, warmup, repeats)
+    model.train()
+    optimizer, _ = model.configure_optimizers(1e-6, 1000)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with train.autocast(device, amp):
+            loss = model(**model.inputs_from(batch), **feats, target=batch["mask"])["loss"]
+        loss.backward()
+        optimizer.step()
+
+    train_flops = count_flops(step)
+    step_time = median_time(step, device, warmup, repeats)
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the whole process's peak resident memory
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
+    achieved = train_flops / step_time / 1e9
+    return {
+        "model": name + (" (cached)" if cached else ""), "config": config,
+        "device": str(device), "amp": amp, "threads": torch.get_num_threads(),
+        "params_M": total / 1e6, "trainable_M": trainable / 1e6,
+        "fwd_GFLOPs": fwd_flops / 1e9, "fwd_ms_b1": latency * 1e3, "batch": batch_size,
+        "step_ms": step_time * 1e3, "samples_s": batch_size / step_time,
+        "step_GFLOPs": train_flops / 1e9, "GFLOP_s": achieved, "peak_GFLOP_s": peak,
+        "MFU": achieved / peak, "peak_mem_GiB": peak_mem,
+    }
+
+
+BENCH_COLUMNS = [("model", "{:<16}"), ("config", "{:<12}"), ("params_M", "{:>8.2f}"),
+                 ("trainable_M", "{:>8.2f}"), ("fwd_GFLOPs", "{:>9.2f}"), ("fwd_ms_b1", "{:>9.1f}"),
+                 ("batch", "{:>5}"), ("step_ms", "{:>9.1f}"), ("samples_s", "{:>8.2f}"),
+                 ("GFLOP_s", "{:>8.1f}"), ("peak_GFLOP_s", "{:>8.1f}"), ("MFU", "{:>6.1%}"),
+                 ("peak_mem_GiB", "{:>7.2f}")]
+BENCH_HEADERS = ["model", "config", "params M", "train M", "fwd GFLOP", "fwd ms b1", "batch",
+                 "step ms", "sample/s", "GFLOP/s", "peak", "MFU", "mem GiB"]
+
+
+def print_bench(rows: list[dict]) -> None:
+    widths = [len(fmt.format(rows[0][k])) if rows else 8 for k, fmt in BENCH_COLUMNS]
+    print(" ".join(h.rjust(w) if i > 1 else h.ljust(w)
+                   for i, (h, w) in enumerate(zip(BENCH_HEADERS, widths))))
+    for r in rows:
+        print(" ".join(fmt.format(r[k]) for k, fmt in BENCH_COLUMNS))
+    if rows:
+        r = rows[0]
+        print(f"device {r['device']}, amp {r['amp']}, {r['threads']} threads; medians over repeats "
+              "after warm-up; peak = measured matmul GFLOP/s in the same run; mem = "
+              + ("peak allocated" if r["device"].startswith("cuda") else "peak process RSS"))
+
+
+def run_benchmark(args) -> list[dict]:
+    import subprocess
+
+    names = train.MODELS if args.model == "all" else [args.model]
+    names = [n for n in names if importlib.util.find_spec(n) is not None]
+    device = torch.device(args.device)
+    rows = []
+    for name in names:
+        module = train.load_model_module(name)
+        configs = [args.config] if args.config in module.CONFIGS else []
+        for config in configs:
+            batch = args.batch_size or (8 if config == "tiny" else 1)
+            variants = [False]
+            if args.freeze_encoders and hasattr(module.MODEL, "frozen_parts"):
+                variants.append(True)
+            for cached in variants:
+                if len(names) > 1 or len(variants) > 1:  # one process per row: clean peak memory
+                    cmd = [sys.executable, os.path.abspath(__file__), "--benchmark", "--model", name,
+                           "--config", config, "--device", args.device, "--batch-size", str(batch),
+                           "--amp", args.amp, "--warmup", str(args.warmup), "--repeats",
+                           str(args.repeats), "--row-json", "-"]
+                    cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    if res.returncode:
+                        raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                else:
+                    rows.append(bench_model(name, config, device, batch, args.amp, args.warmup,
+                                            args.repeats, args.freeze_encoders, cached))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
     p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (or: all)")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write overlay PNGs here")
     p.add_argument("--num-vis", type=int, default=16, help="how many samples to visualise per split")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation: 8; benchmark: 8 tiny, 1 paper")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
     p.add_argument("--cache-features", default=None, metavar="DIR",
                    help="read/write frozen encoders' features here (as train.py --cache-features)")
@@ -121,9 +290,22 @@ def parse_args(argv=None):
     p.add_argument("--text", default=None, help="the referring expression for --image")
     p.add_argument("--out", default=None, help="mask PNG for --image; the overlay goes beside it")
     train.add_data_args(p)
+    g = p.add_argument_group("benchmark (no checkpoint needed)")
+    g.add_argument("--benchmark", action="store_true", help="print the speed/memory table")
+    g.add_argument("--model", default="all", help="a model name or all")
+    g.add_argument("--config", default="tiny", help="config of each model to benchmark")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--freeze-encoders", action="store_true",
+                   help="freeze encoders (the paper's MARIS setting) and add a row training from cached features")
+    g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
+    if not args.benchmark and args.checkpoint is None:
+        p.error("--checkpoint is needed (except with --benchmark)")
     return args
 
 
@@ -139,6 +321,20 @@ def run_predict(args, model, device) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.benchmark:
+        args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+        if args.row_json:  # one row, in this process (called by run_benchmark)
+            row = bench_model(args.model, args.config, torch.device(args.device),
+                              args.batch_size, args.amp, args.warmup, args.repeats,
+                              args.freeze_encoders, args.cached)
+            print(json.dumps(row))
+            return row
+        rows = run_benchmark(args)
+        print_bench(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return {"rows": rows}
     ckpt = train.load_checkpoint(args.checkpoint)
     rank, world, device = train.setup_distributed()
     model, module, cfg = train.build_model_from_checkpoint(ckpt, device)
@@ -172,7 +368,7 @@ def main(argv=None) -> dict:
         cache = FeatureCache(args.cache_features, model)
     results = {}
     for split in splits:
-        loader = train.make_eval_loader(args, split, model, rank, world, args.batch_size)
+        loader = train.make_eval_loader(args, split, model, rank, world, args.batch_size or 8)
         on_batch = None
         if args.save_vis:
             os.makedirs(args.save_vis, exist_ok=True)
