@@ -206,6 +206,10 @@ class ReferDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def sentence(self, i: int) -> str:
+        """Sample i's sentence, without reading its image."""
+        return self.samples[i][2]
+
     def image_path(self, image_id: int) -> str:
         name = self.images.get(image_id, {}).get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
         return os.path.join(self.image_dir, name)
@@ -282,7 +286,7 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> dict:
+    def _scene(self, i: int):
         if not 0 <= i < self.num_samples:
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], i])
@@ -291,7 +295,14 @@ class ShapesDataset(Dataset):
             target = int(rng.integers(len(objects)))
             sentence = self._describe(objects, target, rng)
             if sentence is not None:
-                break
+                return rng, objects, target, sentence
+
+    def sentence(self, i: int) -> str:
+        """Sample i's sentence, without rendering its image."""
+        return self._scene(i)[3]
+
+    def __getitem__(self, i: int) -> dict:
+        rng, objects, target, sentence = self._scene(i)
         image, instances = self._render(objects, rng)
         return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
                     target_index=target, image_id=i,
@@ -560,6 +571,12 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def sentences(dataset) -> list[str]:
+    """Every sentence of a raw dataset, without decoding images (to build vocabularies)."""
+    get = getattr(dataset, "sentence", None) or (lambda i: dataset[i]["sentence"])
+    return [get(i) for i in range(len(dataset))]
 
 
 def build_dataset(name: str, split: str, *, data_root: str | None = None,

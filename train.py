@@ -79,6 +79,15 @@ def build_config(module, args):
     return dataclasses.replace(cfg, **changes)
 
 
+def new_config(module, args, train_set) -> object:
+    """The config of a new run; a model whose config depends on the training data (M3Dec's word
+    vocabulary) fills it in through its module's `prepare_config(cfg, sentences)`."""
+    cfg = build_config(module, args)
+    if hasattr(module, "prepare_config"):
+        cfg = module.prepare_config(cfg, data.sentences(train_set))
+    return cfg
+
+
 def build_model_from_checkpoint(ckpt: dict, device="cpu"):
     """Rebuild a model from a checkpoint's name and config; its state dict holds every weight,
     so encoder weight files are not needed (and not read)."""
@@ -302,6 +311,10 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
+    base = data.build_dataset(args.dataset, "train", data_root=args.data_root, split_by=args.split_by,
+                              image_dir=args.image_dir, shapes_size=args.shapes_train_size,
+                              shapes_image_size=args.shapes_image_size, seed=args.data_seed)
+
     # model, from a checkpoint when resuming
     module = load_model_module(args.model)
     resume_path = None
@@ -314,16 +327,20 @@ def main(argv=None) -> dict:
     if ckpt is not None:
         if ckpt["model_name"] != args.model:
             raise ValueError(f"{resume_path} holds a {ckpt['model_name']} model, not {args.model}")
-        wanted = dataclasses.asdict(build_config(module, args))
-        differ = {k: (ckpt["config"].get(k), v) for k, v in wanted.items()
-                  if k not in ("image_weights", "text_weights") and ckpt["config"].get(k) != v}
+        trained_config = ckpt.get("args", {}).get("config", args.config)
+        declared = dataclasses.asdict(module.CONFIGS[args.config]) if args.config in module.CONFIGS else {}
+        asked = {k: v for k, v in dataclasses.asdict(build_config(module, args)).items()
+                 if v != declared.get(k) and k not in ("image_weights", "text_weights")}
+        differ = {k: (ckpt["config"].get(k), v) for k, v in asked.items() if ckpt["config"].get(k) != v}
+        if trained_config != args.config:
+            differ["--config"] = (trained_config, args.config)
         if differ:
             raise ValueError(f"{resume_path} was trained with another config; field: (checkpoint, "
                              f"asked) = {differ}. Resume with the same --config/--set flags.")
         model, module, cfg = build_model_from_checkpoint(ckpt)
     else:
-        cfg = build_config(module, args)
-        model = module.MODEL(cfg)
+        model = module.MODEL(new_config(module, args, base))
+        cfg = model.cfg  # as the model completed it
     model.to(device)
     raw = model
 
@@ -331,9 +348,6 @@ def main(argv=None) -> dict:
     epochs = args.epochs or cfg.epochs
     batch_size = args.batch_size or max(1, cfg.batch_size // world)
     lr = args.lr or cfg.lr
-    base = data.build_dataset(args.dataset, "train", data_root=args.data_root, split_by=args.split_by,
-                              image_dir=args.image_dir, shapes_size=args.shapes_train_size,
-                              shapes_image_size=args.shapes_image_size, seed=args.data_seed)
     prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=not args.no_augment,
                            candidates="cand_masks" in raw.input_names)
     train_set = data.PreparedDataset(base, prep, seed=args.seed, skip_bad=True)

@@ -12,9 +12,10 @@ import contextlib
 import os
 import warnings
 import zipfile
-from functools import partial
+from functools import cache, partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _warned: set[str] = set()
@@ -90,6 +91,33 @@ SAM_ARCHS = {
 }
 
 
+@cache
+def _sdpa_sam_attention():
+    """segment-anything's Attention with its softmax(q k^T * scale + rel-pos) v computed by
+    `F.scaled_dot_product_attention`, the decomposed relative positions passed as an additive
+    bias (they are built from the unscaled q, as in segment-anything)."""
+    from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+    class SDPAAttention(Attention):
+        def forward(self, x: Tensor) -> Tensor:
+            B, H, W, _ = x.shape
+            qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # (B, nh, N, hd)
+            bias = None
+            if self.use_rel_pos:
+                r_h = get_rel_pos(H, H, self.rel_pos_h)  # (H, H, hd)
+                r_w = get_rel_pos(W, W, self.rel_pos_w)  # (W, W, hd)
+                q_grid = q.unflatten(2, (H, W))  # (B, nh, H, W, hd)
+                rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, r_h)  # (B, nh, H, W, H)
+                rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, r_w)  # (B, nh, H, W, W)
+                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads,
+                                                                           H * W, H * W)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, N, hd)
+            return self.proj(x.transpose(1, 2).reshape(B, H, W, -1))
+
+    return SDPAAttention
+
+
 class SAMImageEncoder(nn.Module):
     """SAM's ViT image encoder returning the outputs of chosen global-attention blocks.
 
@@ -120,6 +148,8 @@ class SAMImageEncoder(nn.Module):
         )
         self.patch_embed, self.pos_embed = vit.patch_embed, vit.pos_embed
         self.blocks = vit.blocks[: max(self.out_indexes) + 1]
+        for blk in self.blocks:  # same weights and maths, on the fused attention kernel
+            blk.attn.__class__ = _sdpa_sam_attention()
         self.dim, self.patch_size, self.img_size = spec["embed_dim"], spec["patch_size"], img_size
         if weights is None:
             # SAM initialises its absolute position embedding to zeros and loads it from the
@@ -255,9 +285,17 @@ class ViLTEncoder(nn.Module):
         spec = VILT_ARCHS[arch]
         if weights is None:
             vilt = ViltModel(ViltConfig(vocab_size=vocab_size, **spec), add_pooling_layer=False)
-            # ViLT initialises these two with trunc_normal(0.02) (HF leaves them at zero and
-            # expects a checkpoint): from scratch they must break the symmetry of patches
-            nn.init.trunc_normal_(vilt.embeddings.position_embeddings, std=0.02)
+            # HF leaves these two at zero for a checkpoint to fill; ViLT draws them from
+            # trunc_normal(0.02). From scratch, noise positions must be learned before "left of"
+            # means anything: the patch grid starts as a 2-D sine-cosine encoding instead (as
+            # MAE initialises its ViTs), the class token's position and the token as ViLT's.
+            from common.layers import sine_pos_2d
+
+            grid = spec["image_size"] // spec["patch_size"]
+            with torch.no_grad():
+                vilt.embeddings.position_embeddings[0, 1:] = sine_pos_2d(grid, grid,
+                                                                         spec["hidden_size"])
+            nn.init.trunc_normal_(vilt.embeddings.position_embeddings[:, :1], std=0.02)
             nn.init.trunc_normal_(vilt.embeddings.cls_token, std=0.02)
             warn_random(f"ViLT {arch} transformer", "pass a local Hugging Face ViLT folder")
         else:
@@ -390,7 +428,8 @@ class Darknet53(nn.Module):
         self.channels = [width * 2 ** (i + 1) for i in range(len(depths))]
         self.stem = _conv_bn_leaky(3, width, 3)
         self.stages = nn.ModuleList(
-            nn.Sequential(_conv_bn_leaky(c // 2, c, 3, stride=2), *(_DarknetResidual(c) for _ in range(d)))
+            nn.Sequential(_conv_bn_leaky(c // 2, c, 3, stride=2),
+                          *(_DarknetResidual(c) for _ in range(d)))
             for c, d in zip(self.channels, depths))
         if weights is None:
             warn_random(f"Darknet {arch}", "pass yolov3.weights or a state dict of this module")
@@ -444,7 +483,8 @@ def load_glove(weight: Tensor, vocab, path: str) -> int:
             word, *values = line.rstrip().rsplit(" ", dim)  # some GloVe words contain spaces
             if word in index:
                 if len(values) != dim:
-                    raise ValueError(f"{path!r} does not hold {dim}-d vectors")
+                    raise ValueError(f"{path!r}: {word!r} has {len(values)} values, but the "
+                                     f"embeddings are {dim}-d")
                 weight[index[word]] = torch.tensor([float(v) for v in values])
                 found += 1
     if not found:
@@ -491,7 +531,8 @@ class GRUTextEncoder(nn.Module):
         bwd = bwd.gather(1, rev[..., None].expand_as(fwd))  # back to word order
         words = (fwd + bwd) * text_mask[..., None]
         last = (lengths - 1).clamp(min=0)[..., None].expand(B, 1, self.dim)
-        sentence = fwd.gather(1, last)[:, 0] + bwd[:, 0]  # forward ends at the last word, backward at the first
+        # the forward GRU ends at the last real word, the backward one at the first word
+        sentence = fwd.gather(1, last)[:, 0] + bwd[:, 0]
         return words, sentence, text_mask
 
 
@@ -538,29 +579,35 @@ class SwinImageEncoder(nn.Module):
         return feats
 
 
-# BertConfig's defaults are bert-base-uncased's architecture; "tiny" is CPU-sized
-BERT_ARCHS = {"bert-base": {}, "tiny": dict(hidden_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, intermediate_size=128)}
+# bert-base(-uncased)'s architecture, and this library's CPU-sized variant
+BERT_ARCHS = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                intermediate_size=3072),
+              "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=128)}
 
 
 class BertTextEncoder(nn.Module):
     """BERT from transformers: per-token features and the [CLS] feature.
 
     Arguments:
-      arch: "bert-base" | "tiny" (the architecture when no weights are given).
+      arch: "bert-base" | "tiny"; a weights folder must hold that architecture.
       weights: a local Hugging Face BERT folder (config.json, weights, vocab.txt; e.g. a download
         of bert-base-uncased), read with local_files_only; None = random.
+      vocab_size: rows of the word-embedding table (the tokenizer's vocabulary).
     Returns (forward): words (B, L, dim), sentence (B, dim) the [CLS] token's, text_mask (B, L).
     """
 
-    def __init__(self, arch: str = "bert-base", weights: str | None = None):
+    def __init__(self, arch: str = "bert-base", weights: str | None = None,
+                 vocab_size: int = 30522):
         super().__init__()
         from transformers import BertConfig, BertModel
 
+        if arch not in BERT_ARCHS:
+            raise ValueError(f"unknown BERT arch {arch!r}; choose from {sorted(BERT_ARCHS)}")
+        spec = BERT_ARCHS[arch]
         if weights is None:
-            if arch not in BERT_ARCHS:
-                raise ValueError(f"unknown BERT arch {arch!r}; choose from {sorted(BERT_ARCHS)}")
-            self.bert = BertModel(BertConfig(**BERT_ARCHS[arch]), add_pooling_layer=False)
+            config = BertConfig(vocab_size=vocab_size, **spec)
+            self.bert = BertModel(config, add_pooling_layer=False)
             warn_random(f"BERT {arch}", "pass a local Hugging Face BERT folder")
         else:
             if not os.path.isdir(weights):
@@ -568,11 +615,138 @@ class BertTextEncoder(nn.Module):
                                         f"(config.json + weights + vocab.txt), not {weights!r}")
             self.bert = BertModel.from_pretrained(weights, local_files_only=True,
                                                   add_pooling_layer=False)
+            got = {k: getattr(self.bert.config, k) for k in spec} | dict(
+                vocab_size=self.bert.config.vocab_size)
+            if got != spec | dict(vocab_size=vocab_size):
+                raise ValueError(f"{weights!r} holds a BERT with {got}, not the {arch!r} "
+                                 f"architecture {spec} with the tokenizer's {vocab_size} words")
         self.dim = self.bert.config.hidden_size
 
     def forward(self, ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # a 4-D boolean mask (True: attend) is used as given; from a 2-D one transformers would
         # inspect the mask's values, which fails on the meta device
-        words = self.bert(input_ids=ids, attention_mask=text_mask[:, None, None, :]).last_hidden_state
+        mask = text_mask[:, None, None, :]  # (B, 1, 1, L)
+        words = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         return words, words[:, 0], text_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# MMNet: CLIP image encoder (Radford et al. 2021), ResNet or ViT, through open_clip
+# ---------------------------------------------------------------------------------------------
+
+# CPU-sized towers with the structure of open_clip's ViT ("tiny") and ModifiedResNet ("tiny-rn")
+TINY_CLIP_VISION = {
+    "tiny": dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=3, width=64, head_width=32,
+                                               patch_size=8)),
+    "tiny-rn": dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=[1, 1, 1, 1], width=8,
+                                                  head_width=32)),
+}
+
+
+def resize_pos_embed(pos: Tensor, hw: tuple[int, int]) -> Tensor:
+    """A (1 + g*g, C) positional embedding (global token first, then a g x g grid) for an h x w
+    grid: the grid part is resized bicubically (as open_clip does for checkpoints); at g x g it
+    is returned unchanged."""
+    g = round((pos.shape[0] - 1) ** 0.5)
+    if tuple(hw) == (g, g):
+        return pos
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+    grid = torch.nn.functional.interpolate(grid, size=tuple(hw), mode="bicubic",
+                                           align_corners=False)
+    return torch.cat([pos[:1], grid.flatten(2)[0].T], 0)  # (1 + h*w, C)
+
+
+class CLIPImageEncoder(nn.Module):
+    """CLIP's image tower with its stage features, global feature and spatial feature (MMNet Eq. 1).
+
+    ResNet (open_clip ModifiedResNet): x2, x3, x4 are the outputs of stages 2-4; the attention
+    pool's multi-head self-attention over [mean(x4), x4] gives [z_bar, z] (Eq. 1). ViT: x2, x3,
+    x4 are the patch tokens after the blocks at 1/3, 2/3 and full depth (`vit_blocks`), z the
+    last block's patch tokens and z_bar its class token, both through ln_post and CLIP's proj.
+    Positional embeddings (the attention pool's, built for 7x7 at 224 px, and the ViT's) are
+    resized to the input's grid, so any input size works; at the native size nothing changes.
+
+    Arguments:
+      arch: an open_clip config name ("RN50", "RN101", "ViT-B-16", "ViT-L-14", ...), "tiny"
+        (a small ViT) or "tiny-rn" (a small ResNet).
+      weights: an open_clip checkpoint or an OpenAI CLIP file (TorchScript); None = random.
+      vit_blocks: ViT only, which blocks (counted from 1) give x2, x3, x4.
+    Returns (forward): x2, x3, x4, z as (B, C, h, w) maps and z_bar (B, D); `dims` gives their
+      channels. ResNet: x2 at H/8, x3 at H/16, x4 and z at H/32; ViT: all at H/patch
+      (`x3_stride` is 16 or the patch size).
+    """
+
+    def __init__(self, arch: str = "ViT-B-16", weights: str | None = None,
+                 vit_blocks: tuple[int, int, int] | None = None):
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+
+        cfg = TINY_CLIP_VISION[arch] if arch in TINY_CLIP_VISION else clip_config(arch)
+        quick_gelu = cfg.get("quick_gelu", False) or arch.endswith("quickgelu")
+        self.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
+                                          quick_gelu=quick_gelu)
+        self.is_vit = hasattr(self.visual, "transformer")
+        if not (hasattr(self.visual, "attnpool") or self.is_vit and self.visual.attn_pool is None
+                and self.visual.pool_type == "tok"):
+            raise ValueError(f"{arch!r} is neither a CLIP ResNet nor a CLIP ViT with a class token")
+        D = cfg["embed_dim"]
+        if self.is_vit:
+            depth, width = len(self.visual.transformer.resblocks), self.visual.transformer.width
+            self.vit_blocks = tuple(vit_blocks or (depth // 3, 2 * depth // 3, depth))
+            if not 1 <= min(self.vit_blocks) <= max(self.vit_blocks) <= depth:
+                raise ValueError(f"vit_blocks {self.vit_blocks} outside 1..{depth}")
+            self.dims = dict(x2=width, x3=width, x4=width, z=D)
+            self.x3_stride = self.visual.patch_size[0]  # pixels per x3 cell
+        else:
+            width = self.visual.layer1[0].conv1.in_channels  # the stem's width
+            self.dims = dict(x2=8 * width, x3=16 * width, x4=32 * width, z=D)
+            self.x3_stride = 16
+        if weights is None:
+            warn_random(f"CLIP {arch} image encoder", "pass an open_clip or OpenAI CLIP file")
+        else:
+            load_matching(self, load_state_dict_file(weights), "", weights)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self._forward_vit(image) if self.is_vit else self._forward_resnet(image)
+
+    def _forward_resnet(self, image: Tensor) -> tuple[Tensor, ...]:
+        v = self.visual
+        x2 = v.layer2(v.layer1(v.stem(image)))  # (B, 8w, H/8, W/8)
+        x3 = v.layer3(x2)  # (B, 16w, H/16, W/16)
+        x4 = v.layer4(x3)  # (B, 32w, H/32, W/32)
+        z_bar, z = self._attention_pool(x4)
+        return x2, x3, x4, z, z_bar
+
+    def _attention_pool(self, x4: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. (1): [z_bar, z] = MHSA([mean(x4), x4]), open_clip's AttentionPool2d keeping the
+        spatial outputs (CLIP keeps only the first)."""
+        pool = self.visual.attnpool
+        h, w = x4.shape[-2:]
+        tokens = x4.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1)  # [mean(x4), x4]
+        tokens = tokens + resize_pos_embed(pool.positional_embedding, (h, w)).to(tokens.dtype)
+        split = lambda t: t.unflatten(-1, (pool.num_heads, -1)).transpose(1, 2)  # (B, nh, T, hs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            split(pool.q_proj(tokens)), split(pool.k_proj(tokens)), split(pool.v_proj(tokens)))
+        out = pool.c_proj(out.transpose(1, 2).flatten(2))  # (B, 1 + h*w, D)
+        z = out[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # (B, D, h, w)
+        return out[:, 0], z
+
+    def _forward_vit(self, image: Tensor) -> tuple[Tensor, ...]:
+        v = self.visual
+        x = v.conv1(image)  # (B, width, h, w), h = H // patch
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, width)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], 1) + resize_pos_embed(v.positional_embedding, (h, w)).to(x.dtype)
+        x = v.ln_pre(x)  # (B, 1 + h*w, width)
+        to_map = lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (h, w))  # (B, width, h, w)
+        stages = {}
+        for i, block in enumerate(v.transformer.resblocks, start=1):
+            x = block(x)
+            if i in self.vit_blocks:
+                stages[i] = to_map(x)
+        x2, x3, x4 = (stages[i] for i in self.vit_blocks)
+        x = v.ln_post(x) @ v.proj  # (B, 1 + h*w, D)
+        return x2, x3, x4, to_map(x), x[:, 0]
 

@@ -60,7 +60,8 @@ class WordPieceTokenizer:
                 f"WordPiece vocabulary not found at {path!r}: give a BERT vocab.txt, or the folder "
                 "of a local Hugging Face BERT/ViLT checkpoint that contains one"
             )
-        self._tok = BertTokenizerFast(vocab_file=path, do_lower_case=lowercase)
+        # transformers 5 reads `vocab` (and ignores vocab_file: 5 special tokens), 4.x vocab_file
+        self._tok = BertTokenizerFast(vocab_file=path, vocab=path, do_lower_case=lowercase)
         if self._tok.vocab_size < 100:
             raise ValueError(f"{path!r} holds only {self._tok.vocab_size} tokens: not a BERT vocab")
         self.vocab_path = path

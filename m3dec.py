@@ -1,0 +1,487 @@
+"""M3Dec: Multi-Modal Mutual Attention and Iterative Interaction for Referring Image Segmentation.
+Liu, Ding, Zhang, Jiang. IEEE Transactions on Image Processing 32, 2023; arXiv:2305.15302.
+
+A backbone gives the image feature F_vis, a language encoder the word features F_t and a sentence
+feature F_t'. A transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder (M3Dec)
+queries F_enc with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one word-pixel
+attention matrix along both axes, attends vision per word and language per pixel, and fuses the
+two. Iterative Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language features
+between decoder layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder output to
+reconstruct the language features. A Mask Decoder uses the decoder output as 1x1 dynamic kernels
+over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5).
+
+Two settings (Table IV): "paper-cnn" Darknet-53 + bi-GRU over GloVe words at 416 px, "paper-swin"
+Swin-B + BERT-base at 480 px.
+
+Shapes: B batch, C width (256), h w the stride-16 feature map, N = h*w, L words (tokens), H W input.
+
+Interpretations (where the paper is silent or contradicts itself):
+- F_vis. The paper gives one map H x W x C. As VLT (same authors, same Darknet setting) does, we
+  work at stride 16 (26 x 26 at 416): the backbone's last map (stride 32) is upsampled and joined
+  to the one before (stride 16), then a 1x1 conv + BN + ReLU brings it to C. Swin-B likewise
+  (its stages 3 and 4; 30 x 30 at 480).
+- Language encoder. The text says a bi-directional LSTM, Table IV a GRU (as MCN and VLT): we use a
+  GRU, both directions summed (as VLT), F_t' = the final states of both directions. Embeddings
+  (300-d) start from GloVe when a GloVe file is given and are trained. The vocabulary is every
+  word seen at least `vocab_min_count` (2) times in the training split (rarer ones map to <unk>);
+  it is kept in the config, hence in every checkpoint (see `prepare_config`). With BERT, F_t is
+  the last layer's tokens ([CLS] and [SEP] included), F_t' the [CLS] token, both through one
+  linear layer 768 -> C.
+- Transformer encoder: post-norm layers (self-attention, FFN of width 2048, dropout 0.1); the
+  fixed 2-D sine positional encoding is added once to its input, so F_enc carries position into
+  M3Att and the Mask Decoder.
+- M3Att is single-head (Eq. 1 scales by 1/sqrt(C)); the paper's 8 heads are those of the
+  self- and cross-attention. The linear layer after F_mul maps HW -> C, so M3Att is built for one
+  input size (`image_size`, images are stretched to it). Padded words are left out of the softmax
+  of Eq. (2b). The "independent" setting (Table I, `shared_attention=False`) computes the matrix
+  of Eq. (2b) from two extra key projections.
+- M3Dec layer (Fig. 3c): self-attention on the query, M3Att, cross-attention whose query is F_q
+  and whose key and value are the multi-modal feature, then an FFN, each with a residual and
+  LayerNorm (a standard transformer decoder layer).
+- "All linear and conv layers are followed by BN and ReLU unless noted" (Sec. IV-A) is applied
+  to: the F_vis projection, M3Att's output layer (HW -> C), IMI's language transform F_l^n, the
+  first two of LFR's three layers, and the Mask Decoder's convolutions (except the last, which
+  gives the logits). Attention projections, FFNs (ReLU inside), the BERT projection and the
+  layers whose equations state their activation (Eq. 3, Eq. 4) are as written. BN on word
+  features uses the real words' statistics only (`TokenBatchNorm`).
+- IMI (Eq. 3) has no 1/sqrt(C) scaling, as written; the softmax runs over the words of F_l^n;
+  w_ci starts at 1. One IMI block sits between each two successive layers (2 for 3 layers).
+- LFR (Eq. 4): e is the fixed 1-D sine/cosine encoding; the mean runs over the real words plus
+  F_t'. The three layers on F_dec are followed by average pooling over the real words. F_proj is
+  not detached: W_proj is learnt through L_rec only, as the paper writes, so both sides may
+  shrink together (on the shapes data L_rec falls to ~1e-3 within a few hundred steps).
+- Mask Decoder (Fig. 6): self-attention (residual, LayerNorm) on F_dec; the N_t maps are padded
+  with zeros to `max_len` channels (a padded word's map is zero), so the first of the four 3x3
+  convs has a fixed input; three 2x bilinear upsamplings between the convs give stride 2, then
+  the logits are resized bilinearly to the input size. The last conv's bias starts at the
+  log-odds of p = 0.05 (a referred object covers a few percent of the image), as RetinaNet
+  initialises its classifier, so that BCE does not spend its first steps learning "background".
+- Backbone weights. The paper's Darknet-53 was trained on COCO without the images of the
+  RefCOCO val/test splits; the public yolov3.weights saw them (they are COCO train2014 images),
+  so numbers with it are optimistic. Darknet binaries and state dicts both load.
+- Training: Adam, lr 0.005, step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45
+  of 50). Pretrained encoders train at lr x `encoder_lr_scale` (0.1; the paper is silent).
+  `freeze_encoders` freezes the image encoder and the word embeddings (or BERT).
+- Sentences: 15 words (20 for G-Ref: `--set max_len=20`); for BERT, 20 tokens with [CLS]/[SEP].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common import optim
+from common.encoders import BertTextEncoder, Darknet53, GRUTextEncoder, SwinImageEncoder
+from common.layers import Attention, safe_softmax, sine_pos_1d, sine_pos_2d
+from common.losses import bce_loss, reconstruction_loss
+from common.model import InputSpec, RISModel, freeze
+from common.tokenizers import (
+    PAD_WORD,
+    UNK_WORD,
+    WordPieceTokenizer,
+    WordTokenizer,
+    build_word_vocab,
+)
+
+IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
+                  "swin_b": (SwinImageEncoder, "swin_b"), "swin-tiny": (SwinImageEncoder, "tiny")}
+TEXT_ENCODERS = ("gru", "bert-base", "bert-tiny")
+FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary, when none is given
+FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
+
+# The words of the built-in synthetic shapes data (build_word_vocab over its training sentences),
+# so that the tiny config builds without a training split; train.py rebuilds it anyway.
+SHAPES_VOCAB = ("<pad>", "<unk>", "above", "at", "below", "big", "blue", "bottom", "circle",
+                "diamond", "green", "left", "leftmost", "of", "on", "purple", "red", "right",
+                "rightmost", "shape", "small", "square", "the", "top", "topmost", "triangle",
+                "yellow")
+
+
+@dataclass
+class M3DecConfig:
+    image_encoder: str = "darknet53"  # Table IV: DN-53 (CNN) or Swin-B; see IMAGE_ENCODERS
+    text_encoder: str = "gru"  # Table IV: GRU (CNN) or BERT; "gru" | "bert-base" | "bert-tiny"
+    image_size: int = 416  # "416 x 416 for CNN backbone, 480 x 480 for Transformer" (Sec. IV-A)
+    max_len: int = 15  # "padded to 15 words" (20 for G-Ref); BERT: tokens incl. [CLS], [SEP]
+    word_dim: int = 300  # GloVe vectors (Sec. IV-A)
+    vocab: tuple[str, ...] = ()  # GRU words, from the training split (prepare_config)
+    vocab_min_count: int = 2  # rarer training words map to <unk> (not given)
+    bert_vocab: str | None = None  # BERT's vocab.txt or its folder; prepare_config: text_weights
+    dim: int = 256  # C "for the transformers" (Sec. IV-A)
+    heads: int = 8  # "8 for all transformer layers" (Sec. IV-A)
+    ffn_dim: int = 2048  # not given (DETR's)
+    enc_layers: int = 2  # N_enc, "2 encoder layers" (Sec. IV-A)
+    dec_layers: int = 3  # N_dec, Table I: 3 layers
+    mask_dim: int = 512  # "512 for the mask decoder" (Sec. IV-A)
+    shared_attention: bool = True  # Table I: shared (default) or independent A_mut
+    dropout: float = 0.1  # not given
+    w_mask: float = 1.0  # Eq. (5), Sec. IV-A
+    w_rec: float = 0.1  # Eq. (5), Sec. IV-A
+    image_weights: str | None = None  # yolov3.weights / Darknet state dict, or swin_b .pth
+    text_weights: str | None = None  # GloVe text file (gru) or local BERT folder
+    freeze_encoders: bool = False  # the paper does not freeze (see Interpretations)
+    # training recipe (Sec. IV-A); batch_size is the global batch
+    lr: float = 0.005
+    encoder_lr_scale: float = 0.1  # pretrained encoders' lr factor (not given)
+    lr_milestones: tuple[float, ...] = (0.8, 0.9)  # "step decay" (VLT: epochs 40, 45 of 50)
+    epochs: int = 50
+    batch_size: int = 48
+
+
+CONFIGS = {
+    "paper-cnn": M3DecConfig(),
+    "paper-swin": M3DecConfig(image_encoder="swin_b", text_encoder="bert-base", image_size=480,
+                              max_len=20),
+    # CPU-sized, same code paths: 128 px -> 8 x 8 tokens, tiny Darknet, the shapes words
+    "tiny": M3DecConfig(image_encoder="darknet-tiny", image_size=128, word_dim=32,
+                        vocab=SHAPES_VOCAB, dim=64, heads=4, ffn_dim=128, mask_dim=32,
+                        dropout=0.0, lr=1e-3, encoder_lr_scale=1.0, epochs=12, batch_size=16),
+}
+CONFIGS["paper"] = CONFIGS["paper-cnn"]
+
+
+def prepare_config(cfg: M3DecConfig, train_sentences) -> M3DecConfig:
+    """Fix the vocabulary in the config before a new model is built (train.py calls this), so
+    that the checkpoint holds it and eval and predict tokenise as training did: the GRU's words
+    are built from the training sentences; BERT's vocab.txt is the one of its weights folder."""
+    if cfg.text_encoder == "gru":
+        return replace(cfg, vocab=build_word_vocab(train_sentences, cfg.vocab_min_count))
+    return replace(cfg, bert_vocab=cfg.bert_vocab or cfg.text_weights)
+
+
+class _NoVocabulary:
+    """Stands in for a tokenizer whose vocabulary was not given: the model builds (shape checks,
+    loading a checkpoint's weights), but tokenising says what is missing."""
+
+    pad_id = 0
+
+    def __init__(self, max_len: int, hint: str):
+        self.max_len, self.hint = max_len, hint
+
+    def __call__(self, sentence: str):
+        raise FileNotFoundError(f"M3Dec has no vocabulary to tokenise {sentence!r}: {self.hint}")
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the features of the real words of (B, L, C); padding enters neither the
+    statistics nor the output (zeros). Sec. IV-A's BN, and IMI's BN (Sec. III-B), on words."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        m = mask[..., None].to(x.dtype)  # (B, L, 1)
+        if self.training:
+            n = m.sum().clamp(min=2)
+            mean = (x * m).sum((0, 1)) / n
+            var = ((x - mean) ** 2 * m).sum((0, 1)) / n
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * m
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of (B, L, C) over the real positions of mask (B, L): (B, C)."""
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class VisualNeck(nn.Module):
+    """F_vis (Sec. III): stride-32 map upsampled, joined to the stride-16 map, 1x1 conv to C."""
+
+    def __init__(self, c16: int, c32: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(c16 + c32, dim, 1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.ReLU())
+
+    def forward(self, f16: Tensor, f32: Tensor) -> Tensor:
+        up = F.interpolate(f32, size=f16.shape[-2:], mode="nearest")
+        return self.proj(torch.cat([f16, up], 1))  # (B, C, h, w)
+
+
+def _ffn(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, dim))
+
+
+class EncoderLayer(nn.Module):
+    """One layer of the transformer encoder over F_vis (Sec. III, N_enc = 2): F_enc."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, x, x)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class MutualAttention(nn.Module):
+    """Multi-Modal Mutual Attention, M3Att (Sec. III-A, Eq. 1-2b, Fig. 3b)."""
+
+    def __init__(self, dim: int, num_pixels: int, shared: bool = True):
+        super().__init__()
+        self.to_lk, self.to_lv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_L^k, F_L^v
+        self.to_vk, self.to_vv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_V^k, F_V^v
+        # independent setting (Table I): "two extra linear projection layers" give A_mut of Eq. (2b)
+        self.shared = shared
+        if not shared:
+            self.to_lk2, self.to_vk2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(num_pixels, dim)  # "project the channel number (HW) back to C"
+        self.norm = TokenBatchNorm(dim)
+        self.scale = dim**-0.5
+
+    def forward(self, lang: Tensor, vis: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        # Eq. (1): A_mut = F_L^k (F_V^k)^T / sqrt(C)
+        a_mut = torch.einsum("blc,bnc->bln", self.to_lk(lang), self.to_vk(vis)) * self.scale
+        a_val = a_mut
+        if not self.shared:
+            a_val = torch.einsum("blc,bnc->bln", self.to_lk2(lang), self.to_vk2(vis)) * self.scale
+        # Eq. (2a): softmax over the pixels, LAV F_V^a = softmax(A_mut) F_V^v  (B, L, C)
+        attn_v = torch.softmax(a_mut, dim=2)
+        f_va = attn_v @ self.to_vv(vis)
+        # Eq. (2b): softmax over the real words, VAL F_L^a = softmax(A_mut^T) F_L^v  (B, N, C)
+        attn_l = safe_softmax(a_val.masked_fill(~text_mask[:, :, None], float("-inf")), dim=1)
+        f_la = torch.einsum("bln,blc->bnc", attn_l, self.to_lv(lang))
+        # F_mul = F_V^a (F_L^a)^T: each word's LAV vector as a kernel over the VAL  (B, L, N)
+        f_mul = torch.einsum("blc,bnc->bln", f_va, f_la)
+        out = F.relu(self.norm(self.to_out(f_mul), text_mask))  # (B, L, C)
+        return out, attn_v
+
+
+class M3DecLayer(nn.Module):
+    """One Multi-Modal Mutual Decoder layer (Sec. III-A, Fig. 3c)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, num_pixels: int, shared: bool,
+                 dropout: float):
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout=dropout)
+        self.mutual = MutualAttention(dim, num_pixels, shared)
+        self.cross_attn = Attention(dim, heads, dropout=dropout)
+        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, query: Tensor, f_enc: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        # multi-head self-attention on the query input gives F_q
+        f_q = self.norm1(query + self.drop(self.self_attn(query, query, query, key_mask=text_mask)))
+        # M3Att fuses F_q with F_enc into a multi-modal feature (B, L, C)
+        f_mm, attn = self.mutual(f_q, f_enc, text_mask)
+        # cross-attention: F_q queries again, the multi-modal feature is the value (and key)
+        x = self.norm2(f_q + self.drop(self.cross_attn(f_q, f_mm, f_mm, key_mask=text_mask)))
+        return self.norm3(x + self.drop(self.ffn(x))), attn
+
+
+class IMIBlock(nn.Module):
+    """Iterative Multi-Modal Interaction block (Sec. III-B, Eq. 3, Fig. 4)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_lang = nn.Linear(dim, dim)  # F_l^{n-1} -> F_l^n
+        self.lang_norm = TokenBatchNorm(dim)
+        self.w_a = nn.Linear(dim, dim)  # W_a^n
+        self.w_l = nn.Linear(dim, dim)  # W'_l^n
+        self.w_ci = nn.Parameter(torch.tensor(1.0))  # learnable scalar w_ci^n
+        self.norm = TokenBatchNorm(dim)
+
+    def forward(self, f_dec: Tensor, f_l: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        f_l = F.relu(self.lang_norm(self.to_lang(f_l), text_mask))  # F_l^n  (B, L, C)
+        # Eq. (3): A_l^n = softmax(ReLU[F_dec^n W_a^n] (F_l^n)^T), over the real words of F_l^n
+        logits = torch.einsum("bic,bjc->bij", F.relu(self.w_a(f_dec)), f_l)  # (B, L, L)
+        attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
+        f_i = attn @ F.relu(self.w_l(f_l))  # F_i^n = A_l^n F'_l^n, F'_l^n = ReLU[F_l^n W'_l^n]
+        f_dec = self.norm(f_dec + self.w_ci * f_i, text_mask)  # F'_dec^n = BN(F_dec^n + w_ci F_i^n)
+        return f_dec, f_l
+
+
+class LanguageReconstruction(nn.Module):
+    """Language Feature Reconstruction, LFR (Sec. III-C, Eq. 4, Fig. 5): (F_rec, F_proj)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w_proj = nn.Linear(dim, dim)  # W_proj of Eq. (4)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm1, self.norm2 = TokenBatchNorm(dim), TokenBatchNorm(dim)
+
+    def forward(self, f_dec: Tensor, words: Tensor, sentence: Tensor, text_mask: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        B, L, C = words.shape
+        # Eq. (4): F_proj = 1/(N_t+1) sum ReLU([(F_t + e) (c) F_t'] W_proj), e: cosine positions
+        e = sine_pos_1d(L, C, device=words.device).to(words.dtype)  # (L, C)
+        seq = torch.cat([words + e, sentence[:, None]], 1)  # (B, L + 1, C)
+        seq_mask = torch.cat([text_mask, text_mask.new_ones(B, 1)], 1)
+        f_proj = masked_mean(F.relu(self.w_proj(seq)), seq_mask)  # (B, C)
+        # three stacked linear layers on F_dec, then average pooling over the words: F_rec
+        x = F.relu(self.norm1(self.fc1(f_dec), text_mask))
+        x = F.relu(self.norm2(self.fc2(x), text_mask))
+        f_rec = masked_mean(self.fc3(x), text_mask)  # (B, C)
+        return f_rec, f_proj
+
+
+class MaskDecoder(nn.Module):
+    """Mask Decoder (Sec. III-D, Fig. 6): F_dec as 1x1 dynamic kernels over F_enc, four convs."""
+
+    def __init__(self, dim: int, heads: int, max_len: int, mask_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout=dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.max_len = max_len
+        conv = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False),
+                                          nn.BatchNorm2d(b), nn.ReLU())
+        up = lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.convs = nn.Sequential(conv(max_len, mask_dim), up(), conv(mask_dim, mask_dim), up(),
+                                   conv(mask_dim, mask_dim), up(),
+                                   nn.Conv2d(mask_dim, 1, 3, padding=1))  # the logits
+        # start at the log-odds of a small object (see Interpretations), not at p = 0.5
+        nn.init.constant_(self.convs[-1].bias, -math.log((1 - FOREGROUND_PRIOR) / FOREGROUND_PRIOR))
+
+    def forward(self, f_dec: Tensor, f_enc: Tensor, text_mask: Tensor) -> Tensor:
+        L = f_dec.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"{L} words exceed max_len={self.max_len}")
+        kernels = self.norm(f_dec + self.self_attn(f_dec, f_dec, f_dec, key_mask=text_mask))
+        kernels = kernels * text_mask[..., None]  # a padded word's map is zero
+        maps = torch.einsum("blc,bchw->blhw", kernels, f_enc)  # N_t maps (B, L, h, w)
+        maps = F.pad(maps, (0, 0, 0, 0, 0, self.max_len - L))  # (B, max_len, h, w)
+        return self.convs(maps)  # (B, 1, 8h, 8w)
+
+
+class M3Dec(RISModel):
+    """M3Dec (Fig. 2). forward(image, text, text_mask, target=None) -> dict.
+
+    Arguments:
+      image (B, 3, H, W) ImageNet-normalised, H = W = cfg.image_size; text (B, L) word (GRU) or
+      WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) in {0, 1}.
+    Returns: mask_logits (B, 1, H, W); mutual_attn (B, L, N), the last M3Att's softmax over the
+      pixels (Eq. 2a); word_ids, word_mask (the inputs, to title visualisations); with a target:
+      lang_rec, lang_proj (B, C) (F_rec, F_proj) and loss, loss_mask, loss_rec (Eq. 5).
+    """
+
+    def __init__(self, cfg: M3DecConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.image_size % 32:
+            raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32")
+        if cfg.image_encoder not in IMAGE_ENCODERS or cfg.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, "
+                             f"text_encoder one of {TEXT_ENCODERS}")
+        self.input_spec = InputSpec(cfg.image_size, "square")
+        C = cfg.dim
+        self.grid = cfg.image_size // FEATURE_STRIDE  # h = w
+        # image encoder and F_vis (Sec. III)
+        encoder_cls, arch = IMAGE_ENCODERS[cfg.image_encoder]
+        self.image_encoder = encoder_cls(arch, cfg.image_weights)
+        self.neck = VisualNeck(self.image_encoder.channels[-2], self.image_encoder.channels[-1], C)
+        # language encoder: F_t, F_t' (Sec. III) and its tokenizer
+        self.token_names = None
+        if cfg.text_encoder == "gru":
+            if cfg.vocab:
+                self.tokenizer = WordTokenizer(cfg.vocab, cfg.max_len)
+                self.token_names = list(cfg.vocab)
+            else:
+                self.tokenizer = _NoVocabulary(cfg.max_len, "build the word vocabulary from the "
+                                               "training split with m3dec.prepare_config")
+            self.text_encoder = GRUTextEncoder(cfg.vocab or (PAD_WORD, UNK_WORD), C, cfg.word_dim,
+                                               cfg.text_weights)
+            self.text_proj = nn.Identity()  # the GRU's width is already C
+        else:
+            if cfg.bert_vocab or cfg.text_weights:
+                self.tokenizer = WordPieceTokenizer(cfg.bert_vocab or cfg.text_weights, cfg.max_len)
+                with open(self.tokenizer.vocab_path, encoding="utf-8") as f:
+                    self.token_names = f.read().splitlines()
+            else:
+                self.tokenizer = _NoVocabulary(cfg.max_len, "give a local BERT folder (with "
+                                               "vocab.txt) as text_weights, or bert_vocab")
+            arch = "tiny" if cfg.text_encoder == "bert-tiny" else "bert-base"
+            vocab_size = getattr(self.tokenizer, "vocab_size", BERT_VOCAB_SIZE)
+            self.text_encoder = BertTextEncoder(arch, cfg.text_weights, vocab_size)
+            self.text_proj = nn.Linear(self.text_encoder.dim, C)
+        if cfg.freeze_encoders:
+            for part in self.pretrained_parts():
+                freeze(part)
+        # transformer encoder, M3Dec with IMI, LFR, Mask Decoder
+        N = self.grid**2
+        self.encoder = nn.ModuleList(EncoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
+                                     for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(
+            M3DecLayer(C, cfg.heads, cfg.ffn_dim, N, cfg.shared_attention, cfg.dropout)
+            for _ in range(cfg.dec_layers))
+        self.imi = nn.ModuleList(IMIBlock(C) for _ in range(cfg.dec_layers - 1))
+        self.lfr = LanguageReconstruction(C)
+        self.mask_decoder = MaskDecoder(C, cfg.heads, cfg.max_len, cfg.mask_dim, cfg.dropout)
+
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
+                image_mask: Tensor | None = None, target: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        B, _, H, W = image.shape
+        # 1. backbone features: F_vis (B, C, h, w); F_t (B, L, C) and F_t' (B, C)
+        feats = self.image_encoder(image)
+        f_vis = self.neck(feats[-2], feats[-1])
+        C, h, w = f_vis.shape[1:]
+        words, sentence, _ = self.text_encoder(text, text_mask)
+        words = self.text_proj(words) * text_mask[..., None]
+        sentence = self.text_proj(sentence)
+        # 2. transformer encoder, positional encoding added to its input: F_enc (B, N, C)
+        f_enc = f_vis.flatten(2).transpose(1, 2) + sine_pos_2d(h, w, C, device=image.device)
+        for layer in self.encoder:
+            f_enc = layer(f_enc)
+        # 3. M3Dec (Sec. III-A), F_t as the first query; IMI between its layers (Sec. III-B)
+        f_dec, f_l = words, words
+        for n, layer in enumerate(self.decoder):
+            f_dec, attn = layer(f_dec, f_enc, text_mask)
+            if n < len(self.imi):
+                f_dec, f_l = self.imi[n](f_dec, f_l, text_mask)
+        # 4. Mask Decoder (Sec. III-D) at stride 2, resized to the input
+        logits = self.mask_decoder(f_dec, f_enc.transpose(1, 2).unflatten(2, (h, w)), text_mask)
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        out = {"mask_logits": logits, "mutual_attn": attn, "word_ids": text, "word_mask": text_mask}
+        if target is not None:
+            # 5. LFR (Sec. III-C), training only, and the loss of Eq. (5)
+            out["lang_rec"], out["lang_proj"] = self.lfr(f_dec, words, sentence, text_mask)
+            out["loss_mask"] = bce_loss(logits, target)
+            out["loss_rec"] = reconstruction_loss(out["lang_rec"], out["lang_proj"])
+            out["loss"] = self.cfg.w_mask * out["loss_mask"] + self.cfg.w_rec * out["loss_rec"]
+        return out
+
+    def pretrained_parts(self) -> list[nn.Module]:
+        """The parts that pretrained weights initialise: the image encoder, and the word
+        embeddings (GloVe) or BERT."""
+        text = self.text_encoder.embed if self.cfg.text_encoder == "gru" else self.text_encoder
+        return [self.image_encoder, text]
+
+    def configure_optimizers(self, lr: float, total_steps: int):
+        """Adam with step decay (Sec. IV-A); pretrained encoders at lr x encoder_lr_scale."""
+        pretrained = {id(p) for part in self.pretrained_parts() for p in part.parameters()}
+        groups = [dict(params=[p for p in self.trainable_parameters() if id(p) in pretrained],
+                       lr=lr * self.cfg.encoder_lr_scale),
+                  dict(params=[p for p in self.trainable_parameters() if id(p) not in pretrained])]
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+        return opt, optim.step_decay(opt, total_steps, self.cfg.lr_milestones, gamma=0.1)
+
+    def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
+        """The last M3Att's attention of each word over the image (Eq. 2a), one panel per word."""
+        panels = []
+        ids = out["word_ids"][i][out["word_mask"][i]].tolist()
+        for k, token in enumerate(ids):
+            name = self.token_names[token] if self.token_names else f"token {k}"
+            attn = out["mutual_attn"][i, k].reshape(self.grid, self.grid)
+            panels.append((f"{k}: {name}", attn / attn.max().clamp(min=1e-12)))
+        return panels
+
+
+MODEL = M3Dec
