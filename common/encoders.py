@@ -636,7 +636,7 @@ class BertTextEncoder(nn.Module):
 
 # CPU-sized towers with the structure of open_clip's ViT ("tiny") and ModifiedResNet ("tiny-rn")
 TINY_CLIP_VISION = {
-    "tiny": dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=3, width=64, head_width=32,
+    "tiny": dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=6, width=64, head_width=32,
                                                patch_size=8)),
     "tiny-rn": dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=[1, 1, 1, 1], width=8,
                                                   head_width=32)),

@@ -1,0 +1,355 @@
+"""MMNet: Multi-Mask Network for Referring Image Segmentation.
+Yan, Wang, He, Liu. arXiv:2305.14969 (2023).
+
+CLIP encodes the image (stage features x2, x3 and, from the attention pool, the spatial z and
+the global z_bar, Eq. 1) and the sentence (word features F_t, EOS feature F_tg). A Fusion Neck
+multiplies the deepest visual level with F_tg and aggregates three levels (Eq. 2-5). A
+Multi-Query Generator turns dense visual features and words fused with the global visual feature
+into N_q queries, each a different attention over the words (Eq. 6-10). A Vision-Language
+Decoder lets the visual features attend to the queries (Eq. 11-13). Each query then gives its own
+mask through a dynamic 3x3 convolution (Eq. 14), a Multi-Query Estimator scores the queries
+(Eq. 15) and the prediction is the score-weighted sum of the masks (Eq. 16). Loss: BCE.
+
+Shapes: B batch, C model width (512), C_p = C/2, D CLIP embedding width, h w the x3 grid
+(H/16 for a ResNet, H/patch for a ViT), N = h*w, Q = N_q queries, L words, H W input size.
+
+Interpretations (where the paper is silent or contradicts itself):
+- sigma(F W) (Eq. 2-3, 6). MMNet writes the Fusion Neck in CRIS's notation and says it is "very
+  similar" to CRIS; CRIS's code implements each sigma(F W) on a feature map as a 1x1 conv +
+  BatchNorm + ReLU, and so do we; "Conv" in Eq. 4 is 1x1 and in Eq. 5 3x3, both + BN + ReLU, as
+  in CRIS. On token features (F_tg, Eq. 8-10) sigma(F W) is a linear layer + ReLU (BatchNorm
+  would mix padded words in). Eq. 2's F_m4 is the product of both ReLUs, upsampled, nothing else.
+- Feature widths C_2, C_3, C_4 of F_v2, F_v3, F_v4, F_vg are not given: all C. Up(.) is bilinear
+  and resizes to the x3 grid (exactly 2x when the grid is even).
+- ViT image encoder ("use three convolution to obtain the three features which have the same
+  dimension as F_v2, F_v3 and F_v4"): x2 and x3 are the patch tokens after the blocks at 1/3 and
+  2/3 of the depth, z the last block's patch tokens through CLIP's ln_post and projection, z_bar
+  the class token (the global feature). The three convolutions replace the ResNet's projections
+  and give the ResNet's relative strides: a 2x2 stride-2 transposed conv (x2, twice the grid), a
+  1x1 conv (x3) and a 2x2 stride-2 conv (z, half the grid). The "x3 grid" is H/patch (H/16 for
+  ViT-B-16; for ViT-L-14 at 480, 34 x 34 patches, the last 4 pixel rows and columns unused).
+- F_tg, the EOS feature "linearly transformed", is CLIP's EOS feature through CLIP's own text
+  projection (width D); F_t are the per-token features after CLIP's final LayerNorm.
+- Eq. 7: the "three convolution layers" reducing C to N_q are 3x3 conv + BN + ReLU twice and a
+  1x1 conv. Eq. 9's W_vd maps a flattened map (N values) to C, so the model is built for one
+  input size (config image_size). Eq. 9 is used as written, without attention's 1/sqrt(C)
+  (with it, after an epoch on the synthetic data, the word attention was still nearly uniform
+  and the queries alike); padded words get -inf, so they take no attention.
+- Vision-Language Decoder: 3 layers (not given; CRIS uses 3), pre-norm as Eq. 11-13 write it,
+  a final LayerNorm (as CRIS), sine positional encodings added to queries and keys (DETR, CRIS):
+  2-D on F_vt, 1-D over the query index on F_q. The queries F_q are not updated by the decoder
+  (Eq. 11-13 update only F_vt); the projector and estimator use the generated F_q. Dropout 0.1
+  (CRIS).
+- Eq. 14 writes F_pn = sigma(W_p F_qn), a ReLU on the dynamic kernel and bias. Taken literally
+  the bias can never be negative, and in training it dies at 0 (measured after two epochs on
+  the synthetic data, with 58% of the kernel values dead too). The projector is otherwise
+  CRIS's (2x upsampling and convolutions to C/2, a linear layer to 9 C_p + 1 values, kernel then
+  bias), which has no activation there; we follow CRIS (config `kernel_relu=False`; True gives
+  the literal Eq. 14). Conv in F_p = Up(Conv(Up(F_s))) is a 3x3 conv + BN + ReLU like the
+  paper's other Convs (with `kernel_relu` it has no ReLU, or every mask logit would be >= 0).
+  The dynamic convolution has zero padding 1.
+- Eq. 15: S_q = Softmax over the queries of W_s(MHSA(F_q)). "A multi-head self-attention layer"
+  keeps its residual connection (as the decoder's Eq. 11 does): without it every output is an
+  average over all the queries, and the scores stayed uniform to 1e-4 over a training epoch
+  on the synthetic data (measured).
+- Eq. 16 sums mask logits; the sum is the prediction's logit, upsampled bilinearly to the input
+  size, and "cross-entropy loss" is binary cross-entropy on it.
+- Encoders are fine-tuned (the paper does not say otherwise; CRIS fine-tunes CLIP), with the same
+  learning rate; `freeze_encoders=True` freezes them. The text encoder's context is cut to the
+  sentence length (causal attention: padding never changes earlier tokens).
+- Images are resized to a square (Sec. 4.1: "resized to 480 x 480"), aspect not kept.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common import optim
+from common.encoders import CLIPImageEncoder, CLIPTextEncoder
+from common.layers import Attention, coord_map, safe_softmax, sine_pos_1d, sine_pos_2d
+from common.losses import bce_loss
+from common.model import CLIP_MEAN, CLIP_STD, InputSpec, RISModel, freeze
+from common.tokenizers import ClipTokenizer
+
+
+@dataclass
+class MMNetConfig:
+    image_arch: str = "ViT-B-16"  # open_clip name; Table 1: ViT-B (ViT-L-14, RN101 also used)
+    text_arch: str = "ViT-B-16"  # the text tower of the same CLIP model (Sec. 3.1)
+    image_size: int = 480  # "Input images are resized to 480 x 480" (Sec. 4.1)
+    max_tokens: int = 17  # SOS/EOS included: 17 for RefCOCO(+), 22 for G-Ref (Sec. 4.1)
+    dim: int = 512  # C: "the hidden layer size in all heads is set to 512" (Sec. 4.1)
+    num_queries: int = 24  # N_q, best in Table 2
+    heads: int = 8  # "Each Transformer block has 8 heads" (Sec. 4.1)
+    ffn_dim: int = 2048  # "the feed-forward hidden dimension is set to 2048" (Sec. 4.1)
+    decoder_layers: int = 3  # not given; CRIS, the base, uses 3
+    dropout: float = 0.1  # not given; CRIS's decoder
+    kernel_relu: bool = False  # Eq. (14)'s sigma on the dynamic kernel (see Interpretations)
+    image_weights: str | None = None  # open_clip / OpenAI CLIP file for the image tower
+    text_weights: str | None = None  # the same file (or another CLIP) for the text tower
+    freeze_encoders: bool = False  # the paper fine-tunes (see Interpretations)
+    # training recipe (Sec. 4.1): Adam, poly decay [3]; batch_size is the global batch
+    lr: float = 1e-5
+    power: float = 0.9  # DeepLab's polynomial power (ref. [3])
+    warmup: float = 0.0  # no warm-up in the paper
+    epochs: int = 100
+    batch_size: int = 64
+
+
+CONFIGS = {
+    "paper": MMNetConfig(),
+    "paper-rn101": MMNetConfig(image_arch="RN101", text_arch="RN101"),
+    "paper-vit-l": MMNetConfig(image_arch="ViT-L-14", text_arch="ViT-L-14"),
+    # CPU-sized, same code paths: 128 px, a small CLIP ViT (6 blocks, patch 8 -> 16x16 grid) and
+    # text tower; 12 queries and 2 decoder layers keep a step as fast as MARIS tiny's
+    "tiny": MMNetConfig(image_arch="tiny", text_arch="tiny", image_size=128, dim=64, num_queries=12,
+                        heads=4, ffn_dim=256, decoder_layers=2, dropout=0.0, lr=1e-3, warmup=0.03,
+                        epochs=8, batch_size=16),
+    # the ResNet path (attention pool) at CPU size, for tests; not tuned to learn
+    "tiny-rn": MMNetConfig(image_arch="tiny-rn", text_arch="tiny", image_size=128, dim=64,
+                           num_queries=24, heads=4, ffn_dim=256, dropout=0.0, lr=1e-3,
+                           warmup=0.03, epochs=8, batch_size=16),
+}
+
+
+def conv_bn_relu(in_dim: int, out_dim: int, kernel: int = 1) -> nn.Sequential:
+    """sigma(F W) on a feature map, as CRIS implements it (see Interpretations)."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_dim), nn.ReLU())
+
+
+def linear_relu(in_dim: int, out_dim: int) -> nn.Sequential:
+    """sigma(F W) on token features."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU())
+
+
+def dynamic_conv(feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Per-sample convolutions (Eq. 14): feats (B, C, H, W), weight (B, Q, C, k, k), bias (B, Q)
+    -> (B, Q, H, W); sample b is convolved with its own Q kernels (one grouped conv)."""
+    B, C, H, W = feats.shape
+    k = weight.shape[-1]
+    out = F.conv2d(feats.reshape(1, B * C, H, W), weight.flatten(0, 1), bias.flatten(),
+                   padding=k // 2, groups=B)  # (1, B*Q, H, W)
+    return out.view(B, -1, H, W)
+
+
+class VisualProjection(nn.Module):
+    """Sec. 3.1, Image Encoder: x2 -> F_v2, x3 -> F_v3, z -> F_v4, z_bar -> F_vg. For a ViT the
+    first three are the paper's "three convolutions" (see Interpretations)."""
+
+    def __init__(self, dims: dict[str, int], dim: int, vit: bool):
+        super().__init__()
+        if vit:
+            self.v2 = nn.ConvTranspose2d(dims["x2"], dim, 2, stride=2)  # grid -> 2x grid
+            self.v3 = nn.Conv2d(dims["x3"], dim, 1)
+            self.v4 = nn.Conv2d(dims["z"], dim, 2, stride=2)  # grid -> grid / 2
+        else:
+            self.v2, self.v3, self.v4 = (nn.Conv2d(dims[k], dim, 1) for k in ("x2", "x3", "z"))
+        self.vg = nn.Linear(dims["z"], dim)
+
+    def forward(self, x2: Tensor, x3: Tensor, z: Tensor, z_bar: Tensor) -> tuple[Tensor, ...]:
+        return self.v2(x2), self.v3(x3), self.v4(z), self.vg(z_bar)
+
+
+class FusionNeck(nn.Module):
+    """Fusion Neck (Sec. 3.1, Eq. 2-5) with `text_dim`; without it, the dense visual features of
+    the Multi-Query Generator (Eq. 6), the same steps without the product with F_tg."""
+
+    def __init__(self, dim: int, text_dim: int | None = None):
+        super().__init__()
+        self.w_v4 = conv_bn_relu(dim, dim)  # W_v4 (W'_v4)
+        self.w_tg = linear_relu(text_dim, dim) if text_dim else None  # W_tg
+        self.w_m4, self.w_v3 = conv_bn_relu(dim, dim), conv_bn_relu(dim, dim)  # W_m4, W_v3
+        self.w_m3, self.w_v2 = conv_bn_relu(2 * dim, dim), conv_bn_relu(dim, dim)  # W_m3, W_v2
+        self.aggregate = conv_bn_relu(5 * dim, dim)  # Conv of Eq. (4), 1x1
+        self.coord_conv = conv_bn_relu(dim + 2, dim, 3)  # Conv of Eq. (5), 3x3
+
+    def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor,
+                f_tg: Tensor | None = None) -> Tensor:
+        B, _, h, w = f_v3.shape
+        up = lambda x: F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        f_m4 = self.w_v4(f_v4)
+        if self.w_tg is not None:
+            f_m4 = f_m4 * self.w_tg(f_tg)[:, :, None, None]  # Eq. (2): product with sigma(F_tg W)
+        f_m4 = up(f_m4)  # (B, C, h, w)
+        f_m3 = torch.cat([self.w_m4(f_m4), self.w_v3(f_v3)], 1)  # Eq. (3), (B, 2C, h, w)
+        f_v2 = F.avg_pool2d(f_v2, 2, 2)  # F'_v2 = Avg(F_v2), (B, C, h, w)
+        f_m2 = torch.cat([self.w_m3(f_m3), self.w_v2(f_v2)], 1)  # Eq. (3), (B, 2C, h, w)
+        f_m = self.aggregate(torch.cat([f_m2, f_m3, f_m4], 1))  # Eq. (4), (B, C, h, w)
+        coords = coord_map(B, h, w, device=f_m.device, dtype=f_m.dtype)  # F_coord (B, 2, h, w)
+        return self.coord_conv(torch.cat([f_m, coords], 1))  # Eq. (5) before Flatten, (B, C, h, w)
+
+
+class MultiQueryGenerator(nn.Module):
+    """Multi-Query Generator (Sec. 3.2, Eq. 6-10): N_q word attentions, each a query."""
+
+    def __init__(self, dim: int, word_dim: int, num_queries: int, num_pixels: int):
+        super().__init__()
+        self.dense = FusionNeck(dim)  # Eq. (6)
+        self.to_queries = nn.Sequential(conv_bn_relu(dim, dim, 3), conv_bn_relu(dim, dim, 3),
+                                        nn.Conv2d(dim, num_queries, 1))  # Eq. (7)
+        self.w_t, self.w_vg = linear_relu(word_dim, dim), linear_relu(dim, dim)  # Eq. (8)
+        self.w_vd, self.w_a = linear_relu(num_pixels, dim), linear_relu(dim, dim)  # Eq. (9)
+        self.w_tv = linear_relu(dim, dim)  # Eq. (10)
+
+    def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor, f_vg: Tensor, words: Tensor,
+                text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        f_vd = self.to_queries(self.dense(f_v2, f_v3, f_v4)).flatten(2)  # Eq. (7): F_vd (B, Q, N)
+        f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :]  # Eq. (8): F_tv (B, L, C)
+        # Eq. (9): a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the real words
+        logits = torch.einsum("bqc,blc->bql", self.w_vd(f_vd), self.w_a(f_tv))  # (B, Q, L)
+        attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
+        f_q = torch.einsum("bql,blc->bqc", attn, self.w_tv(f_tv))  # Eq. (10): F_q (B, Q, C)
+        return f_q, attn
+
+
+class DecoderLayer(nn.Module):
+    """One Vision-Language Decoder layer (Sec. 3.3, Eq. 11-13), pre-norm."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout=dropout)  # MHA of Eq. (11-12)
+        self.cross_attn = Attention(dim, heads, dropout=dropout)  # MHCA of Eq. (13)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim))  # MLP of Eq. (13)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, vis: Tensor, queries: Tensor, vis_pos: Tensor, query_pos: Tensor) -> Tensor:
+        v = self.norm1(vis)
+        vis = vis + self.drop(self.self_attn(v + vis_pos, v + vis_pos, v))  # Eq. (11): F'_vt
+        v = self.norm2(vis)
+        vis = vis + self.drop(self.cross_attn(v + vis_pos, queries + query_pos, queries))  # F'_s
+        return vis + self.drop(self.mlp(self.norm3(vis)))  # Eq. (13): F_s
+
+
+class MultiMaskProjector(nn.Module):
+    """Multi-Mask Projector (Sec. 3.4, Eq. 14): one dynamic 3x3 convolution per query."""
+
+    def __init__(self, dim: int, kernel: int = 3, kernel_relu: bool = False):
+        super().__init__()
+        self.c_p, self.kernel, self.kernel_relu = dim // 2, kernel, kernel_relu  # C_p = C/2
+        conv = [nn.Conv2d(dim, self.c_p, 3, padding=1, bias=False), nn.BatchNorm2d(self.c_p)]
+        conv += [] if kernel_relu else [nn.ReLU()]
+        self.vis = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), *conv,
+                                 nn.Upsample(scale_factor=2, mode="bilinear"))  # Up(Conv(Up(.)))
+        self.w_p = nn.Linear(dim, self.c_p * kernel * kernel + 1)  # W_p -> 9 C_p + 1 values
+
+    def forward(self, f_s: Tensor, f_q: Tensor) -> Tensor:
+        f_p = self.vis(f_s)  # F_p (B, C_p, 4h, 4w)
+        params = self.w_p(f_q)  # F_pn = W_p F_qn, (B, Q, 9 C_p + 1)
+        if self.kernel_relu:
+            params = F.relu(params)  # Eq. (14) literally: sigma(W_p F_qn)
+        weight = params[..., :-1].unflatten(-1, (self.c_p, self.kernel, self.kernel))
+        return dynamic_conv(f_p, weight, params[..., -1])  # mask_n for every n, (B, Q, 4h, 4w)
+
+
+class MultiQueryEstimator(nn.Module):
+    """Multi-Query Estimator (Sec. 3.4, Eq. 15): S_q = Softmax(W_s(MHSA(F_q))) over the queries."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = Attention(dim, heads)  # MHSA
+        self.w_s = nn.Linear(dim, 1)  # W_s
+
+    def forward(self, f_q: Tensor) -> Tensor:
+        f_q = self.attn(f_q, f_q, f_q) + f_q  # MHSA layer (see Interpretations)
+        return torch.softmax(self.w_s(f_q)[..., 0], dim=1)  # (B, Q)
+
+
+class MMNet(RISModel):
+    """MMNet (Fig. 3). forward(image, text, text_mask, target=None) -> dict.
+
+    Arguments:
+      image (B, 3, H, W) normalised with CLIP's statistics, H = W = cfg.image_size;
+      text (B, L) CLIP token ids with SOT/EOT; text_mask (B, L) True on real tokens;
+      target (B, 1, H, W) in {0, 1}, optional: adds the loss.
+    Returns: mask_logits (B, 1, H, W) (Eq. 16, upsampled), query_masks (B, Q, 4h, 4w) mask logits
+      of every query (Eq. 14), query_scores (B, Q) (Eq. 15), word_attn (B, Q, L) (Eq. 9), and
+      with a target: loss, loss_bce.
+    """
+
+    def __init__(self, cfg: MMNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_spec = InputSpec(cfg.image_size, "square", mean=CLIP_MEAN, std=CLIP_STD)
+        self.tokenizer = ClipTokenizer(cfg.max_tokens)
+        self.image_encoder = CLIPImageEncoder(cfg.image_arch, cfg.image_weights)
+        self.text_encoder = CLIPTextEncoder(cfg.text_arch, cfg.text_weights, project=True)
+        for name, enc, weights in (("image", self.image_encoder, cfg.image_weights),
+                                   ("text", self.text_encoder, cfg.text_weights)):
+            if cfg.freeze_encoders:
+                freeze(enc)
+                if weights is None:
+                    warnings.warn(f"MMNet: the {name} encoder is frozen with random weights",
+                                  stacklevel=2)
+        enc = self.image_encoder
+        if not enc.is_vit and cfg.image_size % 32:
+            raise ValueError(f"image_size {cfg.image_size}: a CLIP ResNet needs a multiple of 32")
+        side = cfg.image_size // enc.x3_stride  # h = w of the x3 grid
+        C = cfg.dim
+        self.project = VisualProjection(enc.dims, C, enc.is_vit)
+        self.neck = FusionNeck(C, text_dim=self.text_encoder.out_dim)
+        self.generator = MultiQueryGenerator(C, self.text_encoder.width, cfg.num_queries,
+                                             num_pixels=side * side)
+        self.decoder = nn.ModuleList(DecoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
+                                     for _ in range(cfg.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(C)
+        self.projector = MultiMaskProjector(C, kernel_relu=cfg.kernel_relu)
+        self.estimator = MultiQueryEstimator(C, cfg.heads)
+
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
+                image_mask: Tensor | None = None,
+                target: Tensor | None = None) -> dict[str, Tensor]:
+        B, _, H, W = image.shape
+        # 1. CLIP encoders (Sec. 3.1): x2, x3 and [z_bar, z] = MHSA([mean(x4), x4]) (Eq. 1);
+        #    word features F_t (B, L, C_t) and the EOS feature F_tg (B, D_t)
+        x2, x3, _, z, z_bar = self.image_encoder(image)
+        words, f_tg, _ = self.text_encoder(text, text_mask)
+        f_v2, f_v3, f_v4, f_vg = self.project(x2, x3, z, z_bar)  # (B, C, 2h|h|h/2, ...), (B, C)
+        # 2. Fusion Neck (Eq. 2-5): F_vt, visual features with the global textual feature
+        f_vt = self.neck(f_v2, f_v3, f_v4, f_tg)  # (B, C, h, w)
+        h, w = f_vt.shape[-2:]
+        # 3. Multi-Query Generator (Eq. 6-10): F_q (B, Q, C)
+        f_q, word_attn = self.generator(f_v2, f_v3, f_v4, f_vg, words, text_mask)
+        # 4. Vision-Language Decoder (Eq. 11-13) with sine positional encodings: F_s (B, N, C)
+        vis_pos = sine_pos_2d(h, w, f_vt.shape[1], device=image.device).to(f_vt.dtype)
+        query_pos = sine_pos_1d(f_q.shape[1], f_q.shape[2], device=image.device).to(f_q.dtype)
+        f_s = f_vt.flatten(2).transpose(1, 2)  # Flatten of Eq. (5): F_vt (B, N, C)
+        for layer in self.decoder:
+            f_s = layer(f_s, f_q, vis_pos, query_pos)
+        f_s = self.decoder_norm(f_s).transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
+        # 5. Multi-Mask Projector (Eq. 14): one mask per query
+        masks = self.projector(f_s, f_q)  # (B, Q, 4h, 4w)
+        # 6. Multi-Query Estimator (Eq. 15) and the weighted sum of the masks (Eq. 16)
+        scores = self.estimator(f_q)  # S_q (B, Q)
+        y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # (B, 1, 4h, 4w)
+        logits = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False)
+        out = {"mask_logits": logits, "query_masks": masks, "query_scores": scores,
+               "word_attn": word_attn}
+        if target is not None:
+            out["loss_bce"] = bce_loss(logits, target)  # "optimized with cross-entropy loss"
+            out["loss"] = out["loss_bce"]
+        return out
+
+    def configure_optimizers(self, lr: float, total_steps: int):
+        """Adam with polynomial decay (Sec. 4.1)."""
+        opt = torch.optim.Adam(self.trainable_parameters(), lr=lr)
+        return opt, optim.poly(opt, total_steps, power=self.cfg.power, warmup=self.cfg.warmup)
+
+    def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
+        """Fig. 2 and 5: every query's mask with its score (highest first), and their weighted
+        sum (Eq. 16)."""
+        scores, masks = out["query_scores"][i], out["query_masks"][i]  # (Q,), (Q, 4h, 4w)
+        panels = [(f"query {n}: score {scores[n]:.3f}", masks[n].sigmoid())
+                  for n in scores.argsort(descending=True).tolist()]
+        weighted = torch.einsum("q,qhw->hw", scores, masks).sigmoid()
+        return panels + [("weighted sum of masks (Eq. 16)", weighted)]
+
+
+MODEL = MMNet

@@ -1,0 +1,246 @@
+"""MMNet blocks against the paper's equations, and the CLIP image encoder."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import build, make_batch
+
+import mmnet
+from common.encoders import CLIPImageEncoder, clip_config, resize_pos_embed
+
+
+def randomise_norms(module: torch.nn.Module) -> None:
+    """Give BatchNorm layers non-trivial statistics and scales: open_clip zero-initialises the last
+    BN of every ResNet block, which would hide the residual branches."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP image encoder (Eq. 1)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["RN50", "ViT-B-16", "tiny", "tiny-rn"])
+def test_image_encoder_global_feature_matches_open_clip_at_native_size(arch):
+    torch.manual_seed(0)
+    enc = CLIPImageEncoder(arch).eval()
+    randomise_norms(enc)
+    size = 224 if arch in ("RN50", "ViT-B-16") else 128  # the size the towers are built for
+    image = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        x2, x3, x4, z, z_bar = enc(image)
+        reference = enc.visual(image)  # open_clip's own forward: CLIP's image embedding
+    assert torch.allclose(z_bar, reference, atol=1e-4, rtol=1e-4)
+    assert [t.shape[1] for t in (x2, x3, x4, z)] == [enc.dims[k] for k in ("x2", "x3", "x4", "z")]
+    if not enc.is_vit:  # ResNet strides 8, 16, 32; z on the x4 grid
+        assert x2.shape[-1] * 8 == x3.shape[-1] * 16 == x4.shape[-1] * 32 == size
+        assert z.shape == (1, enc.dims["z"], size // 32, size // 32)
+    else:  # ViT: every level on the patch grid
+        side = size // enc.x3_stride
+        assert x2.shape[-2:] == x3.shape[-2:] == x4.shape[-2:] == z.shape[-2:] == (side, side)
+
+
+def test_attention_pool_spatial_outputs_are_the_mhsa_of_eq1():
+    """[z_bar, z] = MHSA([mean(x4), x4]): z_bar from the mean token, z from the others, by
+    open_clip's own attention-pool weights applied to every token as a query."""
+    torch.manual_seed(0)
+    enc = CLIPImageEncoder("tiny-rn").eval()
+    pool = enc.visual.attnpool
+    x4 = torch.randn(2, enc.dims["x4"], 4, 4)
+    with torch.no_grad():
+        z_bar, z = enc._attention_pool(x4)
+        tokens = torch.cat([x4.flatten(2).mean(2, keepdim=True), x4.flatten(2)], 2).permute(2, 0, 1)
+        tokens = tokens + pool.positional_embedding[:, None]
+        ref, _ = F.multi_head_attention_forward(
+            tokens, tokens, tokens, tokens.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False,
+            0.0, pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=False,
+            use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight,
+            k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight)
+    assert torch.allclose(z_bar, ref[0], atol=1e-5)
+    assert torch.allclose(z.flatten(2).permute(2, 0, 1), ref[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,size", [("tiny-rn", 224), ("tiny", 96), ("tiny", 136)])
+def test_image_encoder_runs_at_other_sizes(arch, size):
+    """open_clip's ResNet pool is built for one grid and fails on another; ours resizes it."""
+    enc = CLIPImageEncoder(arch).eval()
+    with pytest.raises(RuntimeError):
+        enc.visual(torch.randn(1, 3, size, size))
+    with torch.no_grad():
+        *_, z, z_bar = enc(torch.randn(1, 3, size, size))
+    side = size // (32 if arch == "tiny-rn" else enc.x3_stride)
+    assert z.shape[-2:] == (side, side) and torch.isfinite(z).all() and torch.isfinite(z_bar).all()
+
+
+def test_resize_pos_embed():
+    g, C = 7, 5
+    pos = torch.randn(1 + g * g, C)
+    assert resize_pos_embed(pos, (g, g)) is pos  # native grid: unchanged
+    out = resize_pos_embed(pos, (15, 11))
+    assert out.shape == (1 + 15 * 11, C)
+    assert torch.equal(out[0], pos[0])  # the global token's embedding is not a grid cell
+    # a field that is constant over the grid stays constant; a linear ramp stays a ramp
+    const = torch.cat([torch.zeros(1, C), torch.ones(g * g, C) * 3.0])
+    assert torch.allclose(resize_pos_embed(const, (12, 12))[1:], torch.full((144, C), 3.0))
+    ramp = torch.arange(g, dtype=torch.float32).repeat(g)[:, None].expand(-1, C)  # x coordinate
+    wide = resize_pos_embed(torch.cat([torch.zeros(1, C), ramp]), (g, 2 * g))[1:, 0].view(g, 2 * g)
+    assert torch.allclose(wide[0], wide[-1]) and (wide[:, 2:-2].diff(dim=1) > 0).all()
+
+
+def test_image_encoder_loads_a_clip_state_dict(tmp_path):
+    torch.manual_seed(0)
+    src = CLIPImageEncoder("tiny-rn")
+    randomise_norms(src)
+    state = {f"visual.{k}": v for k, v in src.visual.state_dict().items()}
+    state["text_projection"] = torch.randn(64, 64)  # the rest of a CLIP file is ignored
+    path = str(tmp_path / "clip.pt")
+    torch.save({"state_dict": state}, path)
+    torch.manual_seed(1)
+    dst = CLIPImageEncoder("tiny-rn", weights=path)
+    image = torch.randn(1, 3, 128, 128)
+    src.eval(), dst.eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(src(image), dst(image)))
+    del state["visual.attnpool.c_proj.weight"]
+    torch.save(state, path)
+    with pytest.raises(KeyError):
+        CLIPImageEncoder("tiny-rn", weights=path)
+
+
+def test_vit_stage_blocks_default_to_thirds_of_the_depth():
+    assert CLIPImageEncoder("ViT-B-16").vit_blocks == (4, 8, 12)
+    assert clip_config("ViT-L-14")["vision_cfg"]["layers"] == 24  # -> (8, 16, 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMNet blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dynamic_conv_equals_conv2d_per_sample():
+    torch.manual_seed(0)
+    B, C, Q, H, W = 3, 4, 5, 9, 7
+    feats, weight, bias = torch.randn(B, C, H, W), torch.randn(B, Q, C, 3, 3), torch.randn(B, Q)
+    out = mmnet.dynamic_conv(feats, weight, bias)
+    ref = torch.stack([F.conv2d(feats[b:b + 1], weight[b], bias[b], padding=1)[0]
+                       for b in range(B)])
+    assert out.shape == (B, Q, H, W)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_relu", [False, True])
+def test_projector_masks_are_conv2d_with_the_kernel_and_bias_of_eq14(kernel_relu):
+    """F_pn = W_p F_qn (sigma = ReLU on it with kernel_relu): the first 9 C_p values are the 3x3
+    kernel, the last the bias."""
+    torch.manual_seed(0)
+    C, Q = 16, 4
+    proj = mmnet.MultiMaskProjector(C, kernel_relu=kernel_relu).eval()
+    act = F.relu if kernel_relu else (lambda x: x)
+    f_s, f_q = torch.randn(2, C, 5, 6), torch.randn(2, Q, C)
+    with torch.no_grad():
+        masks = proj(f_s, f_q)
+        f_p = proj.vis(f_s)
+        assert f_p.shape == (2, C // 2, 20, 24)  # 4x the decoder grid, C_p = C / 2
+        for b in range(2):
+            for n in range(Q):
+                params = act(proj.w_p.weight @ f_q[b, n] + proj.w_p.bias)
+                assert params.numel() == 9 * (C // 2) + 1
+                kernel = params[:-1].view(1, C // 2, 3, 3)
+                ref = F.conv2d(f_p[b:b + 1], kernel, params[-1:], padding=1)[0, 0]
+                assert torch.allclose(masks[b, n], ref, atol=1e-5)
+
+
+def test_query_generator_matches_eq9_and_eq10():
+    torch.manual_seed(0)
+    C, Cw, Q, side = 8, 6, 3, 4
+    gen = mmnet.MultiQueryGenerator(C, Cw, Q, num_pixels=side * side).eval()
+    f_v2, f_v3, f_v4 = torch.randn(2, C, 2 * side, 2 * side), torch.randn(2, C, side, side), \
+        torch.randn(2, C, side // 2, side // 2)
+    f_vg, words = torch.randn(2, C), torch.randn(2, 5, Cw)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        f_q, attn = gen(f_v2, f_v3, f_v4, f_vg, words, text_mask)
+        f_vd = gen.to_queries(gen.dense(f_v2, f_v3, f_v4)).flatten(2)  # Eq. (7)
+        relu = lambda lin, x: F.relu(lin[0].weight @ x + lin[0].bias)
+        for b in range(2):
+            real = [i for i in range(5) if text_mask[b, i]]
+            f_tv = [relu(gen.w_t, words[b, i]) * relu(gen.w_vg, f_vg[b]) for i in range(5)]  # Eq. 8
+            for n in range(Q):
+                a = torch.stack([relu(gen.w_vd, f_vd[b, n]) @ relu(gen.w_a, f_tv[i]) for i in real])
+                a = torch.softmax(a, 0)  # Eq. (9), softmax over the real words
+                assert torch.allclose(attn[b, n, real], a, atol=1e-5)
+                assert (attn[b, n, len(real):] == 0).all()  # padded words take no attention
+                f_qn = sum(a[k] * relu(gen.w_tv, f_tv[i]) for k, i in enumerate(real))  # Eq. 10
+                assert torch.allclose(f_q[b, n], f_qn, atol=1e-5)
+
+
+def test_estimator_weights_sum_to_one_and_weight_the_masks():
+    model = build("mmnet")
+    batch = make_batch(model, n=2)
+    model.eval()
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    scores, masks = out["query_scores"], out["query_masks"]
+    assert scores.shape == (2, model.cfg.num_queries) and (scores > 0).all()
+    assert torch.allclose(scores.sum(1), torch.ones(2))  # Eq. (15): softmax over the queries
+    y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # Eq. (16)
+    H, W = batch["image"].shape[-2:]
+    assert torch.allclose(out["mask_logits"], F.interpolate(y, size=(H, W), mode="bilinear"),
+                          atol=1e-5)
+
+
+def test_padding_length_does_not_change_the_output():
+    model = build("mmnet").eval()
+    batch = make_batch(model, n=2)
+    pad = lambda x, k, v: torch.cat([x, x.new_full((x.shape[0], k), v)], 1)
+    with torch.no_grad():
+        a = model(**model.inputs_from(batch))
+        b = model(image=batch["image"], text=pad(batch["text"], 6, model.tokenizer.pad_id),
+                  text_mask=pad(batch["text_mask"], 6, False))
+    assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
+    assert torch.allclose(a["query_scores"], b["query_scores"], atol=1e-6)
+    assert (b["word_attn"][:, :, -6:] == 0).all()
+
+
+def test_resnet_variant_trains_every_parameter():
+    model = build("mmnet", "tiny-rn")
+    randomise_norms(model.image_encoder)  # as after loading CLIP weights
+    batch = make_batch(model, n=2)
+    model.train()
+    out = model(**model.inputs_from(batch), target=batch["mask"])
+    assert out["mask_logits"].shape == (2, 1, 128, 128)
+    assert out["query_masks"].shape == (2, 24, 32, 32)  # 4x the H/16 grid
+    out["loss"].backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not bad, bad[:8]
+
+
+def test_vis_panels_show_every_query_with_its_score_and_the_weighted_sum():
+    model = build("mmnet").eval()
+    batch = make_batch(model, n=2)
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    panels = model.vis_panels(out, 1)
+    Q = model.cfg.num_queries
+    assert len(panels) == Q + 1
+    scores = [float(t.split("score ")[1]) for t, _ in panels[:Q]]
+    assert scores == sorted(scores, reverse=True)
+    assert math.isclose(sum(scores), 1.0, abs_tol=Q * 1e-3)
+    assert all(0 <= m.min() and m.max() <= 1 and m.ndim == 2 for _, m in panels)
+    assert "weighted" in panels[-1][0]
+
+
+def test_tokenizer_and_input_spec_follow_the_paper():
+    cfg = mmnet.CONFIGS["paper"]
+    assert (cfg.image_size, cfg.max_tokens, cfg.num_queries, cfg.dim) == (480, 17, 24, 512)
+    tok = build("mmnet").tokenizer
+    ids, truncated = tok("the man in the red shirt standing on the far left next to the tall lamp")
+    assert len(ids) == 17 and truncated and ids[0] == tok.sot_id and ids[-1] == tok.eot_id
