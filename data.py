@@ -465,9 +465,10 @@ class Preprocess:
                    orig_hw=tuple(image.shape[:2]), sentence=sentence,
                    image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1),
                    image_key=sample.get("image_key", ""))
-        if self.candidates:
-            k = instances if instances is not None and len(instances) else mask[None]
-            out["cand_masks"] = pad_to(resize_masks(k, hw), canvas)
+        if self.candidates:  # no instances: one empty candidate (MaIL then has no mask tokens)
+            if instances is None or not len(instances):
+                instances = np.zeros((1, *image.shape[:2]), bool)
+            out["cand_masks"] = pad_to(resize_masks(instances, hw), canvas)
         if self.keep_original:
             out["gt"] = torch.from_numpy(np.ascontiguousarray(mask))
         return out
@@ -573,6 +574,90 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# ---------------------------------------------------------------------------------------------
+# Candidate masks from a file of proposals (MaIL; --candidates)
+# ---------------------------------------------------------------------------------------------
+
+CANDIDATES_FORMAT = """candidate file: JSON in the COCO results format (detectron2's
+coco_instances_results.json, mmdetection's format_results, pycocotools' loadRes), a list of
+  {"image_id": int, "segmentation": RLE {"size": [h, w], "counts": str} or polygons,
+   "score": float (optional, default 1), "category_id": int (optional, ignored)}
+or a dict holding that list under "annotations". Masks are at the image's stored resolution;
+image_id is the COCO id for RefCOCO/+/G-Ref (the index in the split for the synthetic data)."""
+
+
+def load_candidates(path: str, min_score: float = 0.0,
+                    max_per_image: int | None = None) -> dict[int, list[dict]]:
+    """Read proposals (see CANDIDATES_FORMAT) into {image_id: [{"segmentation", "score"}, ...]},
+    best score first, keeping those with score >= min_score, at most max_per_image per image.
+    An image absent from the file has no candidates."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"candidate file not found: {path!r}\n{CANDIDATES_FORMAT}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt candidate file {path!r}: {err}\n{CANDIDATES_FORMAT}") from err
+    if isinstance(entries, dict):
+        entries = entries.get("annotations")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path!r} holds no list of candidates\n{CANDIDATES_FORMAT}")
+    by_image: dict[int, list[dict]] = {}
+    for n, e in enumerate(entries):
+        if not isinstance(e, dict) or "image_id" not in e or "segmentation" not in e:
+            raise ValueError(f"{path!r}, entry {n}: needs image_id and segmentation\n"
+                             f"{CANDIDATES_FORMAT}")
+        score = float(e.get("score", 1.0))
+        if score >= min_score:
+            by_image.setdefault(int(e["image_id"]), []).append(
+                {"segmentation": e["segmentation"], "score": score})
+    for image_id, cands in by_image.items():
+        cands.sort(key=lambda c: -c["score"])
+        by_image[image_id] = cands[:max_per_image]
+    return by_image
+
+
+def encode_candidates(image_id: int, masks, scores=None) -> list[dict]:
+    """Entries of a candidate file for one image: masks (K, h, w) bool (numpy or torch), e.g. a
+    torchvision Mask R-CNN's `masks[:, 0] > 0.5`, and their scores."""
+    from pycocotools import mask as mask_utils
+
+    masks = np.asarray(masks, dtype=bool)
+    entries = []
+    for k, m in enumerate(masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+        score = 1.0 if scores is None else float(scores[k])
+        entries.append({"image_id": int(image_id), "score": score, "segmentation": rle})
+    return entries
+
+
+class WithCandidates(Dataset):
+    """A raw dataset whose `instances` (MaIL's candidate masks) come from a proposals file
+    (load_candidates) instead of the annotations; an image the file does not hold has none.
+    `target_index` becomes -1: a proposal is never exactly the referred object."""
+
+    def __init__(self, base: Dataset, candidates: dict[int, list[dict]]):
+        self.base, self.candidates = base, candidates
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str):  # sentence(), image_path(), ... of the wrapped dataset
+        if name in ("base", "candidates"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = dict(self.base[i])
+        h, w = sample["image"].shape[:2]
+        cands = self.candidates.get(int(sample["image_id"]), [])
+        sample["instances"] = np.stack([decode_segmentation(c["segmentation"], h, w)
+                                        for c in cands]) if cands else np.zeros((0, h, w), bool)
+        sample["target_index"] = -1
+        return sample
+
+
 def sentences(dataset) -> list[str]:
     """Every sentence of a raw dataset, without decoding images (to build vocabularies)."""
     get = getattr(dataset, "sentence", None) or (lambda i: dataset[i]["sentence"])
@@ -581,10 +666,14 @@ def sentences(dataset) -> list[str]:
 
 def build_dataset(name: str, split: str, *, data_root: str | None = None,
                   split_by: str | None = None, image_dir: str | None = None,
-                  shapes_size: int = 2000, shapes_image_size: int = 128, seed: int = 0) -> Dataset:
-    """`shapes` (built in) or a REFER dataset (refcoco, refcoco+, refcocog) split."""
+                  shapes_size: int = 2000, shapes_image_size: int = 128, seed: int = 0,
+                  candidates: dict[int, list[dict]] | None = None) -> Dataset:
+    """`shapes` (built in) or a REFER dataset (refcoco, refcoco+, refcocog) split; with
+    `candidates` (load_candidates), its instance masks are replaced by those proposals."""
     if name == "shapes":
-        return ShapesDataset(split, shapes_size, shapes_image_size, seed)
-    if data_root is None:
+        ds = ShapesDataset(split, shapes_size, shapes_image_size, seed)
+    elif data_root is None:
         raise ValueError(f"--data-root is needed for {name}\n{REFER_LAYOUT}")
-    return ReferDataset(data_root, name, split, split_by, image_dir)
+    else:
+        ds = ReferDataset(data_root, name, split, split_by, image_dir)
+    return ds if candidates is None else WithCandidates(ds, candidates)

@@ -88,12 +88,19 @@ def visual(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, sentence:
 
 
 @torch.no_grad()
-def predict(model, image: np.ndarray, sentence: str, device="cpu") -> tuple[np.ndarray, dict]:
-    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution."""
+def predict(model, image: np.ndarray, sentence: str, device="cpu",
+            candidates: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution.
+    candidates: bool (K, H0, W0) instance masks for MaIL; without them it gets one empty
+    candidate and segments from the image and the words alone."""
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names)
+    if candidates is None:
+        candidates = np.zeros((0, *image.shape[:2]), bool)
+    if candidates.shape[1:] != image.shape[:2]:
+        raise ValueError(f"candidate masks are {candidates.shape[1:]}, the image {image.shape[:2]}")
     sample = dict(image=image, sentence=sentence, mask=np.zeros(image.shape[:2], bool),
-                  instances=np.zeros((0, *image.shape[:2]), bool))
+                  instances=candidates.astype(bool))
     item = prep(sample)
     item["index"] = 0
     batch = train.move(data.collate([item], model.tokenizer.pad_id), device)
@@ -289,6 +296,8 @@ def parse_args(argv=None):
     p.add_argument("--image", default=None, help="predict on this image (with --text, --out)")
     p.add_argument("--text", default=None, help="the referring expression for --image")
     p.add_argument("--out", default=None, help="mask PNG for --image; the overlay goes beside it")
+    p.add_argument("--image-id", type=int, default=None,
+                   help="MaIL: --image's id in --candidates (default: the file's only image)")
     train.add_data_args(p)
     g = p.add_argument_group("benchmark (no checkpoint needed)")
     g.add_argument("--benchmark", action="store_true", help="print the speed/memory table")
@@ -309,9 +318,32 @@ def parse_args(argv=None):
     return args
 
 
+def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
+    """--image's candidate masks from --candidates (entries of --image-id, or of the file's only
+    image), at the image's resolution; None when the model takes none or no file is given."""
+    if "cand_masks" not in model.input_names:
+        return None
+    if not args.candidates:
+        print("no --candidates: MaIL segments from the image and the sentence alone (one empty "
+              "candidate mask)")
+        return None
+    by_image = data.load_candidates(args.candidates)
+    image_id = args.image_id
+    if image_id is None:
+        if len(by_image) != 1:
+            raise ValueError(f"{args.candidates!r} holds {len(by_image)} images: say which one "
+                             "is --image with --image-id")
+        image_id = next(iter(by_image))
+    h, w = image.shape[:2]
+    masks = [data.decode_segmentation(c["segmentation"], h, w) for c in by_image.get(image_id, [])]
+    if not masks:
+        raise ValueError(f"{args.candidates!r} has no candidates for image_id {image_id}")
+    return np.stack(masks)
+
+
 def run_predict(args, model, device) -> None:
     image = data.load_image(args.image)
-    mask, out = predict(model, image, args.text, device)
+    mask, out = predict(model, image, args.text, device, predict_candidates(args, model, image))
     path = args.out or os.path.splitext(args.image)[0] + ".mask.png"
     Image.fromarray((mask * 255).astype(np.uint8)).save(path)
     root, _ = os.path.splitext(path)
@@ -349,7 +381,7 @@ def main(argv=None) -> dict:
     trained = ckpt.get("args", {})
     defaults = vars(parse_args(["--checkpoint", args.checkpoint]))
     for key in ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
-                "shapes_image_size", "data_seed"):
+                "shapes_image_size", "data_seed", "candidates"):
         if getattr(args, key) == defaults[key] and trained.get(key) is not None:
             setattr(args, key, trained[key])
     if args.workers is None:

@@ -222,10 +222,22 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
     return acc.all_reduce().compute()
 
 
+_CANDIDATES: dict = {}
+
+
+def load_candidates(args) -> dict | None:
+    """The proposals of --candidates (read once per process), or None: annotated instances."""
+    path = getattr(args, "candidates", None)
+    if path and path not in _CANDIDATES:
+        _CANDIDATES[path] = data.load_candidates(path)
+    return _CANDIDATES.get(path) if path else None
+
+
 def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int):
     base = data.build_dataset(args.dataset, split, data_root=args.data_root, split_by=args.split_by,
                               image_dir=args.image_dir, shapes_size=args.shapes_eval_size,
-                              shapes_image_size=args.shapes_image_size, seed=args.data_seed)
+                              shapes_image_size=args.shapes_image_size, seed=args.data_seed,
+                              candidates=load_candidates(args))
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     ds = data.PreparedDataset(base, prep, seed=args.seed)
@@ -244,6 +256,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shapes-image-size", type=int, default=128, help="synthetic image side")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes per rank")
+    g.add_argument("--candidates", default=None, metavar="JSON",
+                   help="MaIL: candidate masks from this proposals file (data.CANDIDATES_FORMAT) "
+                        "instead of the annotated instances; eval.py: default the training run's")
 
 
 def parse_args(argv=None):
@@ -313,7 +328,8 @@ def main(argv=None) -> dict:
 
     base = data.build_dataset(args.dataset, "train", data_root=args.data_root, split_by=args.split_by,
                               image_dir=args.image_dir, shapes_size=args.shapes_train_size,
-                              shapes_image_size=args.shapes_image_size, seed=args.data_seed)
+                              shapes_image_size=args.shapes_image_size, seed=args.data_seed,
+                              candidates=load_candidates(args))
 
     # model, from a checkpoint when resuming
     module = load_model_module(args.model)

@@ -285,17 +285,9 @@ class ViLTEncoder(nn.Module):
         spec = VILT_ARCHS[arch]
         if weights is None:
             vilt = ViltModel(ViltConfig(vocab_size=vocab_size, **spec), add_pooling_layer=False)
-            # HF leaves these two at zero for a checkpoint to fill; ViLT draws them from
-            # trunc_normal(0.02). From scratch, noise positions must be learned before "left of"
-            # means anything: the patch grid starts as a 2-D sine-cosine encoding instead (as
-            # MAE initialises its ViTs), the class token's position and the token as ViLT's.
-            from common.layers import sine_pos_2d
-
-            grid = spec["image_size"] // spec["patch_size"]
-            with torch.no_grad():
-                vilt.embeddings.position_embeddings[0, 1:] = sine_pos_2d(grid, grid,
-                                                                         spec["hidden_size"])
-            nn.init.trunc_normal_(vilt.embeddings.position_embeddings[:, :1], std=0.02)
+            # ViLT initialises these two with trunc_normal(0.02) (HF leaves them at zero and
+            # expects a checkpoint): from scratch they must break the symmetry of patches
+            nn.init.trunc_normal_(vilt.embeddings.position_embeddings, std=0.02)
             nn.init.trunc_normal_(vilt.embeddings.cls_token, std=0.02)
             warn_random(f"ViLT {arch} transformer", "pass a local Hugging Face ViLT folder")
         else:

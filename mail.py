@@ -1,0 +1,329 @@
+"""MaIL: A Unified Mask-Image-Language Trimodal Network for Referring Image Segmentation.
+Li, Wang, Mei, Liu. arXiv:2111.10747 (2021).
+
+One transformer, initialised from ViLT, reads three modalities at once: the image's patches, the
+sentence's words and the patches of K candidate instance masks (Eq. 3-5). Its image features F_I
+and per-mask features F_M^k go to a decoder that pools F_I inside every candidate mask, scores
+the candidates with an MLP and keeps the mask features of the best one (Eq. 6; trained by the
+select loss of Eq. 7). F_I and the selected F_M^rho, each reduced by 1x1 convs, are concatenated
+with a coordinate map (Eq. 8) and upsampled by log2(P) conv blocks to the mask. Loss: focal +
+dice + 0.1 x select.
+
+Shapes: B batch, K candidate masks, L words, H W input size, P patch size, h w = H/P W/P patch
+grid, N = h*w, N' mask tokens kept, d transformer width.
+
+Interpretations (where the paper is silent or contradicts itself):
+- Mask tokens (Eq. 3-4). "A similar procedure" to the image's: each binary mask (one channel,
+  1 inside) is cut into P x P patches and linearly projected by its own P x P convolution (new:
+  ViLT has none), initialised as ViLT's RGB projection summed over colours (timm's rule for
+  one-channel input), so a mask looks to the pretrained weights like a white shape on grey. Its
+  tokens get the same position embedding as the image patch at the same place, plus t_M.
+- "Valid area" (N' = sum_k H_k W_k / P^2, a height and width per mask): the bounding box, on the
+  patch grid, of the patches the mask touches. Only those tokens enter the transformer; a batch is
+  padded to its largest N' and padding is never attended to. Back on the grid, F_M^k is zero
+  outside mask k's valid area. Tokens of different masks carry no mask-identity embedding (none is
+  mentioned): their content and position tell them apart.
+- t_M, the third modality type, is initialised as a copy of ViLT's image type t_I (mask tokens are
+  spatial patches like the image's); ViLT's t_L and t_I are kept. Sequence order: [masks; image;
+  words] (Eq. 4); ViLT's image class token is kept in front of the patches, as pretrained.
+- Eq. 6, f_k = AVG(F_I * m_k): F_I lives on the patch grid and m_k on pixels; we average F_I
+  upsampled (nearest) to pixels over the mask's pixels, i.e. weight every patch by the share of
+  the mask it holds. An empty mask gives f_k = 0. The score MLP has two layers (width d, ReLU).
+- Selection. rho = argmax of the scores in training too (the paper gives no teacher forcing); the
+  select loss (Eq. 7) is cross-entropy over the valid candidates with alpha = the candidate of
+  largest IoU with the ground truth, computed here from the candidate masks and the target (so it
+  works for proposals). A sample whose candidates all miss the ground truth (IoU 0) takes no part
+  in it. Padded candidates are never selected, attended to or scored.
+- Segmentation head (SETR-PUP, [40]): block widths are not given; 256 (SETR's) for every block.
+  Upsampling is bilinear with align_corners=False. BN is synchronised under DDP on GPUs (train.py).
+  If H is not a multiple of P, the logits are resized to H x W.
+- Loss weights: focal (alpha 0.25, gamma 2) + dice, each weight 1 (not given), + 0.1 x select.
+  Padded pixels of the ViLT setting count as background.
+- Text: BERT-uncased WordPiece ([CLS] ... [SEP]) from a local vocab.txt (config `vocab`, else
+  `text_weights`, else the one in the ViLT folder), at most 15 tokens (20 for G-Ref: "paper-gref");
+  with no vocabulary at all (no ViLT weights) open_clip's BPE and a word table sized for it.
+- Images: ViLT's pixel statistics (mean = std = 0.5); in the ViLT setting the position grid is
+  resized per image to its real patches, as ViLT does (common.encoders.ViLTEncoder).
+- Training recipe (Sec. 4.1): AdamW, lr 1e-4, weight decay 1e-2 on every parameter, warm-up over
+  10% of the steps then linear decay to zero, 10 epochs, batch 128. The whole network is trained
+  (the paper fine-tunes ViLT); `freeze_encoders=True` freezes the ViLT parts (not the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common import optim
+from common.encoders import ViLTEncoder
+from common.layers import MLP, coord_map
+from common.losses import dice_loss, select_loss, sigmoid_focal_loss
+from common.model import InputSpec, RISModel, freeze
+from common.tokenizers import ClipTokenizer, WordPieceTokenizer
+
+VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
+IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
+VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
+
+
+@dataclass
+class MaILConfig:
+    vilt_arch: str = "vilt-b32"  # ViT-B/32 from ViLT: P=32, d=768, 12 blocks, 12 heads (Sec. 4.1)
+    image_size: int = 384  # ViLT setting: shorter side 384 (Sec. 4.1); square setting: 416
+    max_size: int | None = 640  # ViLT setting: longer side at most 640; None = square image_size
+    max_tokens: int = 15  # 15 tokens for RefCOCO/RefCOCO+, 20 for G-Ref (Sec. 4.1)
+    reduction: int = 3  # r: the two 1x1 convs divide the channels by r (Sec. 4.1)
+    head_dim: int = 256  # width of the upsampling blocks (not given; SETR-PUP's [40])
+    select_weight: float = 0.1  # lambda of L_select (Sec. 4.1)
+    vocab: str | None = None  # WordPiece vocab.txt; None: text_weights, the ViLT folder's, or BPE
+    image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
+    text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
+    freeze_encoders: bool | None = None  # None/False: fine-tune ViLT, as the paper does
+    # training recipe (Sec. 4.1); batch_size is the global batch
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+
+
+CONFIGS = {
+    "paper": MaILConfig(),
+    "paper-416": MaILConfig(image_size=416, max_size=None),
+    "paper-gref": MaILConfig(max_tokens=20),
+    # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16 -> 8x8 patches, 4 upsampling
+    # blocks), open_clip BPE
+    "tiny": MaILConfig(vilt_arch="tiny", image_size=128, max_size=None, head_dim=32,
+                       lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
+}
+
+
+class MaskEmbedding(nn.Module):
+    """Mask tokens v_M (Sec. 3.2, Eq. 3-4): patches of each candidate's valid area, projected."""
+
+    def __init__(self, dim: int, patch_size: int, image_proj: nn.Conv2d | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(1, dim, patch_size, stride=patch_size)
+        if image_proj is not None:  # a binary mask seen as a grey image (see Interpretations)
+            with torch.no_grad():
+                self.proj.weight.copy_(image_proj.weight.sum(1, keepdim=True))
+                self.proj.bias.copy_(image_proj.bias)
+
+    def forward(self, cand_masks: Tensor, cand_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """cand_masks (B, K, H, W) bool, cand_valid (B, K) -> tokens (B, K, N, d) without position
+        or type, and `area` (B, K, h, w): True inside each valid candidate's valid area."""
+        B, K = cand_masks.shape[:2]
+        m = cand_masks.flatten(0, 1)[:, None].float()  # (B*K, 1, H, W)
+        tokens = self.proj(m).flatten(2).transpose(1, 2).unflatten(0, (B, K))  # (B, K, N, d)
+        h, w = m.shape[-2] // self.patch_size, m.shape[-1] // self.patch_size
+        touched = F.max_pool2d(m[..., : h * self.patch_size, : w * self.patch_size],
+                               self.patch_size)[:, 0] > 0  # (B*K, h, w)
+        # H_k x W_k: the bounding box of the touched patches (rows/cols between first and last)
+        span = lambda a: a.cummax(-1).values & a.flip(-1).cummax(-1).values.flip(-1)
+        rows, cols = span(touched.any(2)), span(touched.any(1))  # (B*K, h), (B*K, w)
+        area = (rows[:, :, None] & cols[:, None, :]).unflatten(0, (B, K))  # (B, K, h, w)
+        return tokens, area & cand_valid[:, :, None, None]
+
+
+class TrimodalEncoder(nn.Module):
+    """Mask-Image-Language trimodal transformer encoder (Sec. 3.2, Eq. 3-5)."""
+
+    def __init__(self, vilt: ViLTEncoder, pretrained: bool):
+        super().__init__()
+        self.vilt = vilt
+        self.mask_embed = MaskEmbedding(vilt.dim, vilt.patch_size,
+                                        vilt.patch_embed if pretrained else None)
+        # t_M, the new modality type, starts as ViLT's image type t_I
+        self.mask_type = nn.Parameter(vilt.type_embed.weight[1].detach().clone()[None, None])
+
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, cand_masks: Tensor,
+                cand_valid: Tensor, image_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        # v_I + t_I: [class; patches] (B, 1 + N, d) and their positions (B, N, d)
+        img, img_keep, pos = self.vilt.embed_image(image, image_mask)
+        B, P = image.shape[0], self.vilt.patch_size
+        h, w = image.shape[-2] // P, image.shape[-1] // P
+        # v_L + t_L: (B, L, d)
+        words = self.vilt.embed_text(text)
+        # v_M + t_M: every candidate's patches with the position of the same image patch
+        masks, area = self.mask_embed(cand_masks, cand_valid)  # (B, K, N, d), (B, K, h, w)
+        K = masks.shape[1]
+        masks = (masks + pos[:, None] + self.mask_type).flatten(1, 2)  # (B, K*N, d)
+        keep = area.flatten(1)  # (B, K*N)
+        # keep only the valid areas (N' tokens), valid ones first, padded to the batch's largest N'
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # (B, K*N)
+        n = keep.shape[1] if keep.is_meta else int(keep.sum(1).max())
+        order = order[:, :n]
+        masks = masks.gather(1, order[..., None].expand(-1, -1, masks.shape[-1]))  # (B, N', d)
+        mask_keep = keep.gather(1, order)  # (B, N')
+        # Eq. (4): z^0 = [v_M + t_M; v_I + t_I; v_L + t_L]; Eq. (5): the transformer blocks
+        z = self.vilt(torch.cat([masks, img, words], 1),
+                      torch.cat([mask_keep, img_keep, text_mask], 1))  # (B, N' + 1 + N + L, d)
+        # split z^D back into z_M and z_I and reshape them to the patch grid: F_M^k, F_I
+        z_m, z_i = z[:, :n], z[:, n + 1 : n + 1 + h * w]
+        f_m = torch.zeros(B, K * h * w, z.shape[-1], device=z.device, dtype=z.dtype)
+        f_m = f_m.scatter(1, order[..., None].expand_as(z_m), z_m * mask_keep[..., None])
+        f_m = f_m.unflatten(1, (K, h, w)).permute(0, 1, 4, 2, 3)  # (B, K, d, h, w)
+        f_i = z_i.transpose(1, 2).unflatten(2, (h, w))  # (B, d, h, w)
+        return f_i, f_m
+
+
+def masked_average_pool(f_i: Tensor, cand_masks: Tensor, patch_size: int) -> Tensor:
+    """Eq. (6): f_k = AVG(F_I * m_k), the mean of F_I (B, d, h, w) over each mask's pixels
+    (B, K, H, W): every patch weighs the share of the mask it holds. Returns (B, K, d)."""
+    h, w = f_i.shape[-2:]
+    m = cand_masks[..., : h * patch_size, : w * patch_size].float()
+    share = F.avg_pool2d(m.flatten(0, 1), patch_size).unflatten(0, m.shape[:2])  # (B, K, h, w)
+    total = torch.einsum("bkhw,bdhw->bkd", share, f_i)
+    return total / share.sum((-2, -1)).clamp(min=1e-6)[..., None]
+
+
+def best_candidate(cand_masks: Tensor, cand_valid: Tensor, target: Tensor) -> Tensor:
+    """alpha of Eq. (7): index (B,) of the valid candidate with the largest IoU with the target
+    (B, 1, H, W); IGNORE where no candidate overlaps it."""
+    t = target[:, :1] > 0.5  # (B, 1, H, W)
+    inter = (cand_masks & t).flatten(2).sum(2).float()
+    union = (cand_masks | t).flatten(2).sum(2).float()
+    iou = (inter / union.clamp(min=1)).masked_fill(~cand_valid, -1.0)  # (B, K)
+    best, alpha = iou.max(1)
+    return alpha.masked_fill(best <= 0, IGNORE)
+
+
+class SegmentationHead(nn.Module):
+    """Segmentation head (Sec. 3.3, SETR-PUP): log2(P) x [3x3 conv + BN + ReLU + 2x bilinear],
+    then a 1x1 conv to one channel."""
+
+    def __init__(self, in_dim: int, dim: int, num_blocks: int):
+        super().__init__()
+        block = lambda a: nn.Sequential(
+            nn.Conv2d(a, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+        self.blocks = nn.Sequential(*[block(in_dim if i == 0 else dim) for i in range(num_blocks)])
+        self.out = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.blocks(x))
+
+
+class MaIL(RISModel):
+    """MaIL (Fig. 2). forward(image, text, text_mask, cand_masks, cand_valid, image_mask=None,
+    target=None) -> dict.
+
+    Arguments:
+      image (B, 3, H, W) normalised with ViLT's statistics; image_mask (B, H, W) True on real
+      pixels (the ViLT setting pads); text (B, L) token ids, text_mask (B, L) True on real tokens;
+      cand_masks (B, K, H, W) bool candidate instance masks, cand_valid (B, K) False on padding;
+      target (B, 1, H, W) in {0, 1}, optional: adds the loss.
+    Returns: mask_logits (B, 1, H, W), mask_scores (B, K) (-inf on padded candidates), selected
+      (B,) = rho, cand_masks, and with a target: loss, loss_focal, loss_dice, loss_select.
+    """
+
+    input_names = ("image", "text", "text_mask", "cand_masks", "cand_valid")
+
+    def __init__(self, cfg: MaILConfig):
+        super().__init__()
+        vocab = resolve_vocab(cfg)
+        self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
+        self.tokenizer = (WordPieceTokenizer(vocab, cfg.max_tokens) if vocab
+                          else ClipTokenizer(cfg.max_tokens))
+        vilt = ViLTEncoder(cfg.vilt_arch, cfg.image_weights, vocab_size=self.tokenizer.vocab_size)
+        P, d = vilt.patch_size, vilt.dim
+        if cfg.max_size is None:
+            self.input_spec = InputSpec(cfg.image_size, "square", mean=VILT_MEAN, std=VILT_STD)
+        else:
+            self.input_spec = InputSpec(cfg.image_size, "shorter", max_size=cfg.max_size,
+                                        pad_multiple=P, mean=VILT_MEAN, std=VILT_STD)
+        self.encoder = TrimodalEncoder(vilt, pretrained=cfg.image_weights is not None)
+        if cfg.freeze_encoders:
+            freeze(self.encoder.vilt)
+        self.score = MLP(d, d, 1, num_layers=2)  # s_k = MLP(f_k), Eq. (6)
+        self.reduce_i = nn.Conv2d(d, d // cfg.reduction, 1)  # the two 1x1 convs (Sec. 3.3)
+        self.reduce_m = nn.Conv2d(d, d // cfg.reduction, 1)
+        num_blocks = P.bit_length() - 1  # log2(P) blocks recover the input resolution
+        if 2**num_blocks != P:
+            raise ValueError(f"patch size {P} is not a power of two")
+        self.head = SegmentationHead(2 * (d // cfg.reduction) + 2, cfg.head_dim, num_blocks)
+
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, cand_masks: Tensor,
+                cand_valid: Tensor, image_mask: Tensor | None = None,
+                target: Tensor | None = None) -> dict[str, Tensor]:
+        B, _, H, W = image.shape
+        cand_masks = cand_masks & cand_valid[:, :, None, None]  # padding holds nothing
+        # 1. trimodal encoder (Eq. 3-5): F_I (B, d, h, w), F_M (B, K, d, h, w)
+        f_i, f_m = self.encoder(image, text, text_mask, cand_masks, cand_valid, image_mask)
+        h, w = f_i.shape[-2:]
+        # 2. adaptive mask selection (Eq. 6): aligned features f_k, scores s_k, rho = argmax
+        f_k = masked_average_pool(f_i, cand_masks, self.encoder.vilt.patch_size)  # (B, K, d)
+        scores = self.score(f_k)[..., 0].masked_fill(~cand_valid, float("-inf"))  # (B, K)
+        rho = scores.argmax(1)  # (B,)
+        f_m_rho = f_m[torch.arange(B, device=rho.device), rho]  # F_M^rho (B, d, h, w)
+        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs
+        coords = coord_map(B, h, w, device=f_i.device, dtype=f_i.dtype)  # O (B, 2, h, w)
+        f_hat = torch.cat([self.reduce_i(f_i), self.reduce_m(f_m_rho), coords], 1)
+        # 4. segmentation head: log2(P) upsampling blocks back to the input resolution
+        logits = self.head(f_hat)  # (B, 1, h*P, w*P)
+        if logits.shape[-2:] != (H, W):
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        out = {"mask_logits": logits, "mask_scores": scores, "selected": rho,
+               "cand_masks": cand_masks}
+        if image_mask is not None:
+            out["image_mask"] = image_mask
+        if target is not None:
+            # focal + dice + lambda * L_select (Sec. 3.3, Eq. 7)
+            alpha = best_candidate(cand_masks, cand_valid, target)
+            has_alpha = (alpha != IGNORE)[:, None]
+            out["loss_focal"] = sigmoid_focal_loss(logits, target)
+            out["loss_dice"] = dice_loss(logits, target)
+            # rows without a target are ignored, yet kept finite so that no NaN reaches a
+            # gradient; a batch with no target at all gives 0
+            out["loss_select"] = torch.nan_to_num(select_loss(
+                scores.masked_fill(~has_alpha, 0.0), cand_valid | ~has_alpha, alpha))
+            out["loss"] = (out["loss_focal"] + out["loss_dice"]
+                           + self.cfg.select_weight * out["loss_select"])
+        return out
+
+    def configure_optimizers(self, lr: float, total_steps: int):
+        """AdamW, linear warm-up over 10% of the steps, then linear decay to zero (Sec. 4.1)."""
+        # fused=True: one kernel for all tensors (CPU and CUDA, torch >= 2.4), ~10x faster on CPU
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr,
+                                weight_decay=self.cfg.weight_decay, fused=True)
+        return opt, optim.warmup_linear(opt, total_steps, warmup=self.cfg.warmup)
+
+    def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
+        """Fig. 5: the candidate masks with their scores (and softmax share), best first; the
+        selected one is marked."""
+        scores, masks = out["mask_scores"][i].float(), out["cand_masks"][i]
+        if "image_mask" in out:  # crop the padding, so panels align with the image
+            real = out["image_mask"][i]
+            masks = masks[:, : int(real.any(1).sum()), : int(real.any(0).sum())]
+        probs = torch.softmax(scores, 0)
+        panels = []
+        for k in scores.argsort(descending=True)[:VIS_MAX_CANDIDATES].tolist():
+            if torch.isinf(scores[k]):
+                break  # padded candidates
+            mark = "  SELECTED" if k == int(out["selected"][i]) else ""
+            panels.append((f"mask {k}: s={scores[k]:.2f} p={probs[k]:.2f}{mark}",
+                           masks[k].float()))
+        return panels
+
+
+def resolve_vocab(cfg: MaILConfig) -> str | None:
+    """The WordPiece vocabulary: `vocab`, else `text_weights`, else the ViLT folder's vocab.txt;
+    None (open_clip's BPE) only when no ViLT weights are given either."""
+    if cfg.vocab or cfg.text_weights:
+        return cfg.vocab or cfg.text_weights
+    if cfg.image_weights:
+        path = os.path.join(cfg.image_weights, "vocab.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"the ViLT folder {cfg.image_weights!r} has no vocab.txt: its "
+                                    "word embeddings need their vocabulary (--text-weights)")
+        return path
+    return None
+
+
+MODEL = MaIL

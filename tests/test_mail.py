@@ -1,0 +1,355 @@
+"""MaIL-specific checks: masked average pooling (Eq. 6), the select-loss target (Eq. 7), padded
+candidates, mask-token valid areas, the ViLT encoder against transformers' ViltModel, loading a
+ViLT folder written by save_pretrained, the ViLT (384/640) input setting, candidate files and the
+visualisation panels. The shared contract checks are in test_models.py."""
+
+import dataclasses
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import build, make_batch
+
+import data
+import mail
+import train
+from common.encoders import VILT_ARCHS, ViLTEncoder
+from common.tokenizers import WordPieceTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("mail")
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return make_batch(model, n=3)
+
+
+def test_masked_average_pool_equals_a_loop():
+    g = torch.Generator().manual_seed(0)
+    P, h, w = 4, 3, 5
+    f_i = torch.randn(2, 6, h, w, generator=g)
+    masks = torch.rand(2, 3, h * P, w * P, generator=g) > 0.6
+    masks[1, 2] = False  # an empty mask pools to zero
+    got = mail.masked_average_pool(f_i, masks, P)
+    for b in range(2):
+        pixels = f_i[b].repeat_interleave(P, 1).repeat_interleave(P, 2)  # F_I at pixels (nearest)
+        for k in range(3):
+            m = masks[b, k]
+            want = pixels[:, m].mean(1) if m.any() else torch.zeros(6)
+            assert torch.allclose(got[b, k], want, atol=1e-5)
+
+
+def test_best_candidate_is_the_max_iou_one():
+    target = torch.zeros(3, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1  # 16 pixels
+    cands = torch.zeros(3, 3, 8, 8, dtype=torch.bool)
+    cands[0, 0, 2:6, 2:4] = True  # IoU 8/16
+    cands[0, 1, 1:7, 1:7] = True  # IoU 16/36
+    cands[0, 2, 2:6, 2:5] = True  # IoU 12/16: the best
+    cands[1, 0, 2:6, 2:6] = True  # exact, but padded
+    cands[1, 1, 0:3, 0:3] = True  # IoU 1/24
+    cands[2, :, 7:, 7:] = True  # no overlap at all
+    valid = torch.tensor([[True] * 3, [False, True, True], [True] * 3])
+    alpha = mail.best_candidate(cands, valid, target)
+    assert alpha.tolist() == [2, 1, mail.IGNORE]
+
+
+def test_select_loss_targets_the_max_iou_candidate(model, batch):
+    model.train()
+    out = model(**model.inputs_from(batch), target=batch["mask"])
+    # the synthetic ground truth is one of the candidates, so alpha is its index
+    alpha = mail.best_candidate(batch["cand_masks"], batch["cand_valid"], batch["mask"])
+    assert torch.equal(alpha, batch["target_index"])
+    logp = torch.log_softmax(out["mask_scores"], 1)
+    want = -logp[torch.arange(len(alpha)), alpha].mean()
+    assert torch.allclose(out["loss_select"], want, atol=1e-6)
+    total = out["loss_focal"] + out["loss_dice"] + 0.1 * out["loss_select"]
+    assert torch.allclose(out["loss"], total)
+
+
+def test_no_select_target_gives_zero_loss_and_finite_gradients(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    target = torch.zeros_like(batch["mask"])
+    target[..., :2, :2] = 1  # a corner no shape covers
+    out = model(**model.inputs_from(batch), target=target)
+    assert out["loss_select"].item() == 0.0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_padded_candidates_change_nothing(model, batch):
+    model.eval()
+    padded = dict(batch)
+    B, K, H, W = batch["cand_masks"].shape
+    junk = torch.rand(B, 3, H, W, generator=torch.Generator().manual_seed(1)) > 0.3
+    padded["cand_masks"] = torch.cat([batch["cand_masks"], junk], 1)
+    padded["cand_valid"] = torch.cat([batch["cand_valid"], torch.zeros(B, 3, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        a = model(**model.inputs_from(batch))
+        b = model(**model.inputs_from(padded))
+    assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-5)
+    assert torch.allclose(a["mask_scores"], b["mask_scores"][:, :K], atol=1e-5)
+    assert torch.isneginf(b["mask_scores"][:, K:]).all()
+    assert torch.equal(a["selected"], b["selected"])
+
+
+def test_padded_candidate_is_never_selected(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    valid = batch["cand_valid"]
+    assert valid[torch.arange(len(valid)), out["selected"]].all()
+    assert torch.equal(torch.isneginf(out["mask_scores"]), ~valid)
+
+
+def test_empty_candidates_give_no_mask_tokens_and_still_predict(model, batch):
+    """eval.py's single-image prediction has no instances: one empty candidate per image."""
+    model.eval()
+    empty = dict(batch)
+    empty["cand_masks"] = torch.zeros_like(batch["cand_masks"][:, :1])
+    empty["cand_valid"] = torch.ones_like(batch["cand_valid"][:, :1])
+    with torch.no_grad():
+        out = model(**model.inputs_from(empty), target=batch["mask"])
+    assert torch.isfinite(out["mask_logits"]).all() and out["loss_select"].item() == 0.0
+    assert (out["selected"] == 0).all()
+
+
+def test_valid_area_is_the_bounding_box_of_touched_patches():
+    embed = mail.MaskEmbedding(dim=8, patch_size=4)
+    masks = torch.zeros(1, 3, 16, 16, dtype=torch.bool)
+    masks[0, 0, 1, 1] = masks[0, 0, 9, 13] = True  # touches patches (0, 0) and (2, 3)
+    masks[0, 1, 5:7, 5:7] = True  # one patch, (1, 1)
+    masks[0, 2, :, :] = True  # a padded candidate
+    valid = torch.tensor([[True, True, False]])
+    tokens, area = embed(masks, valid)
+    assert tokens.shape == (1, 3, 16, 8)
+    box = torch.zeros(4, 4, dtype=torch.bool)
+    box[0:3, 0:4] = True
+    assert torch.equal(area[0, 0], box)
+    one = torch.zeros(4, 4, dtype=torch.bool)
+    one[1, 1] = True
+    assert torch.equal(area[0, 1], one)
+    assert not area[0, 2].any()
+
+
+def _copy_to_hf(enc: ViLTEncoder, hf) -> None:
+    names = {"text_embed.": "embeddings.text_embeddings.",
+             "patch_embed.": "embeddings.patch_embeddings.projection.",
+             "cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+             "type_embed.": "embeddings.token_type_embeddings.", "blocks.": "encoder.layer.",
+             "norm.": "layernorm."}
+    state = {}
+    for k, v in enc.state_dict().items():
+        prefix = next(p for p in names if k.startswith(p))
+        state[names[prefix] + k[len(prefix):]] = v
+    hf.load_state_dict(state, strict=True)
+
+
+def test_vilt_encoder_matches_transformers_vilt():
+    """Same weights, same output as ViltModel, padded images included (ViLT shuffles its patch
+    tokens, so patches are compared as sets)."""
+    from transformers import ViltConfig, ViltModel
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = ViLTEncoder("tiny", None, vocab_size=300).eval()
+    hf = ViltModel(ViltConfig(vocab_size=300, **VILT_ARCHS["tiny"]), add_pooling_layer=False)
+    _copy_to_hf(enc, hf.eval())
+    ids = torch.randint(1, 300, (2, 7))
+    text_mask = torch.ones(2, 7, dtype=torch.bool)
+    text_mask[1, 5:] = False
+    image = torch.randn(2, 3, 128, 96)
+    image_mask = torch.ones(2, 128, 96, dtype=torch.bool)
+    image_mask[1, 100:], image_mask[1, :, 70:] = False, False  # 7 x 5 real patches
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=text_mask.long(), pixel_values=image,
+                 pixel_mask=image_mask.long()).last_hidden_state
+        img, keep, _ = enc.embed_image(image, image_mask)
+        ours = enc(torch.cat([enc.embed_text(ids), img], 1), torch.cat([text_mask, keep], 1))
+    assert torch.allclose(ours[:, :8], ref[:, :8], atol=1e-5)  # words and the class token
+    for b in range(2):
+        real = ours[b, 8:][keep[b, 1:]]
+        dist = torch.cdist(real, ref[b, 8:], compute_mode="donot_use_mm_for_euclid_dist")
+        assert dist.min(1).values.max() < 1e-4
+
+
+def _save_vilt(folder, vocab_words: int = 120, **changes):
+    from transformers import ViltConfig, ViltModel
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_words)]
+    words += ["the", "red", "circle", "big", "blue", "square", "left", "of", "shape"]
+    spec = VILT_ARCHS["tiny"] | changes
+    vilt = ViltModel(ViltConfig(vocab_size=len(words), **spec), add_pooling_layer=False)
+    vilt.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    return vilt
+
+
+def test_vilt_checkpoint_from_save_pretrained_loads(tmp_path):
+    vilt = _save_vilt(tmp_path)
+    cfg = dataclasses.replace(mail.CONFIGS["tiny"], image_weights=str(tmp_path))
+    model = mail.MaIL(cfg)
+    enc = model.encoder.vilt
+    assert isinstance(model.tokenizer, WordPieceTokenizer)
+    assert model.cfg.vocab == str(tmp_path / "vocab.txt")
+    assert torch.equal(enc.blocks[3].output.dense.weight, vilt.encoder.layer[3].output.dense.weight)
+    assert torch.equal(enc.text_embed.word_embeddings.weight,
+                       vilt.embeddings.text_embeddings.word_embeddings.weight)
+    assert torch.equal(enc.pos_embed, vilt.embeddings.position_embeddings)
+    # the new mask pieces start from ViLT's: t_M = t_I, mask projection = RGB projection summed
+    t_i = vilt.embeddings.token_type_embeddings.weight[1]
+    assert torch.equal(model.encoder.mask_type[0, 0], t_i)
+    rgb = vilt.embeddings.patch_embeddings.projection.weight
+    assert torch.allclose(model.encoder.mask_embed.proj.weight, rgb.sum(1, keepdim=True))
+    batch = make_batch(model, n=2)
+    out = model(**model.inputs_from(batch), target=batch["mask"])
+    assert torch.isfinite(out["loss"])
+    # a checkpoint keeps the resolved vocabulary, so it rebuilds without the ViLT folder
+    ckpt = dict(model_name="mail", config=dataclasses.asdict(model.cfg), model=model.state_dict())
+    again, _, _ = train.build_model_from_checkpoint(ckpt)
+    model.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**model.inputs_from(batch))["mask_logits"],
+                           again(**again.inputs_from(batch))["mask_logits"])
+
+
+def test_vilt_folder_problems_are_errors(tmp_path):
+    _save_vilt(tmp_path, hidden_size=64)
+    cfg = dataclasses.replace(mail.CONFIGS["tiny"], image_weights=str(tmp_path))
+    with pytest.raises(ValueError, match="architecture"):
+        mail.MaIL(cfg)
+    (tmp_path / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.txt"):
+        mail.MaIL(cfg)
+    with pytest.raises(FileNotFoundError, match="Hugging Face folder"):
+        ViLTEncoder("tiny", str(tmp_path / "config.json"))
+
+
+def test_vilt_setting_pads_and_keeps_each_image_unchanged():
+    """Shorter side / max longer side with patch-multiple padding (Sec. 4.1): an image's encoder
+    features do not depend on the larger image it is batched with."""
+    cfg = dataclasses.replace(mail.CONFIGS["tiny"], image_size=64, max_size=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mail.MaIL(cfg).eval()
+    spec = model.input_spec
+    assert spec.resize == "shorter" and spec.pad_multiple == 16
+    prep = data.Preprocess(spec, model.tokenizer, candidates=True)
+    base = data.ShapesDataset("val", 4, 96, 0)
+    wide, tall = dict(base[0]), dict(base[1])
+    wide = {**wide, "image": wide["image"][:60], "mask": wide["mask"][:60],
+            "instances": wide["instances"][:, :60]}  # 60 x 96, padded to 64 x 96
+    items = [prep(wide), prep(tall)]
+    for i, it in enumerate(items):
+        it["index"] = i
+    pair = data.collate(items, model.tokenizer.pad_id)
+    alone = data.collate(items[1:], model.tokenizer.pad_id)
+    assert pair["image"].shape[-2:] == (64, 96) and alone["image"].shape[-2:] == (64, 64)
+    with torch.no_grad():
+        out = model(**model.inputs_from(pair))
+        assert out["mask_logits"].shape == (2, 1, 64, 96)
+        f_pair, _ = model.encoder(*[pair[k] for k in model.input_names[:5]], pair["image_mask"])
+        f_alone, _ = model.encoder(*[alone[k] for k in model.input_names[:5]], alone["image_mask"])
+    assert torch.allclose(f_pair[1, :, :, :4], f_alone[0], atol=1e-4)
+
+
+def test_candidate_file_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 20, 30)) > 0.5
+    entries = data.encode_candidates(7, masks, scores=[0.2, 0.9, 0.6])
+    entries += data.encode_candidates(8, masks[:1])
+    path = tmp_path / "cands.json"
+    path.write_text(json.dumps(entries))
+    cands = data.load_candidates(str(path), min_score=0.5)
+    assert sorted(cands) == [7, 8]
+    assert [c["score"] for c in cands[7]] == [0.9, 0.6]  # best first, 0.2 dropped
+    got = np.stack([data.decode_segmentation(c["segmentation"], 20, 30) for c in cands[7]])
+    assert np.array_equal(got, masks[[1, 2]])
+    path.write_text(json.dumps({"annotations": entries}))
+    assert len(data.load_candidates(str(path), max_per_image=1)[7]) == 1
+    path.write_text(json.dumps([{"image_id": 1}]))
+    with pytest.raises(ValueError, match="segmentation"):
+        data.load_candidates(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        data.load_candidates(str(path))
+
+
+def test_vis_panels_show_scored_candidates_and_mark_the_selected(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    for i in range(len(batch["cand_valid"])):
+        panels = model.vis_panels(out, i)
+        assert len(panels) == int(batch["cand_valid"][i].sum())
+        assert sum("SELECTED" in title for title, _ in panels) == 1
+        assert "SELECTED" in panels[0][0]  # the selected one has the largest score
+        k = int(out["selected"][i])
+        assert f"mask {k}:" in panels[0][0]
+        assert f"s={out['mask_scores'][i, k]:.2f}" in panels[0][0]
+        assert torch.equal(panels[0][1], batch["cand_masks"][i, k].float())
+        probs = [float(t.split("p=")[1].split()[0]) for t, _ in panels]
+        assert math.isclose(sum(probs), 1.0, abs_tol=0.05)
+
+
+def test_text_max_tokens_and_configs():
+    assert mail.CONFIGS["paper"].max_tokens == 15 and mail.CONFIGS["paper-gref"].max_tokens == 20
+    square = mail.CONFIGS["paper-416"]
+    assert square.max_size is None and square.image_size == 416
+    with torch.device("meta"):
+        model = build("mail", "paper-416")
+    assert model.input_spec.resize == "square" and model.input_spec.size == 416
+    assert model.encoder.vilt.patch_size == 32 and model.encoder.vilt.dim == 768
+    assert len(model.head.blocks) == 5  # log2(32)
+    assert model.head.blocks[0][0].in_channels == 2 * 256 + 2  # Eq. (8): 768 / r twice, O
+
+
+def test_candidates_file_end_to_end(tmp_path):
+    """--candidates replaces the annotated instances in train.py and eval.py (matched by image
+    id; an image absent from the file gets one empty candidate, never the ground truth), and
+    feeds single-image prediction."""
+    shapes = data.ShapesDataset("train", 8, 64, 0)
+    entries = []
+    for i in range(0, 8, 2):  # odd images have no proposals; even ones lose their first shape
+        entries += data.encode_candidates(i, shapes[i]["instances"][1:])
+    path = tmp_path / "props.json"
+    path.write_text(json.dumps(entries))
+    cands = data.load_candidates(str(path))
+    ds = data.build_dataset("shapes", "train", shapes_size=8, shapes_image_size=64,
+                            candidates=cands)
+    assert ds.sentence(3) == shapes.sentence(3)
+    assert np.array_equal(ds[2]["instances"], shapes[2]["instances"][1:])
+    assert ds[3]["instances"].shape == (0, 64, 64) and ds[2]["target_index"] == -1
+    prep = data.Preprocess(mail.MaIL(mail.CONFIGS["tiny"]).input_spec, None, candidates=True)
+    prep.tokenizer = lambda s: ([1, 2], False)
+    assert not prep(ds[3])["cand_masks"].any()  # an empty candidate, not the ground truth
+
+    out = str(tmp_path / "run")
+    train.main(["--model", "mail", "--shapes-train-size", "8", "--shapes-eval-size", "8",
+                "--shapes-image-size", "64", "--batch-size", "4", "--epochs", "1",
+                "--candidates", str(path), "--out", out])
+    import eval as eval_cli
+
+    ckpt = str(tmp_path / "run" / "last.pt")
+    got = eval_cli.main(["--checkpoint", ckpt])  # the training run's file by default
+    assert got["val"]["n"] == 8
+    image = tmp_path / "im.png"
+    from PIL import Image
+
+    Image.fromarray(shapes[0]["image"]).save(image)
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(data.encode_candidates(5, shapes[0]["instances"])))
+    eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",
+                   "--candidates", str(single), "--out", str(tmp_path / "m.png")])
+    assert Image.open(tmp_path / "m.png").size == (64, 64)
+    with pytest.raises(ValueError, match="image-id"):
+        eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",
+                       "--candidates", str(path)])
