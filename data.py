@@ -174,7 +174,8 @@ class ReferDataset(Dataset):
                  split_by: str | None = None, image_dir: str | None = None):
         split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
         if (dataset, split_by) not in SPLITS:
-            raise ValueError(f"unknown dataset/split_by {dataset}/{split_by}; known: {list(SPLITS)}")
+            raise ValueError(f"unknown dataset/split_by {dataset}/{split_by}; "
+                             f"known: {list(SPLITS)}")
         if split not in SPLITS[dataset, split_by]:
             raise ValueError(f"{dataset} ({split_by}) has splits {SPLITS[dataset, split_by]}, "
                              f"not {split!r}")
@@ -211,7 +212,8 @@ class ReferDataset(Dataset):
         return self.samples[i][2]
 
     def image_path(self, image_id: int) -> str:
-        name = self.images.get(image_id, {}).get("file_name") or f"COCO_train2014_{image_id:012d}.jpg"
+        name = (self.images.get(image_id, {}).get("file_name")
+                or f"COCO_train2014_{image_id:012d}.jpg")
         return os.path.join(self.image_dir, name)
 
     def __getitem__(self, i: int) -> dict:
@@ -276,12 +278,19 @@ class ShapesDataset(Dataset):
     exact; every shape is a candidate instance (MaIL).
     """
 
+    MEMO_BYTES = 1 << 30
+
     def __init__(self, split: str = "train", num_samples: int = 2000, image_size: int = 128,
                  seed: int = 0):
         if split not in SPLIT_CODES:
             raise ValueError(f"shapes has splits {tuple(SPLIT_CODES)}, not {split!r}")
         self.split, self.num_samples, self.size, self.seed = split, num_samples, image_size, seed
         self.name = f"shapes/{split}"
+        # rendered samples are kept in memory (rendering is ~10% of a tiny training step on CPU)
+        # up to MEMO_BYTES per process; a fresh dict each time, whose arrays are shared: do not
+        # modify them in place (Preprocess never does)
+        self._memo: dict[int, dict] = {}
+        self._memo_bytes = 0
 
     def __len__(self) -> int:
         return self.num_samples
@@ -302,11 +311,17 @@ class ShapesDataset(Dataset):
         return self._scene(i)[3]
 
     def __getitem__(self, i: int) -> dict:
+        if i in self._memo:
+            return dict(self._memo[i])
         rng, objects, target, sentence = self._scene(i)
         image, instances = self._render(objects, rng)
-        return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                    target_index=target, image_id=i,
-                    image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
+        sample = dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
+                      target_index=target, image_id=i,
+                      image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
+        size = image.nbytes + instances.nbytes
+        if self._memo_bytes + size <= self.MEMO_BYTES:
+            self._memo[i], self._memo_bytes = sample, self._memo_bytes + size
+        return dict(sample)
 
     def _place(self, rng) -> list[dict]:
         n = int(rng.integers(2, 7))
@@ -318,7 +333,8 @@ class ShapesDataset(Dataset):
             r = rng.uniform(*SIZES[size]) * self.size
             cx, cy = rng.uniform(r + 2, self.size - r - 2, size=2)
             if all(math.hypot(cx - o["cx"], cy - o["cy"]) > r + o["r"] + 3 for o in objects):
-                objects.append(dict(kind=str(rng.choice(KINDS)), colour=str(rng.choice(list(COLOURS))),
+                objects.append(dict(kind=str(rng.choice(KINDS)),
+                                    colour=str(rng.choice(list(COLOURS))),
                                     size=size, cx=cx, cy=cy, r=r))
         return objects
 
@@ -363,11 +379,13 @@ class ShapesDataset(Dataset):
                     hits = [o for o in members
                             if sign * (o["c" + axis] - ref["c" + axis]) > o["r"] + ref["r"]]
                     if hits == [target]:
-                        found["relation"].append(f"the {_phrase(attrs)} {rel} the {_phrase(ref_attrs)}")
+                        found["relation"].append(
+                            f"the {_phrase(attrs)} {rel} the {_phrase(ref_attrs)}")
         kinds = [k for k in ("attribute", "position", "relation") if found[k]]
         if not kinds:
             return None
-        weights = np.array([{"attribute": 0.6, "position": 0.25, "relation": 0.15}[k] for k in kinds])
+        weights = np.array([{"attribute": 0.6, "position": 0.25, "relation": 0.15}[k]
+                            for k in kinds])
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         return str(rng.choice(found[kind]))
 
@@ -375,8 +393,9 @@ class ShapesDataset(Dataset):
         s = self.size
         # textured background: a smooth random field, faint stripes and pixel noise, all greyish
         coarse = rng.normal(0, 1, size=(5, 5, 1))
-        field = np.asarray(Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255)
-                                           .astype(np.uint8)[:, :, 0]).resize((s, s), Image.BICUBIC),
+        field = np.asarray(Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6)
+                                            * 255).astype(np.uint8)[:, :, 0])
+                           .resize((s, s), Image.BICUBIC),
                            dtype=np.float32)[:, :, None] / 255.0
         yy, xx = np.mgrid[0:s, 0:s]
         angle, period = rng.uniform(0, math.pi), rng.uniform(6, 16)
@@ -390,7 +409,8 @@ class ShapesDataset(Dataset):
             draw = ImageDraw.Draw(canvas)
             poly = _shape_polygon(o["kind"], o["cx"], o["cy"], o["r"])
             if poly is None:
-                draw.ellipse([o["cx"] - o["r"], o["cy"] - o["r"], o["cx"] + o["r"], o["cy"] + o["r"]],
+                draw.ellipse([o["cx"] - o["r"], o["cy"] - o["r"],
+                              o["cx"] + o["r"], o["cy"] + o["r"]],
                              fill=255)
             else:
                 draw.polygon(poly, fill=255)
@@ -483,7 +503,8 @@ class PreparedDataset(Dataset):
     evaluation, the error stops the run, naming the file: metrics must cover every sample.
     """
 
-    def __init__(self, base: Dataset, preprocess: Preprocess, seed: int = 0, skip_bad: bool = False):
+    def __init__(self, base: Dataset, preprocess: Preprocess, seed: int = 0,
+                 skip_bad: bool = False):
         self.base, self.preprocess, self.seed, self.epoch = base, preprocess, seed, 0
         self.skip_bad = skip_bad
 

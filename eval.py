@@ -1,7 +1,8 @@
 """Evaluate a checkpoint, visualise its predictions, or predict one image + sentence.
 
   python eval.py --checkpoint runs/maris-tiny-shapes/best.pt                   # val split
-  python eval.py --checkpoint C --dataset refcoco --data-root D --split val testA testB --json m.json
+  python eval.py --checkpoint C --dataset refcoco --data-root D --split val testA testB \
+--json m.json
   torchrun --nproc_per_node=2 eval.py --checkpoint C                         # same numbers, faster
   python eval.py --checkpoint C --save-vis vis/ --num-vis 16                  # overlays
   python eval.py --checkpoint C --image photo.jpg --text "the dog on the left" --out dog.png
@@ -36,7 +37,8 @@ from common.metrics import THRESHOLDS
 PRED_COLOUR, GT_COLOUR = np.array([230, 40, 40]), np.array([40, 200, 70])
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, colour: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
     out = image.astype(np.float32).copy()
     out[mask] = (1 - alpha) * out[mask] + alpha * colour
     return out.astype(np.uint8)
@@ -135,7 +137,8 @@ def median_time(fn, device, warmup: int, repeats: int) -> float:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """Achieved GFLOP/s of an n x n matmul in `dtype`: the reference for model FLOP utilisation."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
     return 2 * n**3 / seconds / 1e9
 
@@ -262,14 +265,15 @@ def run_benchmark(args) -> list[dict]:
                 variants.append(True)
             for cached in variants:
                 if len(names) > 1 or len(variants) > 1:  # one process per row: clean peak memory
-                    cmd = [sys.executable, os.path.abspath(__file__), "--benchmark", "--model", name,
-                           "--config", config, "--device", args.device, "--batch-size", str(batch),
-                           "--amp", args.amp, "--warmup", str(args.warmup), "--repeats",
-                           str(args.repeats), "--row-json", "-"]
+                    cmd = [sys.executable, os.path.abspath(__file__), "--benchmark",
+                           "--model", name, "--config", config, "--device", args.device,
+                           "--batch-size", str(batch), "--amp", args.amp, "--warmup",
+                           str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-"]
                     cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     if res.returncode:
-                        raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
+                        raise RuntimeError(f"benchmark of {name}/{config} failed:\n"
+                                           f"{res.stderr[-3000:]}")
                     rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 else:
                     rows.append(bench_model(name, config, device, batch, args.amp, args.warmup,
@@ -283,13 +287,16 @@ def run_benchmark(args) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
     p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (or: all)")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write overlay PNGs here")
-    p.add_argument("--num-vis", type=int, default=16, help="how many samples to visualise per split")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation: 8; benchmark: 8 tiny, 1 paper")
+    p.add_argument("--num-vis", type=int, default=16,
+                   help="how many samples to visualise per split")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="evaluation: 8; benchmark: 8 tiny, 1 paper")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
     p.add_argument("--cache-features", default=None, metavar="DIR",
                    help="read/write frozen encoders' features here (as train.py --cache-features)")
@@ -307,7 +314,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--repeats", type=int, default=5)
     g.add_argument("--freeze-encoders", action="store_true",
-                   help="freeze encoders (the paper's MARIS setting) and add a row training from cached features")
+                   help="freeze encoders (the paper's MARIS setting) and add a row training "
+                        "from cached features")
     g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

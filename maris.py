@@ -105,7 +105,8 @@ class FeatureEnhancement(nn.Module):
         mlp = lambda d: MLP(d, dim, dim, num_layers=2, act=nn.GELU)
         cba = lambda: nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(dim), nn.GELU())
-        self.mlp_v1, self.mlp_v2, self.mlp_v3, self.mlp_hat = mlp(in_dim), mlp(in_dim), mlp(in_dim), mlp(dim)
+        self.mlp_v1, self.mlp_v2, self.mlp_v3, self.mlp_hat = (mlp(in_dim), mlp(in_dim),
+                                                               mlp(in_dim), mlp(dim))
         self.cba1, self.cba2 = cba(), cba()
 
     def forward(self, f_v1: Tensor, f_v2: Tensor, f_v3: Tensor) -> Tensor:
@@ -190,9 +191,11 @@ class MARIS(RISModel):
         text_dims = [self.text_encoder.out_dim] + [D] * (cfg.num_ma_blocks - 1)
         self.mutual = nn.ModuleList(MutualAwareAttention(D, t, D, cfg.tau) for t in text_dims)
         self.query = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # F_m, random initialisation
-        self.decoder = nn.ModuleList(DecoderBlock(D, cfg.heads) for _ in range(cfg.num_decoder_blocks))
-        up = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),
-                                        nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear"))
+        self.decoder = nn.ModuleList(DecoderBlock(D, cfg.heads)
+                                     for _ in range(cfg.num_decoder_blocks))
+        up = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False),
+                                        nn.BatchNorm2d(b), nn.GELU(),
+                                        nn.Upsample(scale_factor=2, mode="bilinear"))
         u1, u2 = cfg.up_dims
         self.upsample = nn.Sequential(up(D, u1), up(u1, u2))
         self.query_mlp = MLP(D, D, u2, num_layers=2)
@@ -211,10 +214,13 @@ class MARIS(RISModel):
         """F_l (B, L, C'): CLIP's per-token features."""
         return {"f_l": self.text_encoder(text, text_mask)[0]}
 
-    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, image_mask: Tensor | None = None,
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
+                image_mask: Tensor | None = None,
                 target: Tensor | None = None, image_feats: dict[str, Tensor] | None = None,
                 text_feats: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """image_feats / text_feats: precomputed encode_image / encode_text outputs (common.cache)."""
+        """image_feats / text_feats: precomputed encode_image / encode_text outputs
+        (common.cache).
+        """
         B, _, H, W = image.shape
         # 1. frozen encoders: F_v1, F_v2, F_v3 (B, h, w, C) and F_l (B, L, C')
         image_feats = image_feats if image_feats is not None else self.encode_image(image)

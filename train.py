@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import random
 import sys
@@ -64,7 +63,8 @@ def build_config(module, args):
         raise ValueError(f"{args.model} has configs {sorted(module.CONFIGS)}, not {args.config!r}")
     cfg = module.CONFIGS[args.config]
     changes = {}
-    for field, value in (("image_weights", args.image_weights), ("text_weights", args.text_weights)):
+    for field, value in (("image_weights", args.image_weights),
+                         ("text_weights", args.text_weights)):
         if value is not None:
             changes[field] = value
     if args.freeze_encoders:
@@ -178,7 +178,8 @@ def setup_distributed():
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                   world, is_master=False)
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend, store=dist.PrefixStore(f"ris_attempt_{attempt}", store),
+            dist.init_process_group(backend,
+                                    store=dist.PrefixStore(f"ris_attempt_{attempt}", store),
                                     rank=rank, world_size=world)
         else:
             dist.init_process_group(backend)
@@ -192,7 +193,8 @@ def autocast(device: torch.device, amp: str):
 
 
 def move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -211,7 +213,8 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
             out = raw(**raw.inputs_from(batch), **feats)
         ious = []
         for i in range(len(batch["gt"])):
-            pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i], batch["orig_hw"][i]) > 0
+            pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i],
+                                    batch["orig_hw"][i]) > 0
             acc.update(pred, batch["gt"][i])
             inter = float((pred & batch["gt"][i]).sum())
             union = float((pred | batch["gt"][i]).sum())
@@ -242,15 +245,19 @@ def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size:
                            candidates="cand_masks" in model.input_names, keep_original=True)
     ds = data.PreparedDataset(base, prep, seed=args.seed)
     return DataLoader(ds, batch_size=batch_size, sampler=data.ShardSampler(len(ds), rank, world),
-                      num_workers=args.workers, collate_fn=lambda b: data.collate(b, model.tokenizer.pad_id))
+                      num_workers=args.workers,
+                      collate_fn=lambda b: data.collate(b, model.tokenizer.pad_id))
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="shapes", help="shapes (built in) | refcoco | refcoco+ | refcocog")
+    g.add_argument("--dataset", default="shapes",
+                   help="shapes (built in) | refcoco | refcoco+ | refcocog")
     g.add_argument("--split-by", default=None, help="unc | umd | google (default: unc, G-Ref umd)")
-    g.add_argument("--data-root", default=None, help="folder with refcoco/, refcoco+/, refcocog/, images/")
-    g.add_argument("--image-dir", default=None, help="COCO train2014 images (default DATA_ROOT/images/train2014)")
+    g.add_argument("--data-root", default=None,
+                   help="folder with refcoco/, refcoco+/, refcocog/, images/")
+    g.add_argument("--image-dir", default=None,
+                   help="COCO train2014 images (default DATA_ROOT/images/train2014)")
     g.add_argument("--shapes-train-size", type=int, default=4000, help="synthetic training samples")
     g.add_argument("--shapes-eval-size", type=int, default=500, help="synthetic val/test samples")
     g.add_argument("--shapes-image-size", type=int, default=128, help="synthetic image side")
@@ -262,19 +269,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="maris", choices=MODELS)
-    p.add_argument("--config", default="tiny", help="a key of the model's CONFIGS (tiny, paper, ...)")
+    p.add_argument("--config", default="tiny",
+                   help="a key of the model's CONFIGS (tiny, paper, ...)")
     add_data_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--image-weights", default=None, help="local image-encoder weights (see README)")
     g.add_argument("--text-weights", default=None, help="local text-encoder weights / vocabulary")
-    g.add_argument("--freeze-encoders", action="store_true", help="freeze encoders even without weights")
+    g.add_argument("--freeze-encoders", action="store_true",
+                   help="freeze encoders even without weights")
     g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default: the config's")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    g.add_argument("--batch-size", type=int, default=None, help="per process (default: config's global / world)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per process (default: config's global / world)")
     g.add_argument("--lr", type=float, default=None, help="default: the config's")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
@@ -284,7 +295,8 @@ def parse_args(argv=None):
                    help="stop after this many consecutive non-finite losses")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG-DATASET)")
-    g.add_argument("--resume", default=None, help="auto (OUT/last.pt if present) or a checkpoint path")
+    g.add_argument("--resume", default=None,
+                   help="auto (OUT/last.pt if present) or a checkpoint path")
     g.add_argument("--ckpt-every", type=int, default=0, help="also write last.pt every N steps")
     g.add_argument("--log-every", type=int, default=20)
     g.add_argument("--eval-batch-size", type=int, default=None)
@@ -326,7 +338,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    base = data.build_dataset(args.dataset, "train", data_root=args.data_root, split_by=args.split_by,
+    base = data.build_dataset(args.dataset, "train", data_root=args.data_root,
+                              split_by=args.split_by,
                               image_dir=args.image_dir, shapes_size=args.shapes_train_size,
                               shapes_image_size=args.shapes_image_size, seed=args.data_seed,
                               candidates=load_candidates(args))
@@ -344,10 +357,12 @@ def main(argv=None) -> dict:
         if ckpt["model_name"] != args.model:
             raise ValueError(f"{resume_path} holds a {ckpt['model_name']} model, not {args.model}")
         trained_config = ckpt.get("args", {}).get("config", args.config)
-        declared = dataclasses.asdict(module.CONFIGS[args.config]) if args.config in module.CONFIGS else {}
+        declared = (dataclasses.asdict(module.CONFIGS[args.config])
+                    if args.config in module.CONFIGS else {})
         asked = {k: v for k, v in dataclasses.asdict(build_config(module, args)).items()
                  if v != declared.get(k) and k not in ("image_weights", "text_weights")}
-        differ = {k: (ckpt["config"].get(k), v) for k, v in asked.items() if ckpt["config"].get(k) != v}
+        differ = {k: (ckpt["config"].get(k), v) for k, v in asked.items()
+                  if ckpt["config"].get(k) != v}
         if trained_config != args.config:
             differ["--config"] = (trained_config, args.config)
         if differ:
@@ -390,7 +405,8 @@ def main(argv=None) -> dict:
     if args.cache_features:
         if not args.no_augment:
             raise ValueError("--cache-features: training augmentation (random flips) changes the "
-                             "images every epoch, so cached features would be stale; add --no-augment")
+                             "images every epoch, so cached features would be stale; "
+                             "add --no-augment")
         from common.cache import FeatureCache
 
         cache = FeatureCache(args.cache_features, raw)
@@ -406,20 +422,24 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, start_batch, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best"]
+        step, epoch, start_batch, best = (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"],
+                                          ckpt["best"])
         set_rng_state(ckpt["rng"])
     if world > 1:
         if device.type == "cuda":  # BN statistics over the global batch (MaIL Sec. 4.1 asks so)
             raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
 
     total, trainable = count_parameters(raw)
     log_path = os.path.join(args.out, "log.jsonl")
     if is_main:
-        print(f"{args.model}/{args.config}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained); "
-              f"{args.dataset}: {len(train_set)} train samples; {world} process(es) x batch {batch_size}; "
+        print(f"{args.model}/{args.config}: {total / 1e6:.2f}M parameters "
+              f"({trainable / 1e6:.2f}M trained); "
+              f"{args.dataset}: {len(train_set)} train samples; "
+              f"{world} process(es) x batch {batch_size}; "
               f"{total_steps} steps; amp={args.amp}; device={device}"
               + (f"; resumed at step {step}" if ckpt else ""), flush=True)
         if getattr(base, "skipped_refs", 0):

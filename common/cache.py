@@ -47,7 +47,9 @@ def fingerprint(model, part: str) -> str:
         {"tokenizer": type(tok).__name__, "max_len": tok.max_len,
          "vocab": getattr(tok, "vocab_path", None)},
     }
-    return hashlib.sha1(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha1(
+        json.dumps(described, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def _safe_key(key: str) -> str:
@@ -58,9 +60,11 @@ class FeatureCache:
     """Caches the features of a model's frozen encoders (see module docstring)."""
 
     def __init__(self, root: str, model):
-        missing = [f for f in ("frozen_parts", "encode_image", "encode_text") if not hasattr(model, f)]
+        missing = [f for f in ("frozen_parts", "encode_image", "encode_text")
+                   if not hasattr(model, f)]
         if missing:
-            raise ValueError(f"{type(model).__name__} does not support the feature cache (needs {missing})")
+            raise ValueError(f"{type(model).__name__} does not support the feature cache "
+                             f"(needs {missing})")
         self.parts = sorted(model.frozen_parts())
         if not self.parts:
             raise ValueError(
@@ -81,7 +85,8 @@ class FeatureCache:
 
     def _store(self, path: str, feats: dict[str, Tensor]) -> None:
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in feats.items()}, tmp)
+        torch.save({k: v.detach().to("cpu", torch.float16).contiguous()
+                    for k, v in feats.items()}, tmp)
         os.replace(tmp, path)
 
     def _lookup(self, part: str, keys: list[str], compute) -> list[dict[str, Tensor]]:

@@ -69,8 +69,10 @@ def load_matching(module: nn.Module, state: dict[str, Tensor], prefix: str, sour
     own = module.state_dict()
     missing = [k for k in own if k not in sub]
     if missing:
-        raise KeyError(f"{source}: {len(missing)} weights missing under {prefix!r}, e.g. {missing[:4]}")
-    bad = [(k, tuple(sub[k].shape), tuple(v.shape)) for k, v in own.items() if sub[k].shape != v.shape]
+        raise KeyError(f"{source}: {len(missing)} weights missing under {prefix!r}, "
+                       f"e.g. {missing[:4]}")
+    bad = [(k, tuple(sub[k].shape), tuple(v.shape)) for k, v in own.items()
+           if sub[k].shape != v.shape]
     if bad:
         raise ValueError(f"{source}: shape mismatch (name, file, model): {bad[:4]}")
     module.load_state_dict({k: sub[k] for k in own})

@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +77,9 @@ class InputSpec:
 
 
 class RISModel(nn.Module):
-    """Base class of the four models: holds the parts of the contract that are not paper-specific."""
+    """Base class of the four models: holds the parts of the contract that are not
+    paper-specific.
+    """
 
     input_names: tuple[str, ...] = ("image", "text", "text_mask")
     input_spec: InputSpec
@@ -116,7 +117,8 @@ def config_from_dict(default, values: dict):
             f"config fields {unknown} are not fields of {type(default).__name__} "
             "(was the checkpoint written by another model or version?)"
         )
-    values = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v for k, v in values.items()}
+    values = {k: tuple(v) if isinstance(getattr(default, k), tuple) else v
+              for k, v in values.items()}
     return dataclasses.replace(default, **values)
 
 

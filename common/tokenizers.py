@@ -49,7 +49,9 @@ class ClipTokenizer:
 
 
 class WordPieceTokenizer:
-    """BERT-uncased WordPiece from a local `vocab.txt` (or a folder holding one), with [CLS]/[SEP]."""
+    """BERT-uncased WordPiece from a local `vocab.txt` (or a folder holding one), with
+    [CLS]/[SEP].
+    """
 
     def __init__(self, vocab: str, max_len: int, lowercase: bool = True):
         from transformers import BertTokenizerFast

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import build, make_batch
 
 import train
 from common.cache import FeatureCache
-from helpers import build, make_batch
 
 
 @pytest.fixture
@@ -22,9 +22,11 @@ def test_cached_and_uncached_training_give_the_same_loss(frozen, tmp_path):
     frozen.train()
     torch.manual_seed(0)
     plain = frozen(**frozen.inputs_from(batch), target=batch["mask"])["loss"]
-    first = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch), target=batch["mask"])
+    first = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch),
+                   target=batch["mask"])
     assert cache.misses == 6 and cache.hits == 0  # 3 images + 3 sentences computed and stored
-    again = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch), target=batch["mask"])
+    again = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch),
+                   target=batch["mask"])
     assert cache.hits == 6  # read back from disk
     # fp16 storage: equal within fp16 rounding of the features
     assert first["loss"].item() == pytest.approx(plain.item(), rel=2e-3)

@@ -107,6 +107,20 @@ def test_shapes_deterministic_and_consistent():
     assert not np.array_equal(a[0]["image"], data.ShapesDataset("val", 20, 64, seed=3)[0]["image"])
 
 
+def test_shapes_memo_returns_the_rendered_sample_within_its_budget(monkeypatch):
+    fresh = data.ShapesDataset("train", 6, 64, seed=1)
+    first = [fresh[i] for i in range(6)]
+    again = [fresh[i] for i in range(6)]  # from memory
+    for x, y in zip(first, again):
+        assert x is not y and x.keys() == y.keys()
+        assert all(np.array_equal(x[k], y[k]) for k in ("image", "mask", "instances"))
+    monkeypatch.setattr(data.ShapesDataset, "MEMO_BYTES", 3 * 64 * 64 * 3)  # about one sample
+    small = data.ShapesDataset("train", 6, 64, seed=1)
+    for i in range(6):
+        assert np.array_equal(small[i]["image"], first[i]["image"])
+    assert len(small._memo) == 1 and small._memo_bytes <= small.MEMO_BYTES
+
+
 def test_shapes_sentences_refer_to_their_target():
     """Sentences that name a colour and a kind name the target's colour and kind."""
     ds = data.ShapesDataset("train", 60, 128, seed=0)

@@ -65,7 +65,8 @@ def test_attention_mask_drops_irrelevant_pairs_and_never_nans():
 def test_padded_words_take_no_attention():
     torch.manual_seed(0)
     block = maris.MutualAwareAttention(4, 4, 4, tau=0.0)
-    _, _, attn = block(torch.randn(1, 5, 4), torch.randn(1, 3, 4), torch.tensor([[True, True, False]]))
+    _, _, attn = block(torch.randn(1, 5, 4), torch.randn(1, 3, 4),
+                       torch.tensor([[True, True, False]]))
     assert (attn[..., 2] == 0).all() and torch.allclose(attn.sum(-1), torch.ones(1, 5))
 
 
@@ -83,9 +84,9 @@ def test_sam_encoder_returns_the_global_attention_blocks():
     enc = SAMImageEncoder("tiny", img_size=64, global_blocks=(1, 2, 3))
     assert enc.out_indexes == [3, 5, 7]
     # segment-anything's own encoder with the same weights, run block by block
-    ref = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=64, depth=8, num_heads=2, mlp_ratio=4,
-                          norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
-                          global_attn_indexes=(1, 3, 5, 7), window_size=4)
+    ref = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=64, depth=8, num_heads=2,
+                          mlp_ratio=4, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+                          use_rel_pos=True, global_attn_indexes=(1, 3, 5, 7), window_size=4)
     ref.load_state_dict(enc.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     h = ref.patch_embed(x) + ref.pos_embed
@@ -106,7 +107,8 @@ def test_sam_weights_load_from_a_segment_anything_checkpoint(tmp_path):
     state["mask_decoder.iou_token.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "sam.pth")
     dst = SAMImageEncoder("tiny", img_size=64, weights=str(tmp_path / "sam.pth"))
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
     with pytest.raises(ValueError, match="shape mismatch"):
         SAMImageEncoder("tiny", img_size=128, weights=str(tmp_path / "sam.pth"))
 
@@ -143,6 +145,7 @@ def test_frozen_when_weights_given_trained_otherwise(tmp_path):
     torch.save({f"image_encoder.{k}": v for k, v in src.state_dict().items()}, tmp_path / "s.pth")
     cfg = maris.CONFIGS["tiny"]
     with pytest.warns(UserWarning, match="text encoder has random weights"):
-        model = maris.MARIS(maris.MARISConfig(**{**cfg.__dict__, "image_weights": str(tmp_path / "s.pth")}))
+        model = maris.MARIS(maris.MARISConfig(
+            **{**cfg.__dict__, "image_weights": str(tmp_path / "s.pth")}))
     assert not any(p.requires_grad for p in model.image_encoder.parameters())
     assert all(p.requires_grad for p in model.text_encoder.parameters())

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import MODEL_NAMES, build, make_batch
 
 import train
-from helpers import MODEL_NAMES, build, make_batch
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+from helpers import build
 
 import eval as eval_cli
 import maris
 import train
-from helpers import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--model", "maris", "--shapes-train-size", "24", "--batch-size", "4", "--epochs", "2",
@@ -60,7 +60,8 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_weights(tmp_path):
         proc = subprocess.Popen(cli(*RUN, "--ckpt-every", "1", "--resume", "auto", "--out", run),
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
-        while (not logged_steps(run) or logged_steps(run)[-1] < target_step) and proc.poll() is None:
+        while ((not logged_steps(run) or logged_steps(run)[-1] < target_step)
+               and proc.poll() is None):
             assert time.time() < deadline
             time.sleep(0.05)
         time.sleep(rnd.uniform(0, 0.4))  # anywhere: mid-step, mid-checkpoint-write
@@ -74,7 +75,8 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step" in done.stdout
     assert train.load_checkpoint(os.path.join(run, "last.pt"))["step"] == 12
-    assert_same_weights(weights(os.path.join(ref, "last.pt")), weights(os.path.join(run, "last.pt")))
+    assert_same_weights(weights(os.path.join(ref, "last.pt")),
+                        weights(os.path.join(run, "last.pt")))
     assert not [f for f in os.listdir(run) if ".tmp." in f]
 
 
@@ -111,7 +113,8 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "resumed at step" in out
     assert train.load_checkpoint(os.path.join(run, "last.pt"))["step"] == 6
-    assert_same_weights(weights(os.path.join(ref, "last.pt")), weights(os.path.join(run, "last.pt")))
+    assert_same_weights(weights(os.path.join(ref, "last.pt")),
+                        weights(os.path.join(run, "last.pt")))
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -135,7 +138,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     # calls 3 and 4 were skipped (steps 3, 4 are the 5th and 6th calls), then calls 9-11 failed
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
     ckpt = train.load_checkpoint(os.path.join(out, "last.pt"))
-    assert ckpt["step"] == 6 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert ckpt["step"] == 6 and all(torch.isfinite(v.float()).all()
+                                     for v in ckpt["model"].values())
 
 
 @pytest.mark.slow

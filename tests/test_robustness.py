@@ -9,12 +9,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import build
 from PIL import Image
 
 import data
 import eval as eval_cli
 import train
-from helpers import build
 
 
 @pytest.fixture(scope="module")

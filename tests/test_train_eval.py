@@ -45,7 +45,8 @@ def test_training_writes_checkpoints_and_log(trained):
 def test_resume_continues_at_the_saved_step(trained, tmp_path):
     out = str(tmp_path / "resumed")
     os.makedirs(out)
-    with open(os.path.join(trained, "last.pt"), "rb") as src, open(os.path.join(out, "last.pt"), "wb") as dst:
+    with (open(os.path.join(trained, "last.pt"), "rb") as src,
+          open(os.path.join(out, "last.pt"), "wb") as dst):
         dst.write(src.read())
     train.main(SMALL + ["--epochs", "2", "--out", out, "--resume", "auto"])
     steps = [r["step"] for r in read_log(out) if "loss" in r]
