@@ -175,6 +175,8 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     cfg = module.CONFIGS[config]
     if freeze:
         cfg = dataclasses.replace(cfg, freeze_encoders=True)
+    if hasattr(module, "prepare_config"):  # a vocabulary from synthetic sentences (M3Dec's GRU)
+        cfg = module.prepare_config(cfg, data.sentences(data.ShapesDataset("train", 200)))
     torch.manual_seed(0)
     with quiet_random_init(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -82,18 +82,18 @@ def test_feature_enhancement_uses_all_three_levels():
 def test_sam_encoder_returns_the_global_attention_blocks():
     torch.manual_seed(0)
     enc = SAMImageEncoder("tiny", img_size=64, global_blocks=(1, 2, 3))
-    assert enc.out_indexes == [3, 5, 7]
+    assert enc.out_indexes == [3, 4, 5]
     # segment-anything's own encoder with the same weights, run block by block
-    ref = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=64, depth=8, num_heads=2,
+    ref = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2,
                           mlp_ratio=4, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
-                          use_rel_pos=True, global_attn_indexes=(1, 3, 5, 7), window_size=4)
+                          use_rel_pos=True, global_attn_indexes=(1, 3, 4, 5), window_size=4)
     ref.load_state_dict(enc.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     h = ref.patch_embed(x) + ref.pos_embed
     expected = []
     for i, blk in enumerate(ref.blocks):
         h = blk(h)
-        if i in (3, 5, 7):
+        if i in (3, 4, 5):
             expected.append(h)
     for got, want in zip(enc(x), expected):
         assert got.shape == (1, 8, 8, 64) and torch.allclose(got, want, atol=1e-5)
