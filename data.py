@@ -129,14 +129,19 @@ def load_refs(path: str) -> list[dict]:
     return refs
 
 
-def load_instances(path: str) -> dict:
+def read_json(path: str, what: str, help_text: str):
+    """A JSON file, or an error naming the path and what was expected (`help_text`)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"COCO instances file not found: {path!r}\n{REFER_LAYOUT}")
+        raise FileNotFoundError(f"{what} not found: {path!r}\n{help_text}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt instances file {path!r}: {err}") from err
+        raise ValueError(f"corrupt {what} {path!r}: {err}\n{help_text}") from err
+
+
+def load_instances(path: str) -> dict:
+    data = read_json(path, "COCO instances file", REFER_LAYOUT)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{path!r} is not a COCO instances file (needs 'images', 'annotations')")
     return data
@@ -612,13 +617,7 @@ def load_candidates(path: str, min_score: float = 0.0,
     """Read proposals (see CANDIDATES_FORMAT) into {image_id: [{"segmentation", "score"}, ...]},
     best score first, keeping those with score >= min_score, at most max_per_image per image.
     An image absent from the file has no candidates."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"candidate file not found: {path!r}\n{CANDIDATES_FORMAT}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupt candidate file {path!r}: {err}\n{CANDIDATES_FORMAT}") from err
+    entries = read_json(path, "candidate file", CANDIDATES_FORMAT)
     if isinstance(entries, dict):
         entries = entries.get("annotations")
     if not isinstance(entries, list):

@@ -138,7 +138,7 @@ def test_corrupt_annotation_files(tmp_path):
     with pytest.raises(ValueError, match="not a REFER refs file"):
         data.load_refs(str(tmp_path / "notlist.p"))
     (tmp_path / "bad.json").write_text('{"images": [')
-    with pytest.raises(ValueError, match="corrupt instances file"):
+    with pytest.raises(ValueError, match="corrupt COCO instances file"):
         data.load_instances(str(tmp_path / "bad.json"))
     (tmp_path / "other.json").write_text(json.dumps({"info": {}}))
     with pytest.raises(ValueError, match="not a COCO instances file"):
