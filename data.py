@@ -652,6 +652,12 @@ def encode_candidates(image_id: int, masks, scores=None) -> list[dict]:
     return entries
 
 
+def candidate_masks(cands: list[dict], h: int, w: int) -> np.ndarray:
+    """One image's entries of load_candidates -> bool (K, h, w) at the image's resolution."""
+    masks = [decode_segmentation(c["segmentation"], h, w) for c in cands]
+    return np.stack(masks) if masks else np.zeros((0, h, w), bool)
+
+
 class WithCandidates(Dataset):
     """A raw dataset whose `instances` (MaIL's candidate masks) come from a proposals file
     (load_candidates) instead of the annotations; an image the file does not hold has none.
@@ -671,9 +677,8 @@ class WithCandidates(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = dict(self.base[i])
         h, w = sample["image"].shape[:2]
-        cands = self.candidates.get(int(sample["image_id"]), [])
-        sample["instances"] = np.stack([decode_segmentation(c["segmentation"], h, w)
-                                        for c in cands]) if cands else np.zeros((0, h, w), bool)
+        sample["instances"] = candidate_masks(self.candidates.get(int(sample["image_id"]), []),
+                                              h, w)
         sample["target_index"] = -1
         return sample
 

@@ -344,11 +344,10 @@ def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
             raise ValueError(f"{args.candidates!r} holds {len(by_image)} images: say which one "
                              "is --image with --image-id")
         image_id = next(iter(by_image))
-    h, w = image.shape[:2]
-    masks = [data.decode_segmentation(c["segmentation"], h, w) for c in by_image.get(image_id, [])]
-    if not masks:
+    masks = data.candidate_masks(by_image.get(image_id, []), *image.shape[:2])
+    if not len(masks):
         raise ValueError(f"{args.candidates!r} has no candidates for image_id {image_id}")
-    return np.stack(masks)
+    return masks
 
 
 def run_predict(args, model, device) -> None:

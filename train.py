@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -225,15 +226,13 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
     return acc.all_reduce().compute()
 
 
-_CANDIDATES: dict = {}
-
-
 def load_candidates(args) -> dict | None:
     """The proposals of --candidates (read once per process), or None: annotated instances."""
     path = getattr(args, "candidates", None)
-    if path and path not in _CANDIDATES:
-        _CANDIDATES[path] = data.load_candidates(path)
-    return _CANDIDATES.get(path) if path else None
+    return _read_candidates(path) if path else None
+
+
+_read_candidates = functools.lru_cache(maxsize=2)(data.load_candidates)
 
 
 def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int):
