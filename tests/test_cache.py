@@ -58,7 +58,7 @@ def test_cache_keys_change_with_weights_and_preprocessing(frozen, tmp_path):
         other.image_encoder.pos_embed.add_(1.0)
     b = FeatureCache(str(tmp_path), other)
     assert a.dirs["image"] != b.dirs["image"] and a.dirs["text"] == b.dirs["text"]
-    bigger = build("maris", freeze_encoders=True, image_size=96)
+    bigger = build("maris", freeze_encoders=True, image_size=frozen.cfg.image_size + 32)
     assert FeatureCache(str(tmp_path), bigger).dirs["image"] != a.dirs["image"]
 
 

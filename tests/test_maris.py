@@ -141,9 +141,9 @@ def test_clip_tokenizer_offline_truncation_and_empty():
 
 
 def test_frozen_when_weights_given_trained_otherwise(tmp_path):
-    src = SAMImageEncoder("tiny", img_size=128)
-    torch.save({f"image_encoder.{k}": v for k, v in src.state_dict().items()}, tmp_path / "s.pth")
     cfg = maris.CONFIGS["tiny"]
+    src = SAMImageEncoder("tiny", img_size=cfg.image_size)
+    torch.save({f"image_encoder.{k}": v for k, v in src.state_dict().items()}, tmp_path / "s.pth")
     with pytest.warns(UserWarning, match="text encoder has random weights"):
         model = maris.MARIS(maris.MARISConfig(
             **{**cfg.__dict__, "image_weights": str(tmp_path / "s.pth")}))

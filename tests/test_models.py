@@ -113,3 +113,34 @@ def test_checkpoint_round_trip(tiny, tmp_path):
         a = model(**model.inputs_from(batch))["mask_logits"]
         b = again(**again.inputs_from(batch))["mask_logits"]
     assert torch.equal(a, b)
+
+
+def test_from_scratch_position_tables_start_as_the_2d_sine_encoding():
+    """Without weights, the ViT encoders' learned patch positions start spatially ordered."""
+    from common.encoders import CLIPImageEncoder, SAMImageEncoder, ViLTEncoder
+    from common.layers import sine_pos_2d
+
+    sam = SAMImageEncoder("tiny", img_size=128)
+    _, h, w, c = sam.pos_embed.shape
+    assert torch.equal(sam.pos_embed.detach().view(h * w, c), sine_pos_2d(h, w, c))
+    clip = CLIPImageEncoder("tiny").visual.positional_embedding.detach()  # class token first
+    g = round((clip.shape[0] - 1) ** 0.5)
+    assert torch.equal(clip[1:], sine_pos_2d(g, g, clip.shape[1]))
+    vilt = ViLTEncoder("tiny", vocab_size=100)
+    pos = vilt.pos_embed.detach()[0]
+    assert torch.equal(pos[1:], sine_pos_2d(vilt.grid, vilt.grid, vilt.dim))
+    assert pos[0].abs().max() < 0.05  # the class token's: ViLT's trunc_normal(0.02)
+
+
+def test_readme_import_example_runs():
+    """The README's "Use a model in your own code" snippet, executed as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Use a model in your own code", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    size = scope["model"].input_spec.size
+    assert scope["logits"].shape == (1, 1, size, size)
