@@ -365,8 +365,7 @@ def main(argv=None) -> dict:
     if args.benchmark:
         args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
         if args.row_json:  # one row, in this process (called by run_benchmark)
-            if args.device == "cpu":
-                train.flush_denormals()  # as training does
+            train.flush_denormals()  # as training does
             row = bench_model(args.model, args.config, torch.device(args.device),
                               args.batch_size, args.amp, args.warmup, args.repeats,
                               args.freeze_encoders, args.cached)

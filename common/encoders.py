@@ -44,15 +44,18 @@ def quiet_random_init():
 
 
 @torch.no_grad()
-def sine_init_(grid: Tensor) -> Tensor:
-    """Fill a learned (h, w, C) position table (any view of one) with the fixed 2-D sine
-    encoding, in place. Used when an encoder is trained from scratch: its position embedding
-    then starts out spatially ordered, as MAE's fixed one is, instead of as noise to be sorted
-    out first (the tiny configs learn "left of" / "below" slowly). Measured after 750 steps,
-    one run each (run-to-run spread is about as large): MARIS tiny val mIoU 0.524 vs 0.514 with
-    trunc_normal(0.02), MaIL tiny 0.461 vs 0.444."""
-    h, w, c = grid.shape
-    return grid.copy_(sine_pos_2d(h, w, c).view(h, w, c))
+def sine_init_(table: Tensor) -> Tensor:
+    """Fill a learned position table of a square patch grid, (g*g, C) in row-major order (any
+    view of one), with the fixed 2-D sine encoding, in place. Used when an encoder is trained
+    from scratch: its position embedding then starts out spatially ordered, as MAE's fixed one
+    is, instead of as noise to be sorted out first (the tiny configs learn "left of" / "below"
+    slowly). Measured after 750 steps, one run each (run-to-run spread is about as large):
+    MARIS tiny val mIoU 0.524 vs 0.514 with trunc_normal(0.02), MaIL tiny 0.461 vs 0.444."""
+    n, c = table.shape
+    g = round(n**0.5)
+    if g * g != n:
+        raise ValueError(f"a position table of {n} rows is not a square grid")
+    return table.copy_(sine_pos_2d(g, g, c))
 
 
 def load_state_dict_file(path: str) -> dict[str, Tensor]:
@@ -171,7 +174,7 @@ class SAMImageEncoder(nn.Module):
         if weights is None:
             # SAM initialises its absolute position embedding to zeros and loads it from the
             # checkpoint; trained from scratch it starts as the 2-D sine encoding
-            sine_init_(self.pos_embed[0])
+            sine_init_(self.pos_embed[0].flatten(0, 1))
             warn_random(f"SAM {arch} image encoder", "pass a segment-anything checkpoint")
         else:  # shapes must match: segment-anything's weights are for patch 16 at 1024 px
             load_matching(self, load_state_dict_file(weights), "image_encoder.", weights)
@@ -305,11 +308,10 @@ class ViLTEncoder(nn.Module):
             # HF leaves these two at zero and expects a checkpoint; ViLT initialises them with
             # trunc_normal(0.02). From scratch: the class token so, the patch grid's positions
             # as the 2-D sine encoding (sine_init_)
-            pos = vilt.embeddings.position_embeddings
+            pos = vilt.embeddings.position_embeddings  # (1, 1 + g*g, d), the class token first
             nn.init.trunc_normal_(pos, std=0.02)
             nn.init.trunc_normal_(vilt.embeddings.cls_token, std=0.02)
-            grid = spec["image_size"] // spec["patch_size"]
-            sine_init_(pos[0, 1:].view(grid, grid, -1))
+            sine_init_(pos[0, 1:])
             warn_random(f"ViLT {arch} transformer", "pass a local Hugging Face ViLT folder")
         else:
             if not os.path.isdir(weights):
@@ -716,9 +718,7 @@ class CLIPImageEncoder(nn.Module):
             self.x3_stride = 16
         if weights is None:
             if self.is_vit:  # the patch grid's positions (after the class token's): 2-D sine
-                pos = self.visual.positional_embedding
-                g = round((pos.shape[0] - 1) ** 0.5)
-                sine_init_(pos[1:].view(g, g, -1))
+                sine_init_(self.visual.positional_embedding[1:])
             warn_random(f"CLIP {arch} image encoder", "pass an open_clip or OpenAI CLIP file")
         else:
             load_matching(self, load_state_dict_file(weights), "", weights)
