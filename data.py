@@ -253,6 +253,8 @@ ATTRIBUTE_SETS = (("kind",), ("colour", "kind"), ("colour",), ("size", "kind"),
 EXTREMES = (("x", -1, ("on the left", "leftmost")), ("x", 1, ("on the right", "rightmost")),
             ("y", -1, ("at the top", "topmost")), ("y", 1, ("at the bottom", "bottom")))
 RELATIONS = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}
+# what a sentence needs: attributes only, the extreme of a group, or a relation to another shape
+SENTENCE_TYPES = ("attribute", "position", "relation")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -307,9 +309,9 @@ class ShapesDataset(Dataset):
         while True:  # a scene without any unambiguous sentence is redrawn (rare)
             objects = self._place(rng)
             target = int(rng.integers(len(objects)))
-            sentence = self._describe(objects, target, rng)
-            if sentence is not None:
-                return rng, objects, target, sentence
+            described = self._describe(objects, target, rng)
+            if described is not None:
+                return rng, objects, target, *described
 
     def sentence(self, i: int) -> str:
         """Sample i's sentence, without rendering its image."""
@@ -318,10 +320,10 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if i in self._memo:
             return dict(self._memo[i])
-        rng, objects, target, sentence = self._scene(i)
+        rng, objects, target, sentence, kind = self._scene(i)
         image, instances = self._render(objects, rng)
         sample = dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                      target_index=target, image_id=i,
+                      sentence_type=kind, target_index=target, image_id=i,
                       image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
         size = image.nbytes + instances.nbytes
         if self._memo_bytes + size <= self.MEMO_BYTES:
@@ -343,9 +345,10 @@ class ShapesDataset(Dataset):
                                     size=size, cx=cx, cy=cy, r=r))
         return objects
 
-    def _describe(self, objects: list[dict], t: int, rng) -> str | None:
+    def _describe(self, objects: list[dict], t: int, rng) -> tuple[str, str] | None:
+        """(sentence, its type in SENTENCE_TYPES) naming objects[t] alone, or None."""
         target, margin = objects[t], 0.05 * self.size
-        found: dict[str, list[str]] = {"attribute": [], "position": [], "relation": []}
+        found: dict[str, list[str]] = {k: [] for k in SENTENCE_TYPES}
 
         def group(attrs):
             return [o for o in objects if all(o[k] == v for k, v in attrs.items())]
@@ -386,13 +389,13 @@ class ShapesDataset(Dataset):
                     if hits == [target]:
                         found["relation"].append(
                             f"the {_phrase(attrs)} {rel} the {_phrase(ref_attrs)}")
-        kinds = [k for k in ("attribute", "position", "relation") if found[k]]
+        kinds = [k for k in SENTENCE_TYPES if found[k]]
         if not kinds:
             return None
         weights = np.array([{"attribute": 0.6, "position": 0.25, "relation": 0.15}[k]
                             for k in kinds])
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        return str(rng.choice(found[kind]))
+        return str(rng.choice(found[kind])), kind
 
     def _render(self, objects: list[dict], rng) -> tuple[np.ndarray, np.ndarray]:
         s = self.size
@@ -489,6 +492,7 @@ class Preprocess:
                    mask=pad_to(resize_masks(mask[None], hw), canvas), valid_hw=hw,
                    orig_hw=tuple(image.shape[:2]), sentence=sentence,
                    image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1),
+                   sentence_type=sample.get("sentence_type", ""),
                    image_key=sample.get("image_key", ""))
         if self.candidates:  # no instances: one empty candidate (MaIL then has no mask tokens)
             if instances is None or not len(instances):
@@ -564,7 +568,7 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict:
         batch["image_mask"][b, :h, :w] = True
         batch["text"][b, : len(it["text"])] = it["text"]
         batch["text_mask"][b, : len(it["text"])] = True
-    for key in ("valid_hw", "orig_hw", "sentence", "image_id", "image_key"):
+    for key in ("valid_hw", "orig_hw", "sentence", "sentence_type", "image_id", "image_key"):
         batch[key] = [it[key] for it in items]
     if "gt" in items[0]:
         batch["gt"] = [it["gt"] for it in items]

@@ -418,9 +418,11 @@ def main(argv=None) -> dict:
         results[split] = train.evaluate(model, loader, device, args.amp, on_batch, cache)
     if rank == 0:
         print_table(results, f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}")
-        if args.json:
+        if args.json:  # the documented keys: the per-type rows are printed, not written
+            flat = {split: {k: v for k, v in m.items() if k != "by_type"}
+                    for split, m in results.items()}
             with open(args.json, "w") as f:
-                json.dump(results[splits[0]] if len(splits) == 1 else results, f, indent=1)
+                json.dump(flat[splits[0]] if len(splits) == 1 else flat, f, indent=1)
     if world > 1:
         dist.destroy_process_group()
     return results
@@ -450,6 +452,9 @@ def print_table(results: dict, title: str) -> None:
     print(f"{'split':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}")
     for split, m in results.items():
         print(f"{split:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols) + f"{m['n']:>8}")
+        for kind, mk in m.get("by_type", {}).items():  # the synthetic data's sentence types
+            print(f"{'  ' + kind:<10}" + "".join(f"{100 * mk[c]:>9.2f}" for c in cols)
+                  + f"{mk['n']:>8}")
     sys.stdout.flush()
 
 

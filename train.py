@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import data
 from common.encoders import quiet_random_init
-from common.metrics import IoUAccumulator
+from common.metrics import IoUAccumulator, intersection_union
 from common.model import config_from_dict, count_parameters
 
 MODELS = ("mail", "mmnet", "m3dec", "maris")
@@ -210,12 +210,14 @@ def move(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None) -> dict:
     """Metrics of common.metrics over a loader, at each image's original resolution, summed
-    across ranks. `on_batch(batch, out, ious)` sees every batch (visualisations); `cache`, a
-    common.cache.FeatureCache, supplies frozen encoders' features."""
+    across ranks. Where samples carry a sentence type (the synthetic data: data.SENTENCE_TYPES),
+    "by_type" adds the same metrics for each type. `on_batch(batch, out, ious)` sees every batch
+    (visualisations); `cache`, a common.cache.FeatureCache, supplies frozen encoders' features."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     was_training = raw.training
     raw.eval()
     acc = IoUAccumulator()
+    by_type = {t: IoUAccumulator() for t in data.SENTENCE_TYPES}
     for batch in loader:
         batch = move(batch, device)
         with autocast(device, amp):
@@ -225,14 +227,19 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
         for i in range(len(batch["gt"])):
             pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i],
                                     batch["orig_hw"][i]) > 0
-            acc.update(pred, batch["gt"][i])
-            inter = float((pred & batch["gt"][i]).sum())
-            union = float((pred | batch["gt"][i]).sum())
-            ious.append(inter / union if union else 1.0)
+            inter, union = intersection_union(pred[None], batch["gt"][i][None])
+            acc.add(inter[0], union[0])
+            if batch["sentence_type"][i] in by_type:
+                by_type[batch["sentence_type"][i]].add(inter[0], union[0])
+            ious.append(float(inter[0] / union[0]) if union[0] else 1.0)
         if on_batch is not None:
             on_batch(batch, out, ious)
     raw.train(was_training)
-    return acc.all_reduce().compute()
+    metrics = acc.all_reduce().compute()
+    by_type = {t: a.all_reduce().compute() for t, a in by_type.items()}  # same calls on every rank
+    if any(m["n"] for m in by_type.values()):
+        metrics["by_type"] = {t: m for t, m in by_type.items() if m["n"]}
+    return metrics
 
 
 _read_candidates = functools.lru_cache(maxsize=2)(data.load_candidates)
@@ -537,8 +544,11 @@ def main(argv=None) -> dict:
             log(dict(step=step, epoch=epoch, time=round(time.time() - t0, 1), val=metrics))
             if is_main:
                 print(f"epoch {epoch} step {step} ({time.time() - t0:.0f}s): val "
-                      + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n")
-                      + f" (n={metrics['n']})", flush=True)
+                      + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                 if k not in ("n", "by_type"))
+                      + f" (n={metrics['n']})"
+                      + "".join(f"; {t} mIoU={m['mIoU']:.4f} (n={m['n']})"
+                                for t, m in metrics.get("by_type", {}).items()), flush=True)
             if metrics["mIoU"] > best:
                 best = metrics["mIoU"]
                 checkpoint("best.pt", start_batch, epoch)

@@ -138,6 +138,23 @@ def test_shapes_sentences_refer_to_their_target():
     assert checked > 10
 
 
+def test_shapes_sentence_types_match_their_words():
+    """Each sample names its sentence type (eval.py reports metrics per type): a relation names
+    another shape, a position an extreme, an attribute sentence neither."""
+    ds = data.ShapesDataset("val", 80, 128, seed=0)
+    relation = [r for r in data.RELATIONS]
+    position = [w for *_, words in data.EXTREMES for w in words]
+    seen = set()
+    for i in range(len(ds)):
+        s, kind = ds[i]["sentence"], ds[i]["sentence_type"]
+        has_rel = any(f" {r} the " in s for r in relation)
+        has_pos = any(w in s for w in position)
+        expected = "relation" if has_rel else "position" if has_pos else "attribute"
+        assert kind == expected, (s, kind)
+        seen.add(kind)
+    assert seen == set(data.SENTENCE_TYPES)
+
+
 def test_flip_sentence():
     assert data.flip_sentence("the circle on the left of the leftmost square") == \
         "the circle on the right of the rightmost square"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as eval_cli
 import train
 
@@ -64,6 +65,20 @@ def test_eval_cli_writes_json(trained, tmp_path):
     assert metrics["n"] == 12  # the training run's --shapes-eval-size, taken from the checkpoint
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "n")
     assert len(os.listdir(tmp_path / "vis")) == 3
+
+
+def test_eval_reports_each_sentence_type(trained, capsys):
+    """On the synthetic data the metrics are also given per sentence type, and they add up:
+    the counts sum to n and the count-weighted mIoU and Pr@0.5 are the overall ones."""
+    results = eval_cli.main(["--checkpoint", os.path.join(trained, "best.pt")])
+    m = results["val"]
+    parts = m["by_type"].values()
+    assert set(m["by_type"]) <= set(data.SENTENCE_TYPES)
+    assert sum(p["n"] for p in parts) == m["n"]
+    for key in ("mIoU", "Pr@0.5"):
+        assert sum(p[key] * p["n"] for p in parts) / m["n"] == pytest.approx(m[key])
+    printed = capsys.readouterr().out
+    assert all(f"  {t}" in printed for t in m["by_type"])
 
 
 def test_predict_one_image(trained, tmp_path):
