@@ -320,10 +320,10 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if i in self._memo:
             return dict(self._memo[i])
-        rng, objects, target, sentence, kind = self._scene(i)
+        rng, objects, target, sentence, sentence_type = self._scene(i)
         image, instances = self._render(objects, rng)
         sample = dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                      sentence_type=kind, target_index=target, image_id=i,
+                      sentence_type=sentence_type, target_index=target, image_id=i,
                       image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
         size = image.nbytes + instances.nbytes
         if self._memo_bytes + size <= self.MEMO_BYTES:

@@ -452,9 +452,9 @@ def print_table(results: dict, title: str) -> None:
     print(f"{'split':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}")
     for split, m in results.items():
         print(f"{split:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols) + f"{m['n']:>8}")
-        for kind, mk in m.get("by_type", {}).items():  # the synthetic data's sentence types
-            print(f"{'  ' + kind:<10}" + "".join(f"{100 * mk[c]:>9.2f}" for c in cols)
-                  + f"{mk['n']:>8}")
+        for stype, mt in m.get("by_type", {}).items():  # the synthetic data's sentence types
+            print(f"{'  ' + stype:<10}" + "".join(f"{100 * mt[c]:>9.2f}" for c in cols)
+                  + f"{mt['n']:>8}")
     sys.stdout.flush()
 
 

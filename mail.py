@@ -97,7 +97,8 @@ CONFIGS = {
     "paper-416": MaILConfig(image_size=416, max_size=None),
     "paper-gref": MaILConfig(max_tokens=20),
     # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16 -> 8x8 patches, 4 upsampling
-    # blocks), open_clip BPE
+    # blocks), open_clip BPE. Val mIoU 0.535 in 777 s, not 0.7: the extreme of a group ("the
+    # circle on the left") is selected for 25% of such sentences (README, synthetic data)
     "tiny": MaILConfig(vilt_arch="tiny", image_size=128, max_size=None, head_dim=32,
                        lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
 }

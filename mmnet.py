@@ -109,7 +109,8 @@ CONFIGS = {
     # and 2 decoder layers keep a step close to MARIS tiny's. 96 px (12x12 grid; the tower's
     # 16x16 position table is resized, as the paper's 224-px CLIP is for 480 px) as MARIS tiny:
     # ~80 s per epoch under `torchrun --nproc_per_node=2` on 2 CPU cores, so 9 epochs fit 15
-    # minutes with room for a slow machine (README: val mIoU 0.562 in 685 s)
+    # minutes with room for a slow machine (README: val mIoU 0.562 in 685 s; not 0.7: sentences
+    # that pick the extreme of a group stay at ~0.34 mIoU, see the README's synthetic-data section)
     "tiny": MMNetConfig(image_arch="tiny", text_arch="tiny", image_size=96, dim=64, num_queries=12,
                         heads=4, ffn_dim=256, decoder_layers=2, dropout=0.0, lr=1e-3, warmup=0.03,
                         epochs=9, batch_size=16),
