@@ -161,4 +161,12 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     with open(two_json) as f:
         two = json.load(f)
     assert one["n"] == two["n"] == 13
+    by_type = one.pop("by_type")  # printed, not in the JSON: compare the printed rows
     assert two == pytest.approx(one, rel=1e-12, abs=1e-12)
+    assert sum(m["n"] for m in by_type.values()) == 13
+    for stype, m in by_type.items():
+        row = [r.split() for r in res.stdout.splitlines() if r.split()[:1] == [stype]]
+        assert len(row) == 1 and int(row[0][-1]) == m["n"], res.stdout
+        columns = ("mIoU", "oIoU") + tuple(f"Pr@{t}" for t in (0.5, 0.6, 0.7, 0.8, 0.9))
+        assert [float(v) for v in row[0][1:-1]] == pytest.approx([100 * m[c] for c in columns],
+                                                                 abs=0.006)
