@@ -389,13 +389,13 @@ class ShapesDataset(Dataset):
                     if hits == [target]:
                         found["relation"].append(
                             f"the {_phrase(attrs)} {rel} the {_phrase(ref_attrs)}")
-        kinds = [k for k in SENTENCE_TYPES if found[k]]
-        if not kinds:
+        stypes = [k for k in SENTENCE_TYPES if found[k]]
+        if not stypes:
             return None
         weights = np.array([{"attribute": 0.6, "position": 0.25, "relation": 0.15}[k]
-                            for k in kinds])
-        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        return str(rng.choice(found[kind])), kind
+                            for k in stypes])
+        stype = stypes[int(rng.choice(len(stypes), p=weights / weights.sum()))]
+        return str(rng.choice(found[stype])), stype
 
     def _render(self, objects: list[dict], rng) -> tuple[np.ndarray, np.ndarray]:
         s = self.size

@@ -450,11 +450,12 @@ def print_table(results: dict, title: str) -> None:
     cols = ["mIoU", "oIoU"] + [f"Pr@{t}" for t in THRESHOLDS]
     print(title)
     print(f"{'split':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}")
+    row = lambda label, m: print(f"{label:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols)
+                                 + f"{m['n']:>8}")
     for split, m in results.items():
-        print(f"{split:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols) + f"{m['n']:>8}")
+        row(split, m)
         for stype, mt in m.get("by_type", {}).items():  # the synthetic data's sentence types
-            print(f"{'  ' + stype:<10}" + "".join(f"{100 * mt[c]:>9.2f}" for c in cols)
-                  + f"{mt['n']:>8}")
+            row("  " + stype, mt)
     sys.stdout.flush()
 
 

@@ -470,7 +470,7 @@ class M3Dec(RISModel):
         groups = [dict(params=[p for p in self.trainable_parameters() if id(p) in pretrained],
                        lr=lr * self.cfg.encoder_lr_scale),
                   dict(params=[p for p in self.trainable_parameters() if id(p) not in pretrained])]
-        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=True)  # fast on CPU
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=True)
         return opt, optim.step_decay(opt, total_steps, self.cfg.lr_milestones, gamma=0.1)
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:

@@ -290,7 +290,6 @@ class MaIL(RISModel):
 
     def configure_optimizers(self, lr: float, total_steps: int):
         """AdamW, linear warm-up over 10% of the steps, then linear decay to zero (Sec. 4.1)."""
-        # fused=True: one kernel for all tensors (CPU and CUDA, torch >= 2.4), ~10x faster on CPU
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr,
                                 weight_decay=self.cfg.weight_decay, fused=True)
         return opt, optim.warmup_linear(opt, total_steps, warmup=self.cfg.warmup)

@@ -228,10 +228,10 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
             pred = data.to_original(out["mask_logits"][i], batch["valid_hw"][i],
                                     batch["orig_hw"][i]) > 0
             inter, union = intersection_union(pred[None], batch["gt"][i][None])
-            acc.add(inter[0], union[0])
-            if batch["sentence_type"][i] in by_type:
-                by_type[batch["sentence_type"][i]].add(inter[0], union[0])
-            ious.append(float(inter[0] / union[0]) if union[0] else 1.0)
+            ious.append(acc.add(inter[0], union[0]))
+            group = by_type.get(batch["sentence_type"][i])  # None: no type (RefCOCO)
+            if group is not None:
+                group.add(inter[0], union[0])
         if on_batch is not None:
             on_batch(batch, out, ious)
     raw.train(was_training)

@@ -48,9 +48,9 @@ def sine_init_(table: Tensor) -> Tensor:
     """Fill a learned position table of a square patch grid, (g*g, C) in row-major order (any
     view of one), with the fixed 2-D sine encoding, in place. Used when an encoder is trained
     from scratch: its position embedding then starts out spatially ordered, as MAE's fixed one
-    is, instead of as noise to be sorted out first (the tiny configs learn "left of" / "below"
-    slowly). Measured after 750 steps, one run each (run-to-run spread is about as large):
-    MARIS tiny val mIoU 0.524 vs 0.514 with trunc_normal(0.02), MaIL tiny 0.461 vs 0.444."""
+    is, instead of as noise to be sorted out first. Measured after 750 steps, one run each
+    (run-to-run spread is about as large): MARIS tiny val mIoU 0.524 vs 0.514 with
+    trunc_normal(0.02), MaIL tiny 0.461 vs 0.444."""
     n, c = table.shape
     g = round(n**0.5)
     if g * g != n:

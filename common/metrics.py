@@ -41,7 +41,8 @@ class IoUAccumulator:
         # n, sum IoU, sum intersection, sum union, then one count per threshold
         self.sums = torch.zeros(4 + len(THRESHOLDS), dtype=torch.float64)
 
-    def add(self, inter: float | Tensor, union: float | Tensor) -> None:
+    def add(self, inter: float | Tensor, union: float | Tensor) -> float:
+        """Add one sample; returns its IoU."""
         inter, union = float(inter), float(union)
         value = inter / union if union > 0 else 1.0
         self.sums[0] += 1
@@ -50,6 +51,7 @@ class IoUAccumulator:
         self.sums[3] += union
         for k, t in enumerate(THRESHOLDS):
             self.sums[4 + k] += value >= t
+        return value
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one sample's boolean masks (any shape, same size)."""
