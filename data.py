@@ -5,13 +5,17 @@ A raw sample (what a dataset's __getitem__ returns) is a dict:
   image        uint8 (H, W, 3) RGB, the image as the user sees it
   sentence     str, the referring expression
   mask         bool (H, W), the referred object
-  instances    bool (K, H, W), every annotated object of the image (the referred one included);
-               MaIL's candidate masks
-  target_index int, index of the referred object in `instances` (-1 if absent)
+  instances    bool (K, H, W), MaIL's candidate masks, only for a model that takes candidates
+               (build_dataset's `candidates`): the annotated objects (the oracle), a simulated
+               detector's or a proposals file's masks
+  target_index int, index of the referred object in `instances` (-1 if absent or no instances)
   image_id     int
   image_key    str, names the image and how it was generated (the feature cache's key)
-A prepared sample (Preprocess) holds tensors at the model's input resolution; `collate` pads
-them into a batch. Predictions go back to the original resolution with `to_original`.
+  image_hw     (H, W), only in a sample read without its image (build_dataset's images=False:
+               a run whose frozen image encoder's features all come from common.cache)
+A prepared sample (Preprocess) holds tensors at the model's input resolution, the image still
+uint8; `collate` pads them into a batch; `to_device` moves a batch to the model's device and
+normalises its images there. Predictions go back to the original resolution with `to_original`.
 
 Shapes: B batch, K candidates, L tokens, H W input size, H0 W0 original size.
 """
@@ -64,8 +68,15 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(path: str, exif: bool = True) -> np.ndarray:
-    """Read an image as uint8 RGB, rotated as its EXIF orientation says (as viewers show it)."""
+def load_image(path: str, exif: bool = False) -> np.ndarray:
+    """Read an image as uint8 RGB (H, W, 3), in the orientation its pixels are stored in.
+
+    exif=True turns it the way its EXIF orientation tag says, as photo viewers show it: only for a
+    user's own photo (eval.py's single-image prediction), whose mask must match what the user
+    sees. Dataset images keep exif=False: COCO's polygons are drawn on the stored pixels, and an
+    orientation tag that rotates by 180 degrees, mirrors, or turns a square image would otherwise
+    move the image under its masks without changing its size.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path!r}")
     try:
@@ -147,13 +158,23 @@ def load_instances(path: str) -> dict:
     return data
 
 
+MIN_POLYGON_COORDS = 6  # three (x, y) points: anything less encloses no area
+
+
 def decode_segmentation(segm, h: int, w: int) -> np.ndarray:
-    """COCO polygons or RLE -> bool (h, w). Overlapping polygons sum, so binarise with > 0."""
+    """COCO polygons or RLE -> bool (h, w). Overlapping polygons sum, so binarise with > 0.
+
+    A polygon with fewer than 6 coordinates (a point or a line, found in some COCO annotations)
+    covers no pixel: it is skipped, and an annotation made only of such polygons decodes to an
+    empty mask. (pycocotools cannot decode them: it reads 4 numbers as a box, fewer as an error.)
+    """
     from pycocotools import mask as mask_utils
 
     if isinstance(segm, list):  # polygons
-        rles = mask_utils.frPyObjects(segm, h, w)
-        rle = mask_utils.merge(rles)
+        polygons = [p for p in segm if len(p) >= MIN_POLYGON_COORDS]
+        if not polygons:
+            return np.zeros((h, w), bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
     elif isinstance(segm.get("counts"), list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(segm, h, w)
     else:  # compressed RLE
@@ -171,12 +192,19 @@ class ReferDataset(Dataset):
     Arguments:
       root: DATA_ROOT (see REFER_LAYOUT); dataset: refcoco | refcoco+ | refcocog;
       split_by: unc | umd | google; split: e.g. val, testA; image_dir: overrides
-      DATA_ROOT/images/train2014.
-    Refs without sentences are skipped and counted in `skipped_refs`.
+      DATA_ROOT/images/train2014; instances: decode the image's annotated objects into
+      `instances` (MaIL's oracle candidates). Without it only the referred object's mask is
+      decoded, and samples carry no `instances` (target_index -1); images: read each image (else
+      samples carry its size, `image_hw`, from instances.json, and the file is not opened).
+    Refs without sentences are skipped and counted in `skipped_refs`. COCO crowd annotations
+    (iscrowd=1: a region of many objects, e.g. "people") are never instances, except the referred
+    object itself, which always is one (the referred object decides the sample, crowd or not).
+    Images are read in their stored orientation (load_image: the polygons are drawn on it).
     """
 
     def __init__(self, root: str, dataset: str = "refcoco", split: str = "val",
-                 split_by: str | None = None, image_dir: str | None = None):
+                 split_by: str | None = None, image_dir: str | None = None,
+                 instances: bool = True, images: bool = True):
         split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
         if (dataset, split_by) not in SPLITS:
             raise ValueError(f"unknown dataset/split_by {dataset}/{split_by}; "
@@ -208,6 +236,7 @@ class ReferDataset(Dataset):
                 continue
             self.samples += [(ref["image_id"], ref["ann_id"], s) for s in sents]
         self.name = f"{dataset}({split_by})/{split}"
+        self.with_instances, self.with_images = instances, images
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -225,18 +254,25 @@ class ReferDataset(Dataset):
         image_id, ann_id, sentence = self.samples[i]
         info = self.images[image_id]
         h, w = info["height"], info["width"]
-        path = self.image_path(image_id)
-        image = load_image(path)
-        if image.shape[:2] != (h, w):  # annotations are in the stored orientation
-            image = load_image(path, exif=False)
+        sample = dict(sentence=sentence, target_index=-1, image_id=image_id,
+                      image_key=f"coco/{image_id}")
+        if self.with_images:
+            path = self.image_path(image_id)
+            image = load_image(path, exif=False)  # the stored orientation, which polygons use
             if image.shape[:2] != (h, w):
                 raise ImageError(f"{path!r} is {image.shape[1]}x{image.shape[0]}, but "
                                  f"instances.json says {w}x{h}")
-        ids = self.anns_of_image[image_id]
+            sample["image"] = image
+        else:
+            sample["image_hw"] = (h, w)
+        if not self.with_instances:
+            sample["mask"] = decode_segmentation(self.anns[ann_id]["segmentation"], h, w)
+            return sample
+        ids = [a for a in self.anns_of_image[image_id]
+               if a == ann_id or not self.anns[a].get("iscrowd", 0)]
         instances = np.stack([decode_segmentation(self.anns[a]["segmentation"], h, w) for a in ids])
         target = ids.index(ann_id)
-        return dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
-                    target_index=target, image_id=image_id, image_key=f"coco/{image_id}")
+        return dict(sample, mask=instances[target], instances=instances, target_index=target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,16 +318,19 @@ class ShapesDataset(Dataset):
     the same data. The sentence picks out exactly one shape by its attributes ("the big red
     circle"), its position within a group ("the triangle on the left", "the leftmost blue
     shape") or its relation to another shape ("the square below the green circle"). Masks are
-    exact; every shape is a candidate instance (MaIL).
+    exact; with `instances`, every shape's mask is in `instances` (MaIL's oracle candidates),
+    without it samples carry none (target_index -1). Without `images` samples carry the image's
+    size (`image_hw`) instead of the image (it is still rendered: it shares the masks' draws).
     """
 
     MEMO_BYTES = 1 << 30
 
     def __init__(self, split: str = "train", num_samples: int = 2000, image_size: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, instances: bool = True, images: bool = True):
         if split not in SPLIT_CODES:
             raise ValueError(f"shapes has splits {tuple(SPLIT_CODES)}, not {split!r}")
         self.split, self.num_samples, self.size, self.seed = split, num_samples, image_size, seed
+        self.with_instances, self.with_images = instances, images
         self.name = f"shapes/{split}"
         # rendered samples are kept in memory (rendering is ~10% of a tiny training step on CPU)
         # up to MEMO_BYTES per process; a fresh dict each time, whose arrays are shared: do not
@@ -325,7 +364,13 @@ class ShapesDataset(Dataset):
         sample = dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
                       sentence_type=sentence_type, target_index=target, image_id=i,
                       image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
-        size = image.nbytes + instances.nbytes
+        if not self.with_instances:  # the target's own copy: the memo keeps no other mask
+            sample.update(mask=instances[target].copy(), target_index=-1)
+            del sample["instances"]
+        if not self.with_images:
+            sample["image_hw"] = image.shape[:2]
+            del sample["image"]
+        size = sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray))
         if self._memo_bytes + size <= self.MEMO_BYTES:
             self._memo[i], self._memo_bytes = sample, self._memo_bytes + size
         return dict(sample)
@@ -442,33 +487,68 @@ def flip_sentence(sentence: str) -> str:
     return _FLIP_RE.sub(lambda m: _FLIP_WORDS[m.group(1)], sentence)
 
 
+def image_hw(sample: dict) -> tuple[int, int]:
+    """A raw sample's original image size (H0, W0), whether it holds its image or not."""
+    if "image" in sample:
+        return tuple(sample["image"].shape[:2])
+    return tuple(sample["image_hw"])
+
+
 def resize_image(image: np.ndarray, spec: InputSpec) -> tuple[Tensor, tuple[int, int]]:
-    """uint8 (H0, W0, 3) -> normalised float (3, h, w) resized as the spec says, and (h, w)."""
+    """uint8 (H0, W0, 3) -> uint8 (3, h, w) resized as the spec says, and (h, w).
+
+    The image stays uint8 until `normalise` (on the model's device, see `to_device`): a quarter
+    of float32's bytes between processes (3 MiB instead of 12 MiB at 1024x1024). The antialiased
+    bilinear resize runs on uint8 directly and agrees with a float resize rounded to uint8 within
+    one grey level.
+    """
     h0, w0 = image.shape[:2]
     h, w = spec.resized_hw(h0, w0)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, H0, W0)
     if (h, w) != (h0, w0):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0], (h, w)
+    return x[0].contiguous(), (h, w)
+
+
+def normalise(image: Tensor, spec: InputSpec, image_mask: Tensor | None = None) -> Tensor:
+    """uint8 images (B, 3, H, W) -> float (B, 3, H, W) with the spec's mean and std, on their
+    own device; pixels outside `image_mask` (B, H, W), the padding, become 0 as InputSpec says."""
+    mean = torch.tensor(spec.mean, device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=image.device).view(1, 3, 1, 1)
+    x = (image.float() / 255 - mean) / std
+    if image_mask is not None:
+        x = x * image_mask[:, None]
+    return x
 
 
 def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> Tensor:
-    """bool (K, H0, W0) -> bool (K, h, w) by nearest neighbour."""
-    m = torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8)[None]
-    if tuple(m.shape[-2:]) != tuple(hw):
-        m = F.interpolate(m, size=hw, mode="nearest-exact")
-    return m[0].bool()
+    """bool (K, H0, W0) -> bool (K, h, w) by nearest neighbour: output pixel i takes input pixel
+    floor((i + 0.5) * H0 / h), as F.interpolate's "nearest-exact", by indexing (5x faster than
+    interpolating a uint8 copy at SAM's 1024x1024)."""
+    h0, w0 = masks.shape[-2:]
+    h, w = hw
+    if (h, w) == (h0, w0):
+        return torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+    rows = np.minimum(((np.arange(h) + 0.5) * (h0 / h)).astype(np.int64), h0 - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * (w0 / w)).astype(np.int64), w0 - 1)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(masks, bool)[:, rows][:, :, cols]))
 
 
-def pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Zero-pad the last two axes at the bottom and right."""
-    return F.pad(x, (0, hw[1] - x.shape[-1], 0, hw[0] - x.shape[-2]))
+def stack_padded(xs: list[Tensor], hw: tuple[int, int], dtype: torch.dtype | None = None) -> Tensor:
+    """Tensors (..., h_i, w_i) of one shape otherwise -> (B, ..., H, W), each at the top left and
+    zero elsewhere: one copy per sample (padding then stacking would make two)."""
+    out = xs[0].new_zeros(len(xs), *xs[0].shape[:-2], *hw, dtype=dtype)
+    for b, x in enumerate(xs):
+        out[b, ..., : x.shape[-2], : x.shape[-1]] = x
+    return out
 
 
 class Preprocess:
-    """Raw sample -> model inputs, as the model's InputSpec and tokenizer say.
+    """Raw sample -> model inputs, as the model's InputSpec and tokenizer say: image uint8
+    (3, h, w) resized (not yet normalised: `to_device` does it on the model's device), mask
+    (1, h, w) and cand_masks (K, h, w) bool, text ids; (h, w) = valid_hw, unpadded: `collate`
+    pads every sample to the batch's largest canvas_hw. keep_original adds `gt`, the mask at
+    the original resolution (metrics).
 
     Augmentation (training) is a horizontal flip (probability 1/2) with "left"/"right" swapped in
     the sentence; nothing that changes colour, size or relative position, which sentences name.
@@ -480,24 +560,28 @@ class Preprocess:
         self.augment, self.candidates, self.keep_original = augment, candidates, keep_original
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
-        image, sentence, mask = sample["image"], sample["sentence"], sample["mask"]
+        image, sentence, mask = sample.get("image"), sample["sentence"], sample["mask"]
         instances = sample.get("instances")
+        orig_hw = image_hw(sample)
         if self.augment and rng is not None and rng.random() < 0.5:
-            image, mask, sentence = image[:, ::-1], mask[:, ::-1], flip_sentence(sentence)
+            mask, sentence = mask[:, ::-1], flip_sentence(sentence)
+            image = image[:, ::-1] if image is not None else None
             instances = instances[:, :, ::-1] if instances is not None else None
         ids, truncated = self.tokenizer(sentence)
-        x, hw = resize_image(image, self.spec)
-        canvas = self.spec.canvas_hw(*image.shape[:2])
-        out = dict(image=pad_to(x, canvas), text=torch.tensor(ids), truncated=truncated,
-                   mask=pad_to(resize_masks(mask[None], hw), canvas), valid_hw=hw,
-                   orig_hw=tuple(image.shape[:2]), sentence=sentence,
+        hw = self.spec.resized_hw(*orig_hw)
+        # tensors at the resized size (h, w); collate pads them to the batch's canvas
+        out = dict(text=torch.tensor(ids), truncated=truncated,
+                   mask=resize_masks(mask[None], hw), valid_hw=hw,
+                   canvas_hw=self.spec.canvas_hw(*orig_hw), orig_hw=orig_hw, sentence=sentence,
                    image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1),
                    sentence_type=sample.get("sentence_type", ""),
                    image_key=sample.get("image_key", ""))
+        if image is not None:  # read without its image: sizes only (image_hw)
+            out["image"], _ = resize_image(image, self.spec)
         if self.candidates:  # no instances: one empty candidate (MaIL then has no mask tokens)
             if instances is None or not len(instances):
-                instances = np.zeros((1, *image.shape[:2]), bool)
-            out["cand_masks"] = pad_to(resize_masks(instances, hw), canvas)
+                instances = np.zeros((1, *orig_hw), bool)
+            out["cand_masks"] = resize_masks(instances, hw)
         if self.keep_original:
             out["gt"] = torch.from_numpy(np.ascontiguousarray(mask))
         return out
@@ -540,29 +624,36 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict:
     """Pad a list of prepared samples into a batch (None items, skipped samples, are dropped and
     counted in "skipped").
 
-    image (B, 3, H, W), image_mask (B, H, W) True on real pixels, text (B, L) padded with
-    `pad_id`, text_mask (B, L) True on real tokens, mask (B, 1, H, W) float target;
-    with candidates: cand_masks (B, K, H, W) bool, cand_valid (B, K) bool, target_index (B,).
+    (H, W) is the largest canvas (InputSpec.canvas_hw) of the batch; every sample sits at the top
+    left, padded at the bottom and right. image (B, 3, H, W) uint8 padded with 0 (`to_device`
+    normalises it on the model's device; absent for samples read without images), image_mask
+    (B, H, W) True on real pixels, text (B, L) padded with `pad_id`, text_mask (B, L) True on
+    real tokens, mask (B, 1, H, W) float target; with candidates: cand_masks (B, K, H, W) bool,
+    cand_valid (B, K) bool, target_index (B,).
     """
     skipped = sum(it is None for it in items)
     items = [it for it in items if it is not None]
     if not items:
         raise ImageError(f"all {skipped} images of a batch failed to decode (see the warnings)")
     B = len(items)
-    H = max(it["image"].shape[1] for it in items)
-    W = max(it["image"].shape[2] for it in items)
+    H = max(it["canvas_hw"][0] for it in items)
+    W = max(it["canvas_hw"][1] for it in items)
     L = max(len(it["text"]) for it in items)
+    with_image = ["image" in it for it in items]
+    if any(with_image) and not all(with_image):
+        raise ValueError("a batch mixes samples with and without their image")
     batch = dict(
-        image=torch.stack([pad_to(it["image"], (H, W)) for it in items]),
         image_mask=torch.zeros(B, H, W, dtype=torch.bool),
         text=torch.full((B, L), pad_id, dtype=torch.long),
         text_mask=torch.zeros(B, L, dtype=torch.bool),
-        mask=torch.stack([pad_to(it["mask"], (H, W)) for it in items]).float(),
+        mask=stack_padded([it["mask"] for it in items], (H, W), torch.float32),
         target_index=torch.tensor([it["target_index"] for it in items]),
         index=torch.tensor([it["index"] for it in items]),
         truncated=sum(bool(it["truncated"]) for it in items),
         skipped=skipped,
     )
+    if all(with_image):
+        batch["image"] = stack_padded([it["image"] for it in items], (H, W))
     for b, it in enumerate(items):
         h, w = it["valid_hw"]
         batch["image_mask"][b, :h, :w] = True
@@ -577,8 +668,8 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict:
         batch["cand_masks"] = torch.zeros(B, K, H, W, dtype=torch.bool)
         batch["cand_valid"] = torch.zeros(B, K, dtype=torch.bool)
         for b, it in enumerate(items):
-            k = len(it["cand_masks"])
-            batch["cand_masks"][b, :k] = pad_to(it["cand_masks"], (H, W))
+            k, h, w = it["cand_masks"].shape
+            batch["cand_masks"][b, :k, :h, :w] = it["cand_masks"]
             batch["cand_valid"][b, :k] = True
     return batch
 
@@ -588,6 +679,59 @@ def to_original(logits: Tensor, valid_hw: tuple[int, int], orig_hw: tuple[int, i
     h, w = valid_hw
     x = logits[..., :h, :w].float()[None]  # (1, 1, h, w)
     return F.interpolate(x, size=tuple(orig_hw), mode="bilinear", align_corners=False)[0, 0]
+
+
+def to_device(batch: dict, device: torch.device | str, spec: InputSpec | None = None) -> dict:
+    """Move a collated batch to `device`: every tensor, and every tensor inside a list (the
+    per-sample `gt` masks), so that nothing a metric compares is left behind on the CPU. An
+    image batch still in uint8 (0-255) is normalised here, on the device, with `spec`'s
+    statistics; its padding (outside `image_mask`) is zero after normalisation, as InputSpec says.
+    """
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and all(torch.is_tensor(t) for t in v):
+            return [t.to(device, non_blocking=True) for t in v]
+        return v
+
+    out = {k: move(v) for k, v in batch.items()}
+    image = out.get("image")
+    if image is not None and image.dtype == torch.uint8:
+        if spec is None:
+            raise ValueError("a uint8 image batch needs the model's InputSpec to be normalised")
+        out["image"] = normalise(image, spec, out.get("image_mask"))
+    return out
+
+
+CANDIDATE_SOURCES = ("simulated", "oracle")  # besides a proposals file's path
+
+
+def candidate_source(dataset: str, path: str | None = None, oracle: bool = False) -> str:
+    """Where a model that takes candidate masks (MaIL) gets them: a proposals file's path,
+    "oracle" (the annotated instances: they contain the answer, an upper bound) or "simulated"
+    (the synthetic data's built-in detector, common.proposals). A REFER dataset has no proposals
+    of its own: without a file (or an explicit oracle) this stops and says how to make one."""
+    if path and oracle:
+        raise ValueError("--candidates FILE and --oracle-candidates exclude each other")
+    if path:
+        return path
+    if oracle:
+        return "oracle"
+    if dataset == "shapes":
+        return "simulated"
+    raise ValueError(MISSING_PROPOSALS.format(dataset=dataset))
+
+
+MISSING_PROPOSALS = """MaIL selects among candidate masks that come from an instance-segmentation
+model (the paper: a ResNet-50 Mask R-CNN trained on the {dataset} train instances, Sec. 4.1), and
+no proposals were given. Either
+  - pass --candidates PROPOSALS.json, a file in the COCO results format (data.CANDIDATES_FORMAT;
+    detectron2's coco_instances_results.json works, and data.encode_candidates writes entries
+    from your own detector's masks), e.g. made by a torchvision Mask R-CNN loaded from a local
+    weights file: python -m common.proposals --help (a COCO-trained detector has seen RefCOCO's
+    val/test images, which are COCO train2014 images; the paper's saw only the train split); or
+  - pass --oracle-candidates to use the annotated instances. They contain the referred object's
+    exact mask, so the result is an oracle (upper bound), not comparable with the paper's."""
 
 
 class ShardSampler(Sampler):
@@ -662,6 +806,31 @@ def candidate_masks(cands: list[dict], h: int, w: int) -> np.ndarray:
     return np.stack(masks) if masks else np.zeros((0, h, w), bool)
 
 
+class OracleCandidates(Dataset):
+    """A raw dataset whose annotated `instances` are cut to at most `max_candidates`: the
+    referred object (which an oracle always holds) and the first max_candidates - 1 others, in
+    annotation order; `target_index` follows the referred object."""
+
+    def __init__(self, base: Dataset, max_candidates: int):
+        self.base, self.max_candidates = base, max_candidates
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str):  # sentence(), image_path(), ... of the wrapped dataset
+        if name in ("base", "max_candidates"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = dict(self.base[i])
+        instances, target = sample["instances"], sample["target_index"]
+        others = [k for k in range(len(instances)) if k != target][: self.max_candidates - 1]
+        keep = sorted(others + [target])
+        sample.update(instances=instances[keep], target_index=keep.index(target))
+        return sample
+
+
 class WithCandidates(Dataset):
     """A raw dataset whose `instances` (MaIL's candidate masks) come from a proposals file
     (load_candidates) instead of the annotations; an image the file does not hold has none.
@@ -680,9 +849,10 @@ class WithCandidates(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = dict(self.base[i])
-        h, w = sample["image"].shape[:2]
-        sample["instances"] = candidate_masks(self.candidates.get(int(sample["image_id"]), []),
-                                              h, w)
+        h, w = image_hw(sample)
+        cands = self.candidates.get(int(sample["image_id"]), [])
+        sample["instances"] = candidate_masks(cands, h, w)
+        sample["candidate_scores"] = np.array([c["score"] for c in cands], np.float32)
         sample["target_index"] = -1
         return sample
 
@@ -696,13 +866,65 @@ def sentences(dataset) -> list[str]:
 def build_dataset(name: str, split: str, *, data_root: str | None = None,
                   split_by: str | None = None, image_dir: str | None = None,
                   shapes_size: int = 2000, shapes_image_size: int = 128, seed: int = 0,
-                  candidates: dict[int, list[dict]] | None = None) -> Dataset:
-    """`shapes` (built in) or a REFER dataset (refcoco, refcoco+, refcocog) split; with
-    `candidates` (load_candidates), its instance masks are replaced by those proposals."""
+                  candidates: str | None = None, max_candidates: int | None = None,
+                  min_score: float = 0.0, images: bool = True) -> Dataset:
+    """`shapes` (built in) or a REFER dataset (refcoco, refcoco+, refcocog) split.
+
+    images=False: samples carry the image's size (`image_hw`), not the image, and a REFER image
+    file is not read: for a run whose every frozen image feature comes from common.cache.
+
+    candidates (see candidate_source), for a model that takes candidate masks:
+      None         the model takes none: samples carry no `instances`, none is decoded;
+      "oracle"     the annotated instances (COCO crowd annotations excluded, see ReferDataset):
+                   they contain the answer, an upper bound; max_candidates keeps the referred
+                   object and the first max_candidates - 1 others in annotation order
+                   (annotations have no score, so min_score does not apply);
+      "simulated"  common.proposals.SimulatedCandidates: a simulated detector's proposals,
+                   score >= min_score, the max_candidates best;
+      a path       a proposals file (CANDIDATES_FORMAT), score >= min_score, the max_candidates
+                   best per image (load_candidates, WithCandidates).
+    """
+    if candidates is not None and not isinstance(candidates, str):
+        raise TypeError(f"candidates is None, 'oracle', 'simulated' or a proposals file's path, "
+                        f"not a {type(candidates).__name__}")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")
+    # the annotated instances are decoded only where candidates are made from them
+    instances = candidates in CANDIDATE_SOURCES
     if name == "shapes":
-        ds = ShapesDataset(split, shapes_size, shapes_image_size, seed)
+        ds = ShapesDataset(split, shapes_size, shapes_image_size, seed, instances=instances,
+                           images=images)
     elif data_root is None:
         raise ValueError(f"--data-root is needed for {name}\n{REFER_LAYOUT}")
     else:
-        ds = ReferDataset(data_root, name, split, split_by, image_dir)
-    return ds if candidates is None else WithCandidates(ds, candidates)
+        ds = ReferDataset(data_root, name, split, split_by, image_dir, instances=instances,
+                          images=images)
+    if candidates is None:
+        return ds
+    if candidates == "oracle":
+        return ds if max_candidates is None else OracleCandidates(ds, max_candidates)
+    if candidates == "simulated":
+        from common.proposals import SimulatedCandidates  # imports data: import here, not above
+
+        return SimulatedCandidates(ds, seed=seed, max_candidates=max_candidates,
+                                   min_score=min_score)
+    return WithCandidates(ds, _read_candidates(candidates, min_score, max_candidates))
+
+
+def _read_candidates(path: str, min_score: float, max_per_image: int | None) -> dict:
+    """load_candidates, read once per process for the splits of one run (a detector's results
+    file for RefCOCO holds ~100 masks per image); read again when the file changes."""
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.isfile(path) else None,
+           min_score, max_per_image)
+    if _CANDIDATE_FILES.get("key") != key:
+        _CANDIDATE_FILES.update(key=key, value=load_candidates(path, min_score, max_per_image))
+    return _CANDIDATE_FILES["value"]
+
+
+_CANDIDATE_FILES: dict = {}  # the last proposals file read: {"key": ..., "value": ...}
+
+
+def candidate_label(source: str) -> str:
+    """How a candidate source is named in printed tables and JSON: "oracle", "simulated", or the
+    proposals file's base name."""
+    return source if source in CANDIDATE_SOURCES else os.path.basename(source)

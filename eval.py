@@ -5,11 +5,17 @@
 --json m.json
   torchrun --nproc_per_node=2 eval.py --checkpoint C                         # same numbers, faster
   python eval.py --checkpoint C --save-vis vis/ --num-vis 16                  # overlays
-  python eval.py --checkpoint C --image photo.jpg --text "the dog on the left" --out dog.png
+  python eval.py --checkpoint C --image photo.jpg --text "the dog on the left" --save-mask dog.png
+  python eval.py --checkpoint C --export weights.pt       # a self-contained, weights-only file
+  python eval.py --plot runs/maris-tiny-shapes            # loss and val curves -> PNG
 
-Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution:
-mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of samples. Data flags default to the ones the
-checkpoint was trained with.
+Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution,
+in fp32 whatever --amp the model runs under: mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of
+samples. Data flags default to the ones the checkpoint was trained with, the candidate source of
+a model that takes candidate masks (MaIL) included. --json writes one layout:
+  {"model": NAME, "config": CONFIG, "checkpoint": PATH, "dataset": NAME,
+   "candidates": "simulated" | "oracle" | PROPOSALS FILE NAME | null,
+   "splits": {SPLIT: {"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "n"}}}
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -91,12 +98,14 @@ def visual(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, sentence:
 
 @torch.no_grad()
 def predict(model, image: np.ndarray, sentence: str, device="cpu",
-            candidates: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution.
+            candidates: np.ndarray | None = None, amp: str = "none") -> tuple[np.ndarray, dict]:
+    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution,
+    with the model on `device` (and under `amp`: none | bf16 | fp16).
     candidates: bool (K, H0, W0) instance masks for MaIL; without them it gets one empty
     candidate and segments from the image and the words alone."""
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names)
+    device = torch.device(device)
     if candidates is None:
         candidates = np.zeros((0, *image.shape[:2]), bool)
     if candidates.shape[1:] != image.shape[:2]:
@@ -105,9 +114,11 @@ def predict(model, image: np.ndarray, sentence: str, device="cpu",
                   instances=candidates.astype(bool))
     item = prep(sample)
     item["index"] = 0
-    batch = train.move(data.collate([item], model.tokenizer.pad_id), device)
+    batch = data.to_device(data.collate([item], model.tokenizer.pad_id), device, model.input_spec)
     model.eval()
-    out = model(**model.inputs_from(batch))
+    with train.autocast(device, amp):
+        out = model(**model.inputs_from(batch))
+    # to_original upsamples in fp32: the threshold never sees bf16/fp16 rounding
     logits = data.to_original(out["mask_logits"][0], batch["valid_hw"][0], batch["orig_hw"][0])
     return (logits > 0).cpu().numpy(), out
 
@@ -155,10 +166,11 @@ def bench_batch(model, n: int, device) -> dict:
     """A real batch of synthetic shapes at the model's own input size."""
     spec = model.input_spec
     side = spec.max_size if spec.resize == "shorter" else spec.size
-    base = data.ShapesDataset("val", n, side, seed=0)
+    base = data.ShapesDataset("val", n, side, seed=0,
+                              instances="cand_masks" in model.input_names)
     prep = data.Preprocess(spec, model.tokenizer, candidates="cand_masks" in model.input_names)
     items = [dict(prep(base[i]), index=i) for i in range(n)]
-    return train.move(data.collate(items, model.tokenizer.pad_id), device)
+    return data.to_device(data.collate(items, model.tokenizer.pad_id), device, spec)
 
 
 def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
@@ -288,31 +300,52 @@ def run_benchmark(args) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+RENAMED = {"--out": "--save-mask"}  # eval.py flags renamed so that a flag means one thing in
+# train.py and eval.py (train.py's --out is a run folder)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
     p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (or: all)")
-    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--json", default=None,
+                   help="write the metrics here (layout in the description above)")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write overlay PNGs here")
     p.add_argument("--num-vis", type=int, default=16,
                    help="how many samples to visualise per split")
     p.add_argument("--batch-size", type=int, default=None,
                    help="evaluation: 8; benchmark: 8 tiny, 1 paper")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="the model's precision (default bf16 on CUDA, none on CPU); metrics are "
+                        "computed in fp32 either way")
+    p.add_argument("--device", default=None,
+                   help="cpu | cuda | cuda:N (default: cuda if available; under torchrun each "
+                        "process's own GPU)")
     p.add_argument("--cache-features", default=None, metavar="DIR",
                    help="read/write frozen encoders' features here (as train.py --cache-features)")
-    p.add_argument("--image", default=None, help="predict on this image (with --text, --out)")
+    p.add_argument("--image", default=None, help="predict on this image (with --text)")
     p.add_argument("--text", default=None, help="the referring expression for --image")
-    p.add_argument("--out", default=None, help="mask PNG for --image; the overlay goes beside it")
+    p.add_argument("--save-mask", default=None, metavar="PNG",
+                   help="mask PNG for --image (default IMAGE.mask.png); the overlay goes beside it")
+    for old in RENAMED:
+        p.add_argument(old, dest="renamed_" + old.strip("-"), default=None,
+                       help=argparse.SUPPRESS)
     p.add_argument("--image-id", type=int, default=None,
                    help="MaIL: --image's id in --candidates (default: the file's only image)")
+    p.add_argument("--export", default=None, metavar="OUT.pt",
+                   help="write --checkpoint as a self-contained weights-only file "
+                        "(train.export_checkpoint) and stop")
+    p.add_argument("--plot", default=None, metavar="RUN_DIR",
+                   help="draw the loss and validation curves of a run's log.jsonl to a PNG "
+                        "(train.plot_log) and stop; no checkpoint needed")
+    p.add_argument("--plot-out", default=None, metavar="PNG",
+                   help="where --plot writes (default RUN_DIR/curves.png)")
     train.add_data_args(p)
     g = p.add_argument_group("benchmark (no checkpoint needed)")
     g.add_argument("--benchmark", action="store_true", help="print the speed/memory table")
     g.add_argument("--model", default="all", help="a model name or all")
     g.add_argument("--config", default="tiny", help="config of each model to benchmark")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--repeats", type=int, default=5)
     g.add_argument("--freeze-encoders", action="store_true",
@@ -321,10 +354,13 @@ def parse_args(argv=None):
     g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for old, new in RENAMED.items():
+        if getattr(args, "renamed_" + old.strip("-")) is not None:
+            p.error(f"eval.py {old} is now {new} (in train.py, {old} is the run folder)")
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
-    if not args.benchmark and args.checkpoint is None:
-        p.error("--checkpoint is needed (except with --benchmark)")
+    if args.plot is None and not args.benchmark and args.checkpoint is None:
+        p.error("--checkpoint is needed (except with --benchmark or --plot)")
     return args
 
 
@@ -333,6 +369,9 @@ def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
     image), at the image's resolution; None when the model takes none or no file is given."""
     if "cand_masks" not in model.input_names:
         return None
+    if args.oracle_candidates:
+        raise ValueError("--oracle-candidates: a single image has no annotated instances; give "
+                         "its proposals with --candidates")
     if not args.candidates:
         print("no --candidates: MaIL segments from the image and the sentence alone (one empty "
               "candidate mask)")
@@ -351,18 +390,82 @@ def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
 
 
 def run_predict(args, model, device) -> None:
-    image = data.load_image(args.image)
-    mask, out = predict(model, image, args.text, device, predict_candidates(args, model, image))
-    path = args.out or os.path.splitext(args.image)[0] + ".mask.png"
+    image = data.load_image(args.image, exif=True)  # the user's photo, as their viewer shows it
+    mask, out = predict(model, image, args.text, device, predict_candidates(args, model, image),
+                        getattr(args, "amp", None) or "none")
+    path = args.save_mask or os.path.splitext(args.image)[0] + ".mask.png"
     Image.fromarray((mask * 255).astype(np.uint8)).save(path)
     root, _ = os.path.splitext(path)
     visual(image, mask, None, args.text, model.vis_panels(out, 0)).save(root + ".overlay.png")
     print(f"mask ({mask.mean() * 100:.1f}% of the image) -> {path}; overlay -> {root}.overlay.png")
 
 
+def pick_device(requested: str | None, rank_device: torch.device, world: int) -> torch.device:
+    """--device, or the process's own device (train.setup_distributed: its GPU, else the CPU).
+    Under torchrun each process keeps its own device, whose type must be the requested one."""
+    if requested is None:
+        return rank_device
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA device is available here")
+    if world > 1:
+        if device.type != rank_device.type:
+            raise ValueError(f"--device {requested} under torchrun: each process uses "
+                             f"{rank_device.type} (its own GPU when there is one); hide the GPUs "
+                             "(CUDA_VISIBLE_DEVICES=) to evaluate on CPUs")
+        return rank_device
+    return device
+
+
+def resolve_candidates(args, trained: dict, model) -> str | None:
+    """The candidate source of a model that takes candidate masks (data.candidate_source): the
+    one given on the command line, else the training run's. None for any other model."""
+    if "cand_masks" not in model.input_names:
+        if args.candidates or args.oracle_candidates:
+            warnings.warn("this model takes no candidate masks: --candidates / "
+                          "--oracle-candidates are ignored", stacklevel=2)
+        args.candidates, args.oracle_candidates = None, False
+        return None
+    if not args.candidates and not args.oracle_candidates:  # the training run's source
+        args.candidates = trained.get("candidates")
+        args.oracle_candidates = bool(trained.get("oracle_candidates"))
+    return data.candidate_source(args.dataset, args.candidates, args.oracle_candidates)
+
+
+CANDIDATE_WORDS = {"oracle": "the annotated instances, the referred object's exact mask among "
+                             "them: an upper bound, not comparable with the paper",
+                   "simulated": "a simulated detector's proposals (common.proposals)"}
+
+
+def candidate_title(source: str) -> str:
+    """The candidate source as the results table names it: an oracle says it is one."""
+    label = data.candidate_label(source)
+    return "oracle (upper bound)" if label == "oracle" else label
+
+
+def describe_candidates(source: str) -> str:
+    words = CANDIDATE_WORDS.get(source, f"proposals file {source}")
+    return f"{candidate_title(source)}: {words}"
+
+
+def run_tool(args) -> dict:
+    """--plot and --export: the two train.py helpers, from eval.py's command line."""
+    if args.plot is not None:
+        png = args.plot_out or os.path.join(args.plot, "curves.png")
+        train.plot_log(args.plot, png)
+        print(f"curves of {args.plot} -> {png}")
+        return {"plot": png}
+    train.export_checkpoint(args.checkpoint, args.export)
+    print(f"{args.checkpoint} -> {args.export} (self-contained, weights only)")
+    return {"export": args.export}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.plot is not None or args.export is not None:
+        return run_tool(args)
     if args.benchmark:
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
         if args.row_json:  # one row, in this process (called by run_benchmark)
             train.flush_denormals()  # as training does
@@ -378,7 +481,8 @@ def main(argv=None) -> dict:
                 json.dump(rows, f, indent=1)
         return {"rows": rows}
     ckpt = train.load_checkpoint(args.checkpoint)
-    rank, world, device = train.setup_distributed()
+    rank, world, rank_device = train.setup_distributed()
+    device = pick_device(args.device, rank_device, world)
     model, module, cfg = train.build_model_from_checkpoint(ckpt, device)
     model.eval()
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
@@ -391,9 +495,10 @@ def main(argv=None) -> dict:
     trained = ckpt.get("args", {})
     defaults = vars(parse_args(["--checkpoint", args.checkpoint]))
     for key in ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
-                "shapes_image_size", "data_seed", "candidates"):
+                "shapes_image_size", "data_seed"):
         if getattr(args, key) == defaults[key] and trained.get(key) is not None:
             setattr(args, key, trained[key])
+    source = resolve_candidates(args, trained, model)
     if args.workers is None:
         args.workers = 0
     args.seed = trained.get("seed", 0)
@@ -402,6 +507,8 @@ def main(argv=None) -> dict:
         split_by = args.split_by or data.DEFAULT_SPLIT_BY.get(args.dataset)
         splits = [s for s in data.SPLITS.get((args.dataset, split_by), ("train", "val", "test"))
                   if s != "train"]
+    if rank == 0 and source is not None:
+        print(f"candidate masks: {describe_candidates(source)}", flush=True)
 
     cache = None
     if args.cache_features:
@@ -415,17 +522,33 @@ def main(argv=None) -> dict:
         if args.save_vis:
             os.makedirs(args.save_vis, exist_ok=True)
             on_batch = make_visualiser(args, split, model, loader.dataset)
+        # train.evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
         results[split] = train.evaluate(model, loader, device, args.amp, on_batch, cache)
     if rank == 0:
-        print_table(results, f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}")
-        if args.json:  # the documented keys: the per-type rows are printed, not written
-            flat = {split: {k: v for k, v in m.items() if k != "by_type"}
-                    for split, m in results.items()}
+        title = f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}"
+        if source is not None:
+            title += f", candidates: {candidate_title(source)}"
+        print_table(results, title)
+        if args.json:
             with open(args.json, "w") as f:
-                json.dump(flat[splits[0]] if len(splits) == 1 else flat, f, indent=1)
+                json.dump(json_report(ckpt, args, source, results), f, indent=1)
     if world > 1:
         dist.destroy_process_group()
     return results
+
+
+def json_report(ckpt: dict, args, source: str | None, results: dict) -> dict:
+    """--json's one layout, whatever the number of splits (see the module docstring); the
+    synthetic data's per-type rows are printed, not written."""
+    return {
+        "model": ckpt["model_name"],
+        "config": ckpt.get("args", {}).get("config"),
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset,
+        "candidates": None if source is None else data.candidate_label(source),
+        "splits": {split: {k: v for k, v in m.items() if k != "by_type"}
+                   for split, m in results.items()},
+    }
 
 
 def make_visualiser(args, split: str, model, dataset):

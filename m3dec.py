@@ -63,6 +63,16 @@ Interpretations (where the paper is silent or contradicts itself):
   of 50). Pretrained encoders train at lr x `encoder_lr_scale` (0.1; the paper is silent).
   `freeze_encoders` freezes the image encoder and the word embeddings (or BERT).
 - Sentences: 15 words (20 for G-Ref: `--set max_len=20`); for BERT, 20 tokens with [CLS]/[SEP].
+- Pixels: Darknet-53's weights (yolov3.weights, darknet53.conv.74) expect RGB in [0, 1] with no
+  mean/std; Swin's expect ImageNet statistics. Each encoder declares its own (`pixel_mean`).
+- Token BatchNorm (`common.layers.TokenBatchNorm`) keeps its statistics in fp32 (mixed
+  precision) and, like every BatchNorm here, is synchronised across processes under DDP on
+  GPUs (train.py), so its statistics cover the global batch of 48.
+- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and
+  random horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`,
+  `hflip`), because the tiny configs are trained from scratch and position words must stay
+  true under a flip; `best.pt` is the epoch with the best val mIoU, so val numbers of
+  `best.pt` are optimistic (report the test splits, or `last.pt`).
 """
 
 from __future__ import annotations
@@ -76,7 +86,14 @@ from torch import Tensor, nn
 
 from common import optim
 from common.encoders import BertTextEncoder, Darknet53, GRUTextEncoder, SwinImageEncoder
-from common.layers import Attention, safe_softmax, sine_pos_1d, sine_pos_2d
+from common.layers import (
+    Attention,
+    TokenBatchNorm,
+    masked_mean,
+    safe_softmax,
+    sine_pos_1d,
+    sine_pos_2d,
+)
 from common.losses import bce_loss, reconstruction_loss
 from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import (
@@ -131,7 +148,20 @@ class M3DecConfig:
     lr_milestones: tuple[float, ...] = (0.8, 0.9)  # "step decay" (VLT: epochs 40, 45 of 50)
     epochs: int = 50
     batch_size: int = 48
+    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
+    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
+
+# The encoder files each paper config starts from: train.py refuses to start a paper config
+# without them (unless --random-init), so that "paper" never silently means "from scratch".
+_CNN = {"image_weights": "Darknet-53, yolov3.weights or darknet53.conv.74 (darknet binary)",
+        "text_weights": "GloVe, glove.840B.300d.txt"}
+PAPER_WEIGHTS = {
+    "paper": _CNN,
+    "paper-cnn": _CNN,
+    "paper-swin": {"image_weights": "Swin-B, torchvision's swin_b-68c6b09e.pth",
+                   "text_weights": "a local bert-base-uncased folder (save_pretrained)"},
+}
 
 CONFIGS = {
     "paper-cnn": M3DecConfig(),
@@ -165,37 +195,6 @@ class _NoVocabulary:
 
     def __call__(self, sentence: str):
         raise FileNotFoundError(f"M3Dec has no vocabulary to tokenise {sentence!r}: {self.hint}")
-
-
-class TokenBatchNorm(nn.Module):
-    """BatchNorm over the features of the real words of (B, L, C); padding enters neither the
-    statistics nor the output (zeros). Sec. IV-A's BN, and IMI's BN (Sec. III-B), on words."""
-
-    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
-        self.register_buffer("running_mean", torch.zeros(dim))
-        self.register_buffer("running_var", torch.ones(dim))
-        self.momentum, self.eps = momentum, eps
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        m = mask[..., None].to(x.dtype)  # (B, L, 1)
-        if self.training:
-            n = m.sum().clamp(min=2)
-            mean = (x * m).sum((0, 1)) / n
-            var = ((x - mean) ** 2 * m).sum((0, 1)) / n
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * m
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of (B, L, C) over the real positions of mask (B, L): (B, C)."""
-    m = mask[..., None].to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class VisualNeck(nn.Module):
@@ -380,11 +379,12 @@ class M3Dec(RISModel):
         if cfg.image_encoder not in IMAGE_ENCODERS or cfg.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, "
                              f"text_encoder one of {TEXT_ENCODERS}")
-        self.input_spec = InputSpec(cfg.image_size, "square")
         C = cfg.dim
         self.grid = cfg.image_size // FEATURE_STRIDE  # h = w
-        # image encoder and F_vis (Sec. III)
+        # image encoder and F_vis (Sec. III); pixels as its weights expect (Darknet: [0, 1])
         encoder_cls, arch = IMAGE_ENCODERS[cfg.image_encoder]
+        self.input_spec = InputSpec(cfg.image_size, "square", mean=encoder_cls.pixel_mean,
+                                    std=encoder_cls.pixel_std)
         self.image_encoder = encoder_cls(arch, cfg.image_weights)
         self.neck = VisualNeck(self.image_encoder.channels[-2], self.image_encoder.channels[-1], C)
         # language encoder: F_t, F_t' (Sec. III) and its tokenizer

@@ -13,6 +13,13 @@ Shapes: B batch, K candidate masks, L words, H W input size, P patch size, h w =
 grid, N = h*w, N' mask tokens kept, d transformer width.
 
 Interpretations (where the paper is silent or contradicts itself):
+- Candidate masks (Sec. 4.1: a ResNet-50 Mask R-CNN trained on the RefCOCO train instances) come
+  from the data pipeline, never from this file: a proposals file (`python -m common.proposals`
+  writes one with a torchvision Mask R-CNN), the synthetic data's simulated detector
+  (common.proposals.SimulatedCandidates), or the annotated instances, which contain the answer
+  and are labelled an oracle (upper bound). K is bounded there (config `max_candidates`,
+  `min_score`, applied by data.build_dataset), because only the data sees the detector's scores;
+  the model takes whatever K it is given.
 - Mask tokens (Eq. 3-4). "A similar procedure" to the image's: each binary mask (one channel,
   1 inside) is cut into P x P patches and linearly projected by its own P x P convolution (new:
   ViLT has none), initialised as ViLT's RGB projection summed over colours (timm's rule for
@@ -21,8 +28,14 @@ Interpretations (where the paper is silent or contradicts itself):
 - "Valid area" (N' = sum_k H_k W_k / P^2, a height and width per mask): the bounding box, on the
   patch grid, of the patches the mask touches. Only those tokens enter the transformer; a batch is
   padded to its largest N' and padding is never attended to. Back on the grid, F_M^k is zero
-  outside mask k's valid area. Tokens of different masks carry no mask-identity embedding (none is
-  mentioned): their content and position tell them apart.
+  outside mask k's valid area.
+- Tokens of different masks carry no mask-identity embedding (none is mentioned). A token is its
+  patch's P x P mask pixels projected, plus that patch's position and t_M, so two candidates are
+  told apart only by their valid areas and by the patches where their pixels differ. Where two
+  candidates share a patch with the same pixels (a patch inside both masks, as for a merged mask
+  and its part or overlapping proposals, or an empty patch inside both bounding boxes) their
+  tokens are identical, and identical tokens leave the transformer identical: F_M^j and F_M^k
+  agree on those patches.
 - t_M, the third modality type, is initialised as a copy of ViLT's image type t_I (mask tokens are
   spatial patches like the image's); ViLT's t_L and t_I are kept. Sequence order: [masks; image;
   words] (Eq. 4); ViLT's image class token is kept in front of the patches, as pretrained.
@@ -37,8 +50,12 @@ Interpretations (where the paper is silent or contradicts itself):
 - Segmentation head (SETR-PUP, [40]): block widths are not given; 256 (SETR's) for every block.
   Upsampling is bilinear with align_corners=False. BN is synchronised under DDP on GPUs (train.py).
   If H is not a multiple of P, the logits are resized to H x W.
+- Padded batches (ViLT setting) are not in the paper; an image's output does not depend on its
+  batch: Eq. 8's O spans the image's own patch grid, the head zeroes the padding before each 3x3
+  conv and fills it with the image's border before each upsampling, and padded pixels get logit
+  PAD_LOGIT (background, no gradient). In training, BN's batch statistics still see the padded
+  positions and padded pixels still count in the focal loss's pixel mean.
 - Loss weights: focal (alpha 0.25, gamma 2) + dice, each weight 1 (not given), + 0.1 x select.
-  Padded pixels of the ViLT setting count as background.
 - Text: BERT-uncased WordPiece ([CLS] ... [SEP]) from a local vocab.txt (config `vocab`, else
   `text_weights`, else the one in the ViLT folder), at most 15 tokens (20 for G-Ref: "paper-gref");
   with no vocabulary at all (no ViLT weights) open_clip's BPE and a word table sized for it.
@@ -47,6 +64,20 @@ Interpretations (where the paper is silent or contradicts itself):
 - Training recipe (Sec. 4.1): AdamW, lr 1e-4, weight decay 1e-2 on every parameter, warm-up over
   10% of the steps then linear decay to zero, 10 epochs, batch 128. The whole network is trained
   (the paper fine-tunes ViLT); `freeze_encoders=True` freezes the ViLT parts (not the paper).
+- Gradient clipping at norm 1.0 (`clip_grad`) and random horizontal flips with "left"/"right"
+  swapped in the sentence (`hflip`) are ours, not the paper's: they steady this library's small-
+  batch runs and enlarge its small datasets without making a sentence false (set clip_grad=0,
+  hflip=False for the paper's recipe).
+
+What each loss trains (rho = argmax is not differentiable, and the paper gives no relaxation):
+- lambda L_select (Eq. 7) is the score MLP's only gradient; through f_k = AVG(F_I * m_k) it also
+  trains the encoder (ViLT's blocks and embeddings, and the mask embedding and t_M, which reach
+  F_I through attention).
+- Focal + dice train the two 1x1 reductions, the head and, through F_I and F_M^rho, the encoder
+  with the mask embedding and t_M. Only the selected candidate's F_M^rho is fed to the head (in
+  training too: rho is the MLP's choice, not alpha, so early on an arbitrary candidate); the
+  other candidates reach these losses only through attention. Neither reaches the score MLP.
+- Padded candidates, padded words and padded pixels get no gradient.
 """
 
 from __future__ import annotations
@@ -68,6 +99,9 @@ from common.tokenizers import ClipTokenizer, WordPieceTokenizer
 
 VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
 IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
+# logit of padded pixels (ViLT setting): background beyond doubt, so they add no loss gradient;
+# finite, as -inf * 0 is NaN in the BCE, and representable in fp16/bf16
+PAD_LOGIT = -1e4
 VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
 
 
@@ -84,13 +118,27 @@ class MaILConfig:
     image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
     text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
     freeze_encoders: bool | None = None  # None/False: fine-tune ViLT, as the paper does
+    # K bound, applied by the data pipeline (data.build_dataset), since only it sees the scores.
+    # Not in the paper: a COCO image averages ~7 instances, so a detector's 20 best keep every
+    # plausible referent and cap the mask tokens at 20 N (100 N for detectron2's 100 per image)
+    max_candidates: int = 20
+    # torchvision's / detectron2's Mask R-CNN test threshold (box_score_thresh,
+    # SCORE_THRESH_TEST): a file written with a lower one reads as the usual detector output
+    min_score: float = 0.05
     # training recipe (Sec. 4.1); batch_size is the global batch
     lr: float = 1e-4
     weight_decay: float = 1e-2
     warmup: float = 0.1
     epochs: int = 10
     batch_size: int = 128
+    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
+    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
+
+# The encoder files each paper config starts from: train.py refuses to start a paper config
+# without them (unless --random-init), so that "paper" never silently means "from scratch".
+_VILT = {"image_weights": "a local ViLT folder saved from dandelin/vilt-b32-mlm (with vocab.txt)"}
+PAPER_WEIGHTS = {"paper": _VILT, "paper-416": _VILT, "paper-gref": _VILT}
 
 CONFIGS = {
     "paper": MaILConfig(),
@@ -195,9 +243,43 @@ def best_candidate(cand_masks: Tensor, cand_valid: Tensor, target: Tensor) -> Te
     return alpha.masked_fill(best <= 0, IGNORE)
 
 
+def real_patches(image_mask: Tensor, patch_size: int, h: int, w: int) -> Tensor:
+    """Patches (B, h, w) holding real pixels of image_mask (B, H, W): the encoder's rule (a
+    padded batch pads bottom-right, so they form a top-left rectangle per image)."""
+    real = image_mask[:, None, : h * patch_size, : w * patch_size].float()
+    return F.max_pool2d(real, patch_size)[:, 0] > 0
+
+
+def patch_coord_map(real: Tensor, dtype: torch.dtype) -> Tensor:
+    """Eq. (8)'s O for a padded batch: (x, y) from -1 to 1 across each image's own real patches
+    real (B, h, w), 0 on padding, as coord_map gives the image alone. Returns (B, 2, h, w)."""
+    B, h, w = real.shape
+    rows, cols = real[:, :, 0].sum(1), real[:, 0, :].sum(1)  # (B,) real patch rows, columns
+    ys = torch.arange(h, device=real.device)[None] / (rows[:, None] - 1).clamp(min=1)  # (B, h)
+    xs = torch.arange(w, device=real.device)[None] / (cols[:, None] - 1).clamp(min=1)  # (B, w)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), 1) * 2 - 1
+    return (grid * real[:, None]).to(dtype)
+
+
+def extend_border(x: Tensor, real: Tensor) -> Tensor:
+    """Copy each image's last real row and column (real (B, h, w)) into its padding: x (B, C, h,
+    w). Bilinear upsampling then sees at an image's border what it sees alone (clamping)."""
+    B, C, h, w = x.shape
+    last_row = (real[:, :, 0].sum(1) - 1).clamp(min=0)[:, None]  # (B, 1)
+    last_col = (real[:, 0, :].sum(1) - 1).clamp(min=0)[:, None]
+    rows = torch.minimum(torch.arange(h, device=x.device)[None], last_row)  # (B, h)
+    cols = torch.minimum(torch.arange(w, device=x.device)[None], last_col)  # (B, w)
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, h, w))
+
+
 class SegmentationHead(nn.Module):
     """Segmentation head (Sec. 3.3, SETR-PUP): log2(P) x [3x3 conv + BN + ReLU + 2x bilinear],
-    then a 1x1 conv to one channel."""
+    then a 1x1 conv to one channel.
+
+    With `real` (B, h, w), the patches of each image in a padded batch, every image's output is
+    what it would be alone: padding is zeroed before each 3x3 conv (as the conv's own zero
+    padding at the image's border) and filled with the border before each upsampling."""
 
     def __init__(self, in_dim: int, dim: int, num_blocks: int):
         super().__init__()
@@ -207,8 +289,16 @@ class SegmentationHead(nn.Module):
         self.blocks = nn.Sequential(*[block(in_dim if i == 0 else dim) for i in range(num_blocks)])
         self.out = nn.Conv2d(dim, 1, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.blocks(x))
+    def forward(self, x: Tensor, real: Tensor | None = None) -> Tensor:
+        for conv, bn, relu, up in self.blocks:
+            if real is not None:
+                x = x * real[:, None]
+            x = relu(bn(conv(x)))
+            if real is not None:
+                x = extend_border(x, real)
+                real = real.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (B, 2h, 2w)
+            x = up(x)
+        return self.out(x)
 
 
 class MaIL(RISModel):
@@ -254,22 +344,30 @@ class MaIL(RISModel):
                 cand_valid: Tensor, image_mask: Tensor | None = None,
                 target: Tensor | None = None) -> dict[str, Tensor]:
         B, _, H, W = image.shape
+        P = self.encoder.vilt.patch_size
         cand_masks = cand_masks & cand_valid[:, :, None, None]  # padding holds nothing
         # 1. trimodal encoder (Eq. 3-5): F_I (B, d, h, w), F_M (B, K, d, h, w)
         f_i, f_m = self.encoder(image, text, text_mask, cand_masks, cand_valid, image_mask)
         h, w = f_i.shape[-2:]
+        # the ViLT setting pads each batch: every image's own patches (B, h, w), None otherwise
+        padded = image_mask is not None and self.cfg.max_size is not None
+        real = real_patches(image_mask, P, h, w) if padded else None
         # 2. adaptive mask selection (Eq. 6): aligned features f_k, scores s_k, rho = argmax
-        f_k = masked_average_pool(f_i, cand_masks, self.encoder.vilt.patch_size)  # (B, K, d)
+        f_k = masked_average_pool(f_i, cand_masks, P)  # (B, K, d)
         scores = self.score(f_k)[..., 0].masked_fill(~cand_valid, float("-inf"))  # (B, K)
         rho = scores.argmax(1)  # (B,)
         f_m_rho = f_m[torch.arange(B, device=rho.device), rho]  # F_M^rho (B, d, h, w)
-        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs
-        coords = coord_map(B, h, w, device=f_i.device, dtype=f_i.dtype)  # O (B, 2, h, w)
+        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs; O spans
+        # each image's own patch grid
+        coords = (coord_map(B, h, w, device=f_i.device, dtype=f_i.dtype) if real is None
+                  else patch_coord_map(real, f_i.dtype))  # O (B, 2, h, w)
         f_hat = torch.cat([self.reduce_i(f_i), self.reduce_m(f_m_rho), coords], 1)
         # 4. segmentation head: log2(P) upsampling blocks back to the input resolution
-        logits = self.head(f_hat)  # (B, 1, h*P, w*P)
+        logits = self.head(f_hat, real)  # (B, 1, h*P, w*P)
         if logits.shape[-2:] != (H, W):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        if padded:  # pixels outside the image: background, and no loss gradient
+            logits = logits.masked_fill(~image_mask[:, None], PAD_LOGIT)
         out = {"mask_logits": logits, "mask_scores": scores, "selected": rho,
                "cand_masks": cand_masks}
         if image_mask is not None:

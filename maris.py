@@ -37,10 +37,20 @@ Interpretations (where the paper is silent or contradicts itself):
   bilinearly to the input size.
 - Text encoder. "A text encoder pretrained by CLIP": we use CLIP ViT-B/16's (width 512) per-token
   features after the final LayerNorm, before the projection. Sentences are cut at 20 tokens.
-- Training recipe (in the supplementary): AdamW, lr 1e-4, weight decay 1e-2, 5% warm-up then
-  polynomial decay, 50 epochs, batch 32. Focal loss alpha 0.25, gamma 2; dice and focal weight 1.
-- Frozen encoders need pretrained weights; without them (random weights carry no information)
-  the encoders are trained, and the model says so. `freeze_encoders=True` forces the paper.
+- Training recipe. The paper defers its implementation details to a supplementary we do not
+  have, so every value is ours: AdamW, lr 1e-4, weight decay 1e-2, 5% warm-up then polynomial
+  decay (power 0.9), 50 epochs, batch 32; focal alpha 0.25, gamma 2; dice and focal weight 1.
+- Freezing. The paper freezes both encoders: the `paper` configs do, whatever weights are given
+  (`freeze_encoders=True`; train.py refuses to start them without the weight files unless
+  `--random-init`). Other configs (None) freeze an encoder iff its weights are given, since a
+  random frozen encoder carries no information; the model says so when it trains one.
+- Text encoder weights: OpenAI's CLIP was trained with QuickGELU, so the paper configs build
+  `ViT-B-16-quickgelu`; an open_clip GELU checkpoint needs `--set clip_arch=ViT-B-16`.
+- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and
+  random horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`,
+  `hflip`), because the tiny configs are trained from scratch and position words must stay
+  true under a flip; `best.pt` is the epoch with the best val mIoU, so val numbers of
+  `best.pt` are optimistic (report the test splits, or `last.pt`).
 - Padding: SAM pads the image bottom-right with zeros (after normalisation) and so do we; the
   image_mask is not used, as in SAM.
 """
@@ -58,7 +68,7 @@ from common import optim
 from common.encoders import CLIPTextEncoder, SAMImageEncoder
 from common.layers import MLP, Attention, safe_softmax
 from common.losses import dice_loss, sigmoid_focal_loss
-from common.model import SAM_MEAN, SAM_STD, InputSpec, RISModel, freeze
+from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import ClipTokenizer
 
 
@@ -67,7 +77,8 @@ class MARISConfig:
     sam_arch: str = "vit_h"  # "SAM uses a ViT-H" (Sec. Image Encoder)
     image_size: int = 1024  # SAM's input, longest side, padded square (Sec. Image Encoder)
     global_blocks: tuple[int, ...] = (1, 2, 3)  # 2nd-4th global-attention blocks -> F_v1..F_v3
-    clip_arch: str = "ViT-B-16"  # open_clip name; the paper does not say which CLIP
+    clip_arch: str = "ViT-B-16-quickgelu"  # open_clip name of OpenAI's CLIP (QuickGELU); which
+    # CLIP the paper uses is not said; ViT-B/16 is CRIS's and ReLA-era RIS work's
     max_tokens: int = 20  # CLIP tokens incl. SOT/EOT (not given; RefCOCO sentences avg. 3.6 words)
     dim: int = 256  # D, width after Feature Enhancement (not given, see Interpretations)
     heads: int = 8  # heads of the decoder's MHSA / MHCA (not given)
@@ -78,17 +89,28 @@ class MARISConfig:
     image_weights: str | None = None  # segment-anything checkpoint (sam_vit_h_4b8939.pth)
     text_weights: str | None = None  # open_clip / OpenAI CLIP checkpoint
     freeze_encoders: bool | None = None  # None: freeze an encoder iff its weights are given
-    # training recipe (supplementary, see Interpretations); batch_size is the global batch
+    # training recipe (ours: the paper's is in a supplementary we do not have); global batch
     lr: float = 1e-4
     weight_decay: float = 1e-2
     warmup: float = 0.05
     epochs: int = 50
     batch_size: int = 32
+    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
+    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
+
+# The encoder files each paper config starts from: train.py refuses to start a paper config
+# without them (unless --random-init), so that "paper" never silently means "from scratch".
+PAPER_WEIGHTS = {
+    "paper": {"image_weights": "SAM ViT-H, sam_vit_h_4b8939.pth (segment-anything)",
+              "text_weights": "OpenAI CLIP ViT-B/16, ViT-B-16.pt (QuickGELU)"},
+    "paper-vit-b": {"image_weights": "SAM ViT-B, sam_vit_b_01ec64.pth (segment-anything)",
+                    "text_weights": "OpenAI CLIP ViT-B/16, ViT-B-16.pt (QuickGELU)"},
+}
 
 CONFIGS = {
-    "paper": MARISConfig(),
-    "paper-vit-b": MARISConfig(sam_arch="vit_b"),
+    "paper": MARISConfig(freeze_encoders=True),
+    "paper-vit-b": MARISConfig(sam_arch="vit_b", freeze_encoders=True),
     # CPU-sized, same code paths: 96 px, SAM "tiny" (patch 8 -> 12x12 tokens), tiny CLIP text.
     # 96 px, not 128: a step is 1.6x faster for about the same learning per step (val mIoU after
     # 750 steps, one run each: 0.51 at 96 px, 0.40-0.52 at 128), so 11 epochs fit 15 minutes
@@ -178,7 +200,8 @@ class MARIS(RISModel):
     def __init__(self, cfg: MARISConfig):
         super().__init__()
         self.cfg = cfg
-        self.input_spec = InputSpec(cfg.image_size, "longest", mean=SAM_MEAN, std=SAM_STD)
+        self.input_spec = InputSpec(cfg.image_size, "longest", mean=SAMImageEncoder.pixel_mean,
+                                    std=SAMImageEncoder.pixel_std)  # SAM's statistics
         self.tokenizer = ClipTokenizer(cfg.max_tokens)
         self.image_encoder = SAMImageEncoder(cfg.sam_arch, cfg.image_size, cfg.global_blocks,
                                              cfg.image_weights)
@@ -257,8 +280,7 @@ class MARIS(RISModel):
         return out
 
     def configure_optimizers(self, lr: float, total_steps: int):
-        """AdamW with warm-up and polynomial decay (see Interpretations: the paper's recipe is in
-        its supplementary material)."""
+        """AdamW with warm-up and polynomial decay (our recipe: see Interpretations)."""
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr,
                                 weight_decay=self.cfg.weight_decay, fused=True)
         return opt, optim.poly(opt, total_steps, power=0.9, warmup=self.cfg.warmup)

@@ -58,6 +58,14 @@ Interpretations (where the paper is silent or contradicts itself):
   learning rate; `freeze_encoders=True` freezes them. The text encoder's context is cut to the
   sentence length (causal attention: padding never changes earlier tokens).
 - Images are resized to a square (Sec. 4.1: "resized to 480 x 480"), aspect not kept.
+- CLIP weights: the paper (and CRIS, its base) loads OpenAI's CLIP, trained with QuickGELU, so the
+  paper configs build the `-quickgelu` towers; an open_clip GELU checkpoint needs the plain
+  architecture name (`--set image_arch=ViT-B-16 --set text_arch=ViT-B-16`).
+- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and
+  random horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`,
+  `hflip`), because the tiny configs are trained from scratch and position words must stay
+  true under a flip; `best.pt` is the epoch with the best val mIoU, so val numbers of
+  `best.pt` are optimistic (report the test splits, or `last.pt`).
 """
 
 from __future__ import annotations
@@ -73,14 +81,14 @@ from common import optim
 from common.encoders import CLIPImageEncoder, CLIPTextEncoder
 from common.layers import Attention, coord_map, safe_softmax, sine_pos_1d, sine_pos_2d
 from common.losses import bce_loss
-from common.model import CLIP_MEAN, CLIP_STD, InputSpec, RISModel, freeze
+from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import ClipTokenizer
 
 
 @dataclass
 class MMNetConfig:
-    image_arch: str = "ViT-B-16"  # open_clip name; Table 1: ViT-B (ViT-L-14, RN101 also used)
-    text_arch: str = "ViT-B-16"  # the text tower of the same CLIP model (Sec. 3.1)
+    image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B (also L-14, RN101)
+    text_arch: str = "ViT-B-16-quickgelu"  # the text tower of the same CLIP model (Sec. 3.1)
     image_size: int = 480  # "Input images are resized to 480 x 480" (Sec. 4.1)
     max_tokens: int = 17  # SOS/EOS included: 17 for RefCOCO(+), 22 for G-Ref (Sec. 4.1)
     dim: int = 512  # C: "the hidden layer size in all heads is set to 512" (Sec. 4.1)
@@ -99,12 +107,27 @@ class MMNetConfig:
     warmup: float = 0.0  # no warm-up in the paper
     epochs: int = 100
     batch_size: int = 64
+    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
+    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
+
+# The encoder files each paper config starts from: train.py refuses to start a paper config
+# without them (unless --random-init), so that "paper" never silently means "from scratch".
+_CLIP = "OpenAI CLIP {}, {}.pt (QuickGELU); the same file for both towers"
+PAPER_WEIGHTS = {
+    "paper": {"image_weights": _CLIP.format("ViT-B/16", "ViT-B-16"),
+              "text_weights": _CLIP.format("ViT-B/16", "ViT-B-16")},
+    "paper-rn101": {"image_weights": _CLIP.format("RN101", "RN101"),
+                    "text_weights": _CLIP.format("RN101", "RN101")},
+    "paper-vit-l": {"image_weights": _CLIP.format("ViT-L/14", "ViT-L-14"),
+                    "text_weights": _CLIP.format("ViT-L/14", "ViT-L-14")},
+}
 
 CONFIGS = {
     "paper": MMNetConfig(),
-    "paper-rn101": MMNetConfig(image_arch="RN101", text_arch="RN101"),
-    "paper-vit-l": MMNetConfig(image_arch="ViT-L-14", text_arch="ViT-L-14"),
+    "paper-rn101": MMNetConfig(image_arch="RN101-quickgelu", text_arch="RN101-quickgelu"),
+    "paper-vit-l": MMNetConfig(image_arch="ViT-L-14-quickgelu",
+                                text_arch="ViT-L-14-quickgelu"),
     # CPU-sized, same code paths: a small CLIP ViT (6 blocks, patch 8) and text tower; 12 queries
     # and 2 decoder layers keep a step close to MARIS tiny's. 96 px (12x12 grid; the tower's
     # 16x16 position table is resized, as the paper's 224-px CLIP is for 480 px) as MARIS tiny:
@@ -281,7 +304,8 @@ class MMNet(RISModel):
     def __init__(self, cfg: MMNetConfig):
         super().__init__()
         self.cfg = cfg
-        self.input_spec = InputSpec(cfg.image_size, "square", mean=CLIP_MEAN, std=CLIP_STD)
+        self.input_spec = InputSpec(cfg.image_size, "square", mean=CLIPImageEncoder.pixel_mean,
+                                    std=CLIPImageEncoder.pixel_std)  # CLIP's statistics
         self.tokenizer = ClipTokenizer(cfg.max_tokens)
         self.image_encoder = CLIPImageEncoder(cfg.image_arch, cfg.image_weights)
         self.text_encoder = CLIPTextEncoder(cfg.text_arch, cfg.text_weights, project=True)

@@ -2,6 +2,10 @@
 
 Every builder takes `weights`: a local file (or folder) to load, or None for random weights.
 Random weights are announced once per encoder kind (`warn_random`). No code path downloads.
+A load prints one line (file, tensors loaded / expected, into what) and fails with a ValueError
+naming every missing or unexpected tensor beyond a stated allowance (the parts of the file the
+encoder does not build: `load_checked`, `load_hf_folder`, `load_darknet_binary`). Each image
+encoder declares the input statistics its weights expect as `pixel_mean`, `pixel_std` (0-1 scale).
 
 Shapes: B batch, C channels, h w feature map, L tokens.
 """
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.layers import sine_pos_2d
+from common.model import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SAM_MEAN, SAM_STD
 
 _warned: set[str] = set()
 _quiet = False
@@ -58,20 +63,34 @@ def sine_init_(table: Tensor) -> Tensor:
     return table.copy_(sine_pos_2d(g, g, c))
 
 
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (how OpenAI publishes CLIP) is a zip holding constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+
+
 def load_state_dict_file(path: str) -> dict[str, Tensor]:
-    """Read a weight file safely (`weights_only=True`); TorchScript archives (OpenAI CLIP) too."""
+    """Read a weight file safely: a torch.save'd state dict (`weights_only=True`; also nested
+    under "state_dict"/"model"/"module", names with DDP's "module."), a .safetensors file, or a
+    TorchScript archive (OpenAI CLIP; only its state dict is used, its forward never runs).
+    Returns the tensors by name."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path!r}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a TorchScript archive is not a pickle of tensors
-        if zipfile.is_zipfile(path):
-            try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
                 obj = torch.jit.load(path, map_location="cpu").state_dict()
-            except Exception:
-                raise ValueError(f"cannot read weights from {path!r}: {err}") from err
+        elif path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
         else:
-            raise ValueError(f"cannot read weights from {path!r}: {err}") from err
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read weights from {path!r}: {err}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -80,19 +99,74 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
-def load_matching(module: nn.Module, state: dict[str, Tensor], prefix: str, source: str) -> None:
-    """Load `state[prefix + name]` into `module`; every parameter of `module` must be found."""
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in sub]
-    if missing:
-        raise KeyError(f"{source}: {len(missing)} weights missing under {prefix!r}, "
-                       f"e.g. {missing[:4]}")
+def _names(names: list[str], most: int = 12) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"{names[:most]}{more}"
+
+
+def load_checked(module: nn.Module, state: dict[str, Tensor], source: str, what: str,
+                 prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Load `state[prefix + name]` into every tensor `name` of `module`, or fail naming why.
+
+    The allowance: file tensors whose names start with one of `skip` (parts of the file the
+    encoder does not build, e.g. SAM's mask decoder, CLIP's other tower) are not used, and
+    BatchNorm's `num_batches_tracked` counters (which never change an output) are neither
+    required nor counted. Any other missing or unused tensor is a ValueError that lists them;
+    so is a shape mismatch. Prints one line: the file, tensors loaded / expected, into what.
+    """
+    counter = "num_batches_tracked"
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith(counter)}
+    used = {k: v for k, v in state.items() if not k.startswith(skip) and not k.endswith(counter)}
+    sub = {k[len(prefix):]: v for k, v in used.items() if k.startswith(prefix)}
+    missing = [prefix + k for k in own if k not in sub]
+    unexpected = [k for k in used if not k.startswith(prefix) or k[len(prefix):] not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not hold the {what}: {len(missing)} tensors missing "
+            f"{_names(missing)}, {len(unexpected)} unexpected {_names(unexpected)}"
+            + (f" (besides those under {list(skip)}, which it does not use)" if skip else ""))
     bad = [(k, tuple(sub[k].shape), tuple(v.shape)) for k, v in own.items()
            if sub[k].shape != v.shape]
     if bad:
         raise ValueError(f"{source}: shape mismatch (name, file, model): {bad[:4]}")
-    module.load_state_dict({k: sub[k] for k in own})
+    counters = {k: v for k, v in state.items() if k.startswith(prefix) and k.endswith(counter)}
+    module.load_state_dict(sub | {k[len(prefix):]: v for k, v in counters.items()}, strict=False)
+    unused = sum(k.startswith(skip) for k in state)
+    note = f" ({unused} tensors of parts it does not build left out)" if unused else ""
+    print(f"loaded {source}: {len(own)}/{len(own)} tensors into {what}{note}")
+
+
+def load_hf_folder(model_cls, folder: str, what: str, **kwargs) -> nn.Module:
+    """`model_cls.from_pretrained` on a local Hugging Face folder, with the same allowance and
+    one line as `load_checked`: task heads (names outside the base model, e.g. BERT's "cls.",
+    ViLT's "mlm_score.") and the pooler are not used; anything else missing or unused fails."""
+    from transformers.utils import logging as hf_logging
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} weights must be a local Hugging Face folder "
+                                f"(config.json + weights), not {folder!r}")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report and progress bars: we print one line
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_cls.from_pretrained(folder, local_files_only=True,
+                                                output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    base = {k.split(".")[0] for k in model.state_dict()} | {model.base_model_prefix}
+    inside = lambda k: k.split(".")[0] in base and "pooler." not in k
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(k for k in info["unexpected_keys"] if inside(k))
+    if missing or unexpected or info["mismatched_keys"]:
+        raise ValueError(
+            f"{folder} does not hold the {what}: {len(missing)} tensors missing "
+            f"{_names(missing)}, {len(unexpected)} unexpected {_names(unexpected)}, "
+            f"shape mismatches {_names(sorted(info['mismatched_keys']))}")
+    n = len(model.state_dict())
+    print(f"loaded {folder}: {n}/{n} tensors into {what}")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +225,8 @@ class SAMImageEncoder(nn.Module):
     Returns (forward): list of (B, h, w, C) features, channels last, h = w = img_size / patch.
     """
 
+    pixel_mean, pixel_std = SAM_MEAN, SAM_STD  # what SAM's weights expect (0-1 scale)
+
     def __init__(self, arch: str = "vit_h", img_size: int = 1024,
                  global_blocks: tuple[int, ...] = (1, 2, 3), weights: str | None = None):
         super().__init__()
@@ -177,7 +253,12 @@ class SAMImageEncoder(nn.Module):
             sine_init_(self.pos_embed[0].flatten(0, 1))
             warn_random(f"SAM {arch} image encoder", "pass a segment-anything checkpoint")
         else:  # shapes must match: segment-anything's weights are for patch 16 at 1024 px
-            load_matching(self, load_state_dict_file(weights), "image_encoder.", weights)
+            # a SAM file also holds the prompt encoder, the mask decoder and the encoder's neck;
+            # blocks after the last one returned are not built
+            unused = ("prompt_encoder.", "mask_decoder.", "image_encoder.neck.") + tuple(
+                f"image_encoder.blocks.{i}." for i in range(len(self.blocks), spec["depth"]))
+            load_checked(self, load_state_dict_file(weights), weights,
+                         f"SAM {arch} image encoder", prefix="image_encoder.", skip=unused)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.patch_embed(x) + self.pos_embed  # (B, h, w, C)
@@ -195,6 +276,34 @@ class SAMImageEncoder(nn.Module):
 
 TINY_CLIP_TEXT = dict(embed_dim=64, text_cfg=dict(context_length=77, vocab_size=49408, width=64,
                                                   heads=2, layers=2))
+
+
+# Names in a CLIP file (open_clip's or OpenAI's) outside the towers, and those of the text tower;
+# OpenAI's archives also hold three metadata scalars
+CLIP_SHARED_NAMES = ("logit_scale", "logit_bias", "input_resolution", "context_length",
+                     "vocab_size")
+CLIP_TEXT_NAMES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.",
+                   "text_projection")
+
+
+def check_clip_activation(path: str, arch: str, quick_gelu: bool) -> None:
+    """OpenAI trained CLIP with QuickGELU and publishes TorchScript archives; open_clip names its
+    towers' tensors alike, so a GELU tower would load one silently and compute other features:
+    an archive is refused unless the architecture is a "-quickgelu" one (for both towers, so
+    that one name serves both, though a ResNet image tower has no GELU). A plain state dict (an
+    open_clip checkpoint) carries no such mark: its architecture name must be right."""
+    if os.path.isfile(path) and _is_torchscript(path) and not quick_gelu:
+        from open_clip.factory import get_model_config
+
+        name = f"{arch}-quickgelu"
+        hint = repr(name) if get_model_config(name) is not None else 'a "-quickgelu" one'
+        raise ValueError(f"{path} is an OpenAI CLIP archive (TorchScript), trained with "
+                         f"QuickGELU, but {arch!r} builds GELU: use the architecture {hint}")
+
+
+def load_clip_file(module: nn.Module, path: str, what: str, skip: tuple[str, ...]) -> None:
+    """Load one tower from a CLIP file (see `load_checked`; `skip`: the other tower's names)."""
+    load_checked(module, load_state_dict_file(path), path, what, skip=skip + CLIP_SHARED_NAMES)
 
 
 def clip_config(arch: str) -> dict:
@@ -216,8 +325,12 @@ class CLIPTextEncoder(nn.Module):
     CRIS does; because the attention is causal, padding after EOS never changes earlier tokens.
 
     Arguments:
-      arch: an open_clip config name ("ViT-B-16", "RN101", "ViT-L-14", ...) or "tiny".
-      weights: an open_clip checkpoint or an OpenAI CLIP file (TorchScript); None = random.
+      arch: an open_clip config name or "tiny". OpenAI's CLIP weights need the QuickGELU
+        architectures: "ViT-B-16-quickgelu", "ViT-B-32-quickgelu", "ViT-L-14-quickgelu",
+        "RN50-quickgelu", "RN101-quickgelu"; GELU names ("ViT-B-16", ...) are for open_clip
+        checkpoints trained with GELU (e.g. LAION's).
+      weights: an open_clip checkpoint (.pt/.bin/.safetensors) or an OpenAI CLIP file
+        (TorchScript, refused for a GELU `arch`); None = random.
       project: keep CLIP's text projection (needed for the EOS sentence feature in CLIP space).
     Returns (forward): words (B, L, width), sentence (B, embed_dim or width), text_mask (B, L).
     """
@@ -227,7 +340,9 @@ class CLIPTextEncoder(nn.Module):
         from open_clip.model import _build_text_tower
 
         cfg = clip_config(arch)
-        quick_gelu = cfg.get("quick_gelu", False) or arch.endswith("quickgelu")
+        quick_gelu = cfg.get("quick_gelu", False)  # True for the "-quickgelu" names
+        if weights is not None:
+            check_clip_activation(weights, arch, quick_gelu)
         tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=quick_gelu)
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
@@ -241,10 +356,8 @@ class CLIPTextEncoder(nn.Module):
         if weights is None:
             warn_random(f"CLIP {arch} text encoder", "pass an open_clip or OpenAI CLIP file")
         else:
-            state = load_state_dict_file(weights)
-            if not project:
-                state.pop("text_projection", None)
-            load_matching(self, state, "", weights)
+            unused = ("visual.",) if project else ("visual.", "text_projection")
+            load_clip_file(self, weights, f"CLIP {arch} text encoder", unused)
 
     def forward(self, ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L = ids.shape[1]
@@ -295,6 +408,8 @@ class ViLTEncoder(nn.Module):
     Shapes: B batch, L words, h w patch grid, N = h*w, S sequence, d width.
     """
 
+    pixel_mean = pixel_std = (0.5, 0.5, 0.5)  # what ViLT's weights expect (ViltImageProcessor)
+
     def __init__(self, arch: str = "vilt-b32", weights: str | None = None,
                  vocab_size: int = 30522):
         super().__init__()
@@ -317,8 +432,8 @@ class ViLTEncoder(nn.Module):
             if not os.path.isdir(weights):
                 raise FileNotFoundError(f"ViLT weights must be a local Hugging Face folder "
                                         f"(config.json + weights), not {weights!r}")
-            vilt = ViltModel.from_pretrained(weights, local_files_only=True,
-                                             add_pooling_layer=False)
+            vilt = load_hf_folder(ViltModel, weights, f"ViLT {arch} transformer",
+                                  add_pooling_layer=False)
             got = {k: getattr(vilt.config, k) for k in spec}
             if got != spec:
                 raise ValueError(f"{weights!r} holds a ViLT with {got}, not the {arch!r} "
@@ -435,6 +550,9 @@ class Darknet53(nn.Module):
     Returns (forward): five maps (B, C_i, H / 2^(i+1), W / 2^(i+1)), C_i = `channels[i]`.
     """
 
+    # Darknet's weights take RGB scaled to [0, 1], with no mean/std normalisation
+    pixel_mean, pixel_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
     def __init__(self, arch: str = "darknet53", weights: str | None = None):
         super().__init__()
         if arch not in DARKNET_ARCHS:
@@ -449,9 +567,9 @@ class Darknet53(nn.Module):
         if weights is None:
             warn_random(f"Darknet {arch}", "pass yolov3.weights or a state dict of this module")
         elif weights.endswith((".weights", ".74")):
-            load_darknet_binary(self, weights)
+            load_darknet_binary(self, weights, f"Darknet-53 ({arch})")
         else:
-            load_matching(self, load_state_dict_file(weights), "", weights)
+            load_checked(self, load_state_dict_file(weights), weights, f"Darknet-53 ({arch})")
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.stem(x)
@@ -462,10 +580,11 @@ class Darknet53(nn.Module):
         return feats
 
 
-def load_darknet_binary(module: nn.Module, path: str) -> None:
+def load_darknet_binary(module: nn.Module, path: str, what: str = "Darknet-53") -> None:
     """Darknet's own weight format: a header, then for every convolution in network order its
-    BatchNorm bias, weight, running mean and variance, then its kernel (float32). Only the first
-    convolutions are read: the rest of a yolov3.weights file is YOLO's detection head."""
+    BatchNorm bias, weight, running mean and variance, then its kernel (float32). The allowance:
+    only the first convolutions are read, the rest of a yolov3.weights file is YOLO's detection
+    head. A file that ends early is a ValueError. Prints one line (see `load_checked`)."""
     import struct
 
     if not os.path.isfile(path):
@@ -473,17 +592,27 @@ def load_darknet_binary(module: nn.Module, path: str) -> None:
     with open(path, "rb") as f:
         major, minor, _ = struct.unpack("<3i", f.read(12))
         f.read(8 if major * 10 + minor >= 2 else 4)  # images seen during training
-        values = torch.frombuffer(bytearray(f.read()), dtype=torch.float32)
+        raw = f.read()
+    if len(raw) % 4:
+        raise ValueError(f"{path} holds {len(raw)} bytes after its header, not float32 values: "
+                         "not a darknet weights file")
+    values = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    # registration order is Darknet's layer order
+    convs = [m for m in module.modules() if isinstance(m, nn.Sequential)
+             and isinstance(m[0], nn.Conv2d)]
     pos = 0
     with torch.no_grad():
-        for m in module.modules():  # registration order is Darknet's layer order
-            if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d):
-                conv, bn = m[0], m[1]
-                for t in (bn.bias, bn.weight, bn.running_mean, bn.running_var, conv.weight):
-                    if pos + t.numel() > values.numel():
-                        raise ValueError(f"{path!r} ends before the network's last convolution")
-                    t.copy_(values[pos : pos + t.numel()].view_as(t))
-                    pos += t.numel()
+        for i, (conv, bn) in enumerate(m[:2] for m in convs):
+            for t in (bn.bias, bn.weight, bn.running_mean, bn.running_var, conv.weight):
+                if pos + t.numel() > values.numel():
+                    raise ValueError(f"{path} ends in convolution {i + 1} of the {len(convs)} of "
+                                     f"the {what}: not a file of this architecture")
+                t.copy_(values[pos : pos + t.numel()].view_as(t))
+                pos += t.numel()
+    rest = values.numel() - pos
+    note = f" ({rest} further values, a detection head, left out)" if rest else ""
+    print(f"loaded {path}: {len(convs)}/{len(convs)} convolutions ({5 * len(convs)} tensors) "
+          f"into {what}{note}")
 
 
 def load_glove(weight: Tensor, vocab, path: str) -> int:
@@ -504,6 +633,7 @@ def load_glove(weight: Tensor, vocab, path: str) -> int:
                 found += 1
     if not found:
         raise ValueError(f"{path!r}: no word of the vocabulary found; not a GloVe text file?")
+    print(f"loaded {path}: {found}/{len(index)} vocabulary words (the others start random)")
     return found
 
 
@@ -566,6 +696,8 @@ class SwinImageEncoder(nn.Module):
       channels first (torchvision's stages are channels last).
     """
 
+    pixel_mean, pixel_std = IMAGENET_MEAN, IMAGENET_STD  # torchvision's swin_b was trained so
+
     def __init__(self, arch: str = "swin_b", weights: str | None = None):
         super().__init__()
         from torchvision.models import swin_b
@@ -582,8 +714,9 @@ class SwinImageEncoder(nn.Module):
         self.channels = [SWIN_ARCHS[arch]["embed_dim"] * 2**i for i in range(4)]
         if weights is None:
             warn_random(f"Swin {arch}", "pass torchvision's swin_b state dict file")
-        else:
-            load_matching(self, load_state_dict_file(weights), "", weights)
+        else:  # the file's final norm and classifier are not used
+            load_checked(self, load_state_dict_file(weights), weights, f"Swin {arch}",
+                         skip=("norm.", "head."))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []
@@ -628,8 +761,8 @@ class BertTextEncoder(nn.Module):
             if not os.path.isdir(weights):
                 raise FileNotFoundError(f"BERT weights must be a local Hugging Face folder "
                                         f"(config.json + weights + vocab.txt), not {weights!r}")
-            self.bert = BertModel.from_pretrained(weights, local_files_only=True,
-                                                  add_pooling_layer=False)
+            self.bert = load_hf_folder(BertModel, weights, f"BERT {arch}",
+                                       add_pooling_layer=False)
             got = {k: getattr(self.bert.config, k) for k in spec} | dict(
                 vocab_size=self.bert.config.vocab_size)
             if got != spec | dict(vocab_size=vocab_size):
@@ -682,14 +815,18 @@ class CLIPImageEncoder(nn.Module):
     resized to the input's grid, so any input size works; at the native size nothing changes.
 
     Arguments:
-      arch: an open_clip config name ("RN50", "RN101", "ViT-B-16", "ViT-L-14", ...), "tiny"
-        (a small ViT) or "tiny-rn" (a small ResNet).
-      weights: an open_clip checkpoint or an OpenAI CLIP file (TorchScript); None = random.
+      arch: an open_clip config name, "tiny" (a small ViT) or "tiny-rn" (a small ResNet).
+        OpenAI's CLIP weights need the QuickGELU architectures: "RN50-quickgelu",
+        "RN101-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu", ...
+      weights: an open_clip checkpoint (.pt/.bin/.safetensors) or an OpenAI CLIP file
+        (TorchScript, refused for a GELU `arch`); None = random.
       vit_blocks: ViT only, which blocks (counted from 1) give x2, x3, x4.
     Returns (forward): x2, x3, x4, z as (B, C, h, w) maps and z_bar (B, D); `dims` gives their
       channels. ResNet: x2 at H/8, x3 at H/16, x4 and z at H/32; ViT: all at H/patch
       (`x3_stride` is 16 or the patch size).
     """
+
+    pixel_mean, pixel_std = CLIP_MEAN, CLIP_STD  # what CLIP's weights expect (0-1 scale)
 
     def __init__(self, arch: str = "ViT-B-16", weights: str | None = None,
                  vit_blocks: tuple[int, int, int] | None = None):
@@ -697,7 +834,9 @@ class CLIPImageEncoder(nn.Module):
         from open_clip.model import _build_vision_tower
 
         cfg = TINY_CLIP_VISION[arch] if arch in TINY_CLIP_VISION else clip_config(arch)
-        quick_gelu = cfg.get("quick_gelu", False) or arch.endswith("quickgelu")
+        quick_gelu = cfg.get("quick_gelu", False)  # True for the "-quickgelu" names
+        if weights is not None:
+            check_clip_activation(weights, arch, quick_gelu)
         self.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
                                           quick_gelu=quick_gelu)
         self.is_vit = hasattr(self.visual, "transformer")
@@ -721,7 +860,7 @@ class CLIPImageEncoder(nn.Module):
                 sine_init_(self.visual.positional_embedding[1:])
             warn_random(f"CLIP {arch} image encoder", "pass an open_clip or OpenAI CLIP file")
         else:
-            load_matching(self, load_state_dict_file(weights), "", weights)
+            load_clip_file(self, weights, f"CLIP {arch} image encoder", CLIP_TEXT_NAMES)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return self._forward_vit(image) if self.is_vit else self._forward_resnet(image)

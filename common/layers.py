@@ -93,3 +93,67 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of (B, L, C) over the real positions of mask (B, L): (B, C)."""
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the features of the real tokens of (B, L, C); padding enters neither the
+    statistics nor the output (zeros).
+
+    Statistics are computed in fp32 and the output keeps the input's dtype, so the layer runs
+    under bf16/fp16 autocast. With `sync = True` (set by `sync_batchnorm`) and a process group
+    of more than one process, the statistics cover the tokens of every process, as
+    nn.SyncBatchNorm does for images; the gradient flows through the all-reduce.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.momentum, self.eps = momentum, eps
+        self.sync = False
+
+    def _sum(self, x: Tensor) -> Tensor:
+        """Sum over this process's tokens, or over every process's when synchronised."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.sync and distributed:
+            from torch.distributed.nn.functional import all_reduce
+
+            return all_reduce(x)
+        return x
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, L, C), mask (B, L) True on real tokens -> (B, L, C) in x's dtype."""
+        xf = x.float()
+        m = mask[..., None].float()  # (B, L, 1)
+        if self.training:
+            n = self._sum(m.sum().reshape(1))[0].clamp(min=2)
+            mean = self._sum((xf * m).sum((0, 1))) / n  # (C,)
+            var = self._sum(((xf - mean) ** 2 * m).sum((0, 1))) / n  # biased, as BatchNorm's
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                unbiased = var * n / (n - 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight.float() + self.bias.float()
+        return (y * m).to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Batch statistics over the global batch under DDP: every nn.BatchNorm*d becomes
+    nn.SyncBatchNorm and every TokenBatchNorm all-reduces its statistics. Returns the model
+    (SyncBatchNorm conversion may replace the top module)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, TokenBatchNorm):
+            m.sync = True
+    return model

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
+import pickle
 import warnings
 
+import numpy as np
 import torch
+from PIL import Image
 
 import data
 import train
@@ -24,12 +29,37 @@ def build(name: str, config: str = "tiny", **changes):
 
 
 def make_batch(model, n: int = 2, split: str = "val", image_size: int = 96, seed: int = 0) -> dict:
-    base = data.ShapesDataset(split, max(n, 4), image_size, seed)
-    prep = data.Preprocess(model.input_spec, model.tokenizer,
-                           candidates="cand_masks" in model.input_names, keep_original=True)
+    """A batch ready for `model`: collated, on the CPU, images normalised (data.to_device), with
+    the annotated instances as candidates for a model that takes them."""
+    takes_candidates = "cand_masks" in model.input_names
+    base = data.ShapesDataset(split, max(n, 4), image_size, seed, instances=takes_candidates)
+    prep = data.Preprocess(model.input_spec, model.tokenizer, candidates=takes_candidates,
+                           keep_original=True)
     items = []
     for i in range(n):
         item = prep(base[i])
         item["index"] = i
         items.append(item)
-    return data.collate(items, model.tokenizer.pad_id)
+    return data.to_device(data.collate(items, model.tokenizer.pad_id), "cpu", model.input_spec)
+
+
+def write_refer(root, refs, images, anns):
+    """A small REFER-format dataset under `root` (a pathlib.Path): refs pickled with protocol 2
+    (as Python 2 wrote them), COCO instances, and a flat grey JPEG per image."""
+    os.makedirs(root / "refcoco", exist_ok=True)
+    os.makedirs(root / "images" / "train2014", exist_ok=True)
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    with open(root / "refcoco" / "instances.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": []}, f)
+    for im in images:
+        arr = np.full((im["height"], im["width"], 3), 120, np.uint8)
+        Image.fromarray(arr).save(root / "images" / "train2014" / im["file_name"])
+
+
+def ref(ref_id: int, ann_id: int, image_id: int, split: str, *sentences: str) -> dict:
+    """One REFER ref with its sentences."""
+    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
+            "category_id": 1, "sent_ids": list(range(len(sentences))), "file_name": "x.jpg",
+            "sentences": [{"sent_id": k, "sent": s, "raw": s, "tokens": []}
+                          for k, s in enumerate(sentences)]}

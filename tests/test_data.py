@@ -1,28 +1,14 @@
-import json
 import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import write_refer
 
 import data
 from common.model import InputSpec
 from common.tokenizers import ClipTokenizer
-
-
-def write_refer(root, refs, images, anns):
-    """A small REFER-format dataset: refs pickled with protocol 2 (as Python 2 wrote them)."""
-    os.makedirs(root / "refcoco", exist_ok=True)
-    os.makedirs(root / "images" / "train2014", exist_ok=True)
-    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
-    with open(root / "refcoco" / "instances.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": []}, f)
-    for im in images:
-        arr = np.full((im["height"], im["width"], 3), 120, np.uint8)
-        Image.fromarray(arr).save(root / "images" / "train2014" / im["file_name"])
 
 
 @pytest.fixture
@@ -206,3 +192,118 @@ def test_shard_sampler_covers_every_sample_once():
     for n, world in ((10, 3), (7, 2), (1, 4)):
         got = sorted(i for r in range(world) for i in data.ShardSampler(n, r, world))
         assert got == list(range(n))
+
+
+def test_images_leave_workers_as_uint8_and_are_normalised_on_the_device():
+    """Preprocess keeps the image uint8 (a quarter of float32's bytes between processes);
+    collate pads it with 0; to_device normalises it with the spec's statistics, zero on the
+    padding, and moves every tensor, the per-sample `gt` list included."""
+    spec = InputSpec(32, "shorter", max_size=48, pad_multiple=16, mean=(0.4, 0.5, 0.6),
+                     std=(0.2, 0.25, 0.3))
+    rng = np.random.default_rng(0)
+    raws = [dict(image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8), sentence="a thing",
+                 mask=np.ones((h, w), bool)) for h, w in ((32, 40), (40, 32))]
+    prep = data.Preprocess(spec, ClipTokenizer(8), keep_original=True)
+    items = [dict(prep(r), index=k) for k, r in enumerate(raws)]
+    assert items[0]["image"].dtype == torch.uint8 and items[0]["canvas_hw"] == (32, 48)
+    # no resize needed for the first image: its pixels pass through unchanged
+    stored = torch.from_numpy(raws[0]["image"]).permute(2, 0, 1)
+    assert torch.equal(items[0]["image"], stored)
+    batch = data.collate(items)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 3, 48, 48)
+    assert torch.equal(batch["image"][0, :, :32, :40], stored)
+    assert (batch["image"][0, :, 32:] == 0).all() and not batch["image_mask"][0, 32:].any()
+    assert batch["image_mask"][1, :40, :32].all() and not batch["image_mask"][1, :, 32:].any()
+    x = data.to_device(batch, "cpu", spec)["image"]
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    real = torch.from_numpy(raws[0]["image"]).permute(2, 0, 1).float() / 255
+    assert x.dtype == torch.float32
+    assert torch.allclose(x[0, :, :32, :40], (real - mean) / std, atol=1e-6)
+    assert (x[0, :, 32:] == 0).all() and (x[1, :, :, 40:] == 0).all()  # padding is 0
+    on_meta = data.to_device(batch, "meta", spec)  # no tensor stays behind on the CPU
+    assert on_meta["image"].is_meta and all(g.is_meta for g in on_meta["gt"])
+    with pytest.raises(ValueError, match="InputSpec"):
+        data.to_device(batch, "cpu")
+
+
+def test_uint8_resize_matches_the_float_resize():
+    """Resizing in uint8 agrees with a float resize rounded to uint8 within one grey level."""
+    image = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    x, hw = data.resize_image(image, InputSpec(64, "longest"))
+    assert x.dtype == torch.uint8 and hw == (43, 64)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=hw, mode="bilinear",
+        align_corners=False, antialias=True)[0].round().clamp(0, 255)
+    assert (x.float() - ref).abs().max() <= 1
+
+
+def test_instances_are_decoded_only_for_a_model_that_takes_candidates(refer_root, monkeypatch):
+    shapes = data.build_dataset("shapes", "val", shapes_size=4, shapes_image_size=64)
+    assert "instances" not in shapes[0] and shapes[0]["mask"].any()
+    assert shapes[0]["target_index"] == -1
+    oracle = data.build_dataset("shapes", "val", shapes_size=4, shapes_image_size=64,
+                                candidates="oracle")
+    assert np.array_equal(oracle[0]["mask"], shapes[0]["mask"])
+    assert np.array_equal(oracle[0]["instances"][oracle[0]["target_index"]], shapes[0]["mask"])
+
+    decoded = []
+    real = data.decode_segmentation
+    monkeypatch.setattr(data, "decode_segmentation",
+                        lambda *a: decoded.append(1) or real(*a))
+    plain = data.build_dataset("refcoco", "train", data_root=str(refer_root))[0]
+    assert "instances" not in plain and len(decoded) == 1  # the referred object alone
+    assert plain["mask"].sum() == 10 * 10 * 2 - 6 * 6
+    full = data.build_dataset("refcoco", "train", data_root=str(refer_root),
+                              candidates="oracle")[0]
+    assert len(decoded) == 1 + 2 and np.array_equal(full["mask"], plain["mask"])
+
+
+def test_degenerate_polygons_are_skipped():
+    """Polygons of fewer than 6 coordinates (a point, a line) cover no pixel: skipped; an
+    annotation made only of them is an empty mask. (pycocotools reads 4 numbers as a box.)"""
+    square = [2, 2, 12, 2, 12, 12, 2, 12]
+    alone = data.decode_segmentation([square], 20, 30)
+    assert alone.sum() == 100
+    for degenerate in ([5, 5], [1, 2, 3, 4], []):
+        assert np.array_equal(data.decode_segmentation([degenerate, square], 20, 30), alone)
+        empty = data.decode_segmentation([degenerate], 20, 30)
+        assert empty.shape == (20, 30) and empty.dtype == bool and not empty.any()
+    assert not data.decode_segmentation([], 20, 30).any()
+
+
+def test_mask_resize_is_nearest_exact():
+    masks = np.random.default_rng(2).random((3, 37, 53)) > 0.5
+    for hw in ((64, 91), (20, 30), (37, 53), (1, 1)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(masks).to(torch.uint8)[None],
+                                              size=hw, mode="nearest-exact")[0].bool()
+        assert torch.equal(data.resize_masks(masks, hw), ref)
+
+
+def test_samples_without_images_for_the_feature_cache(refer_root):
+    """build_dataset(images=False), for a run whose frozen image features all come from
+    common.cache: no image file is opened, samples carry the image's size, and batches are the
+    same as with images, less the image itself."""
+    spec, tok = InputSpec(32, "shorter", max_size=48, pad_multiple=16), ClipTokenizer(8)
+    prep = data.Preprocess(spec, tok, candidates=True, keep_original=True)
+
+    def batch(**kw):
+        ds = data.build_dataset("refcoco", "train", data_root=str(refer_root),
+                                candidates="oracle", **kw)
+        return data.collate([dict(prep(ds[i]), index=i) for i in range(len(ds))])
+
+    full = batch()
+    (refer_root / "images" / "train2014" / "COCO_train2014_000000000009.jpg").unlink()
+    with pytest.raises(FileNotFoundError):
+        batch()
+    lean = batch(images=False)
+    assert "image" not in lean and set(full) - set(lean) == {"image"}
+    for key, value in lean.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, full[key]), key
+        elif key == "gt":
+            assert all(torch.equal(a, b) for a, b in zip(value, full[key]))
+        else:
+            assert value == full[key], key
+    shapes = data.build_dataset("shapes", "val", shapes_size=2, shapes_image_size=64,
+                                images=False)[0]
+    assert "image" not in shapes and shapes["image_hw"] == (64, 64)

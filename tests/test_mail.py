@@ -1,7 +1,9 @@
-"""MaIL-specific checks: masked average pooling (Eq. 6), the select-loss target (Eq. 7), padded
-candidates, mask-token valid areas, the ViLT encoder against transformers' ViltModel, loading a
-ViLT folder written by save_pretrained, the ViLT (384/640) input setting, candidate files and the
-visualisation panels. The shared contract checks are in test_models.py."""
+"""MaIL-specific checks: masked average pooling (Eq. 6), the select-loss target (Eq. 7), what
+each loss trains, padded candidates, mask-token valid areas, the ViLT encoder against
+transformers' ViltModel, loading a ViLT folder written by save_pretrained, the ViLT (384/640)
+input setting and its batch-independent output, the K bound, candidate files and the
+visualisation panels. The shared contract checks are in test_models.py; the candidate sources
+(simulated detector, Mask R-CNN writer) in test_proposals.py."""
 
 import dataclasses
 import json
@@ -17,6 +19,7 @@ import data
 import mail
 import train
 from common.encoders import VILT_ARCHS, ViLTEncoder
+from common.layers import coord_map
 from common.tokenizers import WordPieceTokenizer
 
 
@@ -82,6 +85,26 @@ def test_no_select_target_gives_zero_loss_and_finite_gradients(model, batch):
     assert out["loss_select"].item() == 0.0
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_each_loss_trains_the_parameters_the_docstring_names(model, batch):
+    """The score MLP learns from lambda L_select alone (argmax is not differentiable); the head
+    and the 1x1 reductions from focal + dice alone; both reach the encoder's mask embedding."""
+    model.train()
+    grads = {}
+    for name in ("loss_select", "loss_focal"):
+        model.zero_grad(set_to_none=True)
+        model(**model.inputs_from(batch), target=batch["mask"])[name].backward()
+        grads[name] = {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+                       for n, p in model.named_parameters()}
+    select, mask = grads["loss_select"], grads["loss_focal"]
+    for n in select:
+        if n.startswith("score."):
+            assert select[n] and not mask[n], n
+        if n.startswith(("head.", "reduce_")):
+            assert mask[n] and not select[n], n
+    assert select["encoder.mask_embed.proj.weight"] and mask["encoder.mask_embed.proj.weight"]
+    assert select["encoder.mask_type"] and mask["encoder.mask_type"]
 
 
 def test_padded_candidates_change_nothing(model, batch):
@@ -250,8 +273,8 @@ def test_vilt_setting_pads_and_keeps_each_image_unchanged():
     items = [prep(wide), prep(tall)]
     for i, it in enumerate(items):
         it["index"] = i
-    pair = data.collate(items, model.tokenizer.pad_id)
-    alone = data.collate(items[1:], model.tokenizer.pad_id)
+    pair = data.to_device(data.collate(items, model.tokenizer.pad_id), "cpu", spec)
+    alone = data.to_device(data.collate(items[1:], model.tokenizer.pad_id), "cpu", spec)
     assert pair["image"].shape[-2:] == (64, 96) and alone["image"].shape[-2:] == (64, 64)
     with torch.no_grad():
         out = model(**model.inputs_from(pair))
@@ -259,6 +282,51 @@ def test_vilt_setting_pads_and_keeps_each_image_unchanged():
         f_pair, _ = model.encoder(*[pair[k] for k in model.input_names[:5]], pair["image_mask"])
         f_alone, _ = model.encoder(*[alone[k] for k in model.input_names[:5]], alone["image_mask"])
     assert torch.allclose(f_pair[1, :, :, :4], f_alone[0], atol=1e-4)
+
+
+def _vilt_setting_model():
+    cfg = dataclasses.replace(mail.CONFIGS["tiny"], image_size=64, max_size=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return mail.MaIL(cfg).eval()
+
+
+def test_vilt_setting_output_does_not_depend_on_the_batch():
+    """Eq. (8)'s coordinate map spans each image's own patches and the head never sees the
+    padding: an image's logits are the same alone and batched with a wider or a taller image,
+    and the padding is background."""
+    model = _vilt_setting_model()
+    prep = data.Preprocess(model.input_spec, model.tokenizer, candidates=True)
+    base = data.ShapesDataset("val", 4, 96, 0)
+    crop = lambda s, rows, cols: {**s, "image": s["image"][:rows, :cols],
+                                  "mask": s["mask"][:rows, :cols],
+                                  "instances": s["instances"][:, :rows, :cols]}
+    square = crop(base[0], 80, 80)  # resized to 64 x 64
+    others = {"wide": crop(base[1], 60, 96), "tall": crop(base[2], 96, 60)}  # 64x96, 96x64
+    batch = lambda samples: data.to_device(data.collate(
+        [dict(prep(x), index=i) for i, x in enumerate(samples)], model.tokenizer.pad_id),
+        "cpu", model.input_spec)  # normalised, padding 0
+    alone = batch([square])
+    with torch.no_grad():
+        want = model(**model.inputs_from(alone))["mask_logits"][0]  # (1, 64, 64)
+        for name, other in others.items():
+            pair = batch([other, square])
+            assert pair["image"].shape[-2:] == ((64, 96) if name == "wide" else (96, 64))
+            got = model(**model.inputs_from(pair))["mask_logits"]
+            assert torch.allclose(got[1, :, :64, :64], want, atol=1e-5), name
+            outside = ~pair["image_mask"][:, None]
+            assert outside.any() and (got[outside] == mail.PAD_LOGIT).all()
+
+
+def test_coordinate_map_spans_each_images_own_patches():
+    real = torch.zeros(2, 3, 4, dtype=torch.bool)
+    real[0] = True
+    real[1, :2, :3] = True
+    got = mail.patch_coord_map(real, torch.float32)
+    assert torch.allclose(got[0], coord_map(1, 3, 4)[0])
+    assert torch.allclose(got[1, :, :2, :3], coord_map(1, 2, 3)[0])
+    assert not got[1, :, 2:].any() and not got[1, :, :, 3:].any()
 
 
 def test_candidate_file_round_trip(tmp_path):
@@ -312,6 +380,22 @@ def test_text_max_tokens_and_configs():
     assert model.head.blocks[0][0].in_channels == 2 * 256 + 2  # Eq. (8): 768 / r twice, O
 
 
+def test_candidate_bound_is_a_config_field_reachable_from_set():
+    """K is bounded by config fields that the data pipeline applies (the model sees no scores)."""
+    assert mail.CONFIGS["paper"].max_candidates == 20 and mail.CONFIGS["paper"].min_score == 0.05
+    args = train.parse_args(["--model", "mail", "--set", "max_candidates=2",
+                             "--set", "min_score=0.3"])
+    cfg = train.build_config(mail, args)
+    assert cfg.max_candidates == 2 and cfg.min_score == 0.3
+    ds = data.build_dataset("shapes", "val", shapes_size=12, shapes_image_size=64,
+                            candidates="simulated", max_candidates=cfg.max_candidates,
+                            min_score=cfg.min_score)
+    samples = [ds[i] for i in range(len(ds))]
+    assert max(len(s["instances"]) for s in samples) == 2
+    assert all((s["candidate_scores"] >= 0.3).all() for s in samples)
+
+
+@pytest.mark.slow
 def test_candidates_file_end_to_end(tmp_path):
     """--candidates replaces the annotated instances in train.py and eval.py (matched by image
     id; an image absent from the file gets one empty candidate, never the ground truth), and
@@ -322,9 +406,8 @@ def test_candidates_file_end_to_end(tmp_path):
         entries += data.encode_candidates(i, shapes[i]["instances"][1:])
     path = tmp_path / "props.json"
     path.write_text(json.dumps(entries))
-    cands = data.load_candidates(str(path))
     ds = data.build_dataset("shapes", "train", shapes_size=8, shapes_image_size=64,
-                            candidates=cands)
+                            candidates=str(path))
     assert ds.sentence(3) == shapes.sentence(3)
     assert np.array_equal(ds[2]["instances"], shapes[2]["instances"][1:])
     assert ds[3]["instances"].shape == (0, 64, 64) and ds[2]["target_index"] == -1
@@ -348,7 +431,7 @@ def test_candidates_file_end_to_end(tmp_path):
     single = tmp_path / "one.json"
     single.write_text(json.dumps(data.encode_candidates(5, shapes[0]["instances"])))
     eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",
-                   "--candidates", str(single), "--out", str(tmp_path / "m.png")])
+                   "--candidates", str(single), "--save-mask", str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size == (64, 64)
     with pytest.raises(ValueError, match="image-id"):
         eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",

@@ -111,7 +111,7 @@ def test_image_encoder_loads_a_clip_state_dict(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(src(image), dst(image)))
     del state["visual.attnpool.c_proj.weight"]
     torch.save(state, path)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match=r"missing \['visual.attnpool.c_proj.weight'\]"):
         CLIPImageEncoder("tiny-rn", weights=path)
 
 

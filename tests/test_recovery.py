@@ -159,7 +159,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     with open(two_json) as f:
-        two = json.load(f)
+        two = json.load(f)["splits"]["val"]  # eval.py's one --json layout
     assert one["n"] == two["n"] == 13
     by_type = one.pop("by_type")  # printed, not in the JSON: compare the printed rows
     assert two == pytest.approx(one, rel=1e-12, abs=1e-12)
@@ -170,3 +170,33 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         columns = ("mIoU", "oIoU") + tuple(f"Pr@{t}" for t in (0.5, 0.6, 0.7, 0.8, 0.9))
         assert [float(v) for v in row[0][1:-1]] == pytest.approx([100 * m[c] for c in columns],
                                                                  abs=0.006)
+
+
+def test_an_interrupted_accumulating_run_resumes_exactly(tmp_path, monkeypatch):
+    """With --accum-steps 2 a checkpoint is written only between optimiser steps (never with
+    half a gradient accumulated): a run stopped in its 4th step, after last.pt of step 2, then
+    resumed mid-epoch (step 3 again, then step 4), ends with the weights of a run never stopped."""
+    args = ["--model", "maris", "--shapes-train-size", "16", "--batch-size", "2",
+            "--accum-steps", "2", "--epochs", "1", "--no-val", "--log-every", "1",
+            "--ckpt-every", "2", "--no-tensorboard", "--resume", "auto"]
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    train.main(args + ["--out", ref])
+    step = train.optimizer_step
+    calls = {"n": 0}
+
+    def stop_in_step_4(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return step(*a, **kw)
+
+    monkeypatch.setattr(train, "optimizer_step", stop_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", run])
+    stopped = train.load_checkpoint(os.path.join(run, "last.pt"))
+    assert stopped["step"] == 2 and stopped["batch_in_epoch"] == 4  # micro-batches
+    monkeypatch.setattr(train, "optimizer_step", step)
+    train.main(args + ["--out", run])
+    done = train.load_checkpoint(os.path.join(run, "last.pt"))
+    assert done["step"] == 4 and done["epoch"] == 1 and done["batch_in_epoch"] == 0
+    assert_same_weights(weights(os.path.join(ref, "last.pt")), done["model"])

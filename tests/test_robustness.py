@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers import build
+from helpers import build, ref, write_refer
 from PIL import Image
 
 import data
@@ -63,16 +63,42 @@ def test_transparent_pixels_are_composited_on_white(tmp_path):
 
 
 def test_exif_rotation_gives_the_mask_in_the_orientation_the_user_sees(tmp_path, model):
+    """A user's own photo (single-image prediction) is turned as its EXIF tag says."""
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     path = save(Image.fromarray(RGB), tmp_path / "r.jpg", exif=exif)
-    arr = data.load_image(path)
+    assert data.load_image(path).shape == (24, 36, 3)  # stored orientation by default
+    arr = data.load_image(path, exif=True)
     assert arr.shape == (36, 24, 3)
     mask, _ = eval_cli.predict(model, arr, "the shape")
     assert mask.shape == (36, 24)
     out = str(tmp_path / "m.png")
-    eval_cli.run_predict(type("A", (), dict(image=path, text="the shape", out=out)), model, "cpu")
+    args = eval_cli.parse_args(["--checkpoint", "unused.pt", "--image", path, "--text",
+                                "the shape", "--save-mask", out])
+    eval_cli.run_predict(args, model, "cpu")
     assert np.asarray(Image.open(out)).shape == (36, 24)
+
+
+@pytest.mark.parametrize("orientation,hw", [(3, (24, 36)), (2, (24, 36)), (6, (32, 32))])
+def test_dataset_images_ignore_exif_so_masks_stay_aligned(tmp_path, orientation, hw):
+    """COCO polygons are drawn on the stored pixels: a REFER image whose EXIF tag rotates it by
+    180 degrees (3), mirrors it (2) or turns a square image (6), all without changing its size,
+    is still read as stored, and its mask covers the object it outlines."""
+    h, w = hw
+    stored = np.zeros((h, w, 3), np.uint8)
+    stored[: h // 2, : w // 2] = 255  # a bright object in the top-left quarter
+    images = [{"id": 1, "height": h, "width": w, "file_name": "COCO_train2014_000000000001.jpg"}]
+    anns = [{"id": 7, "image_id": 1, "category_id": 1,
+             "segmentation": [[0, 0, w // 2, 0, w // 2, h // 2, 0, h // 2]]}]
+    write_refer(tmp_path, [ref(0, 7, 1, "val", "the bright one")], images, anns)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    save(Image.fromarray(stored), tmp_path / "images" / "train2014" / images[0]["file_name"],
+         exif=exif, quality=95)
+    sample = data.ReferDataset(str(tmp_path), "refcoco", "val")[0]
+    assert sample["image"].shape == (h, w, 3)
+    inside, outside = sample["image"][sample["mask"]], sample["image"][~sample["mask"]]
+    assert inside.mean() > 200 and outside.mean() < 60
 
 
 def test_truncated_and_corrupt_images_name_the_file(tmp_path):

@@ -49,7 +49,8 @@ def test_resume_continues_at_the_saved_step(trained, tmp_path):
     with (open(os.path.join(trained, "last.pt"), "rb") as src,
           open(os.path.join(out, "last.pt"), "wb") as dst):
         dst.write(src.read())
-    train.main(SMALL + ["--epochs", "2", "--out", out, "--resume", "auto"])
+    train.main(SMALL + ["--epochs", "2", "--out", out, "--resume", "auto",
+                        "--resume-override", "epochs"])  # a longer run, asked explicitly
     steps = [r["step"] for r in read_log(out) if "loss" in r]
     assert steps == list(range(13, 25))
     assert train.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 24
@@ -60,7 +61,10 @@ def test_eval_cli_writes_json(trained, tmp_path):
     eval_cli.main(["--checkpoint", os.path.join(trained, "best.pt"), "--json", path,
                    "--save-vis", str(tmp_path / "vis"), "--num-vis", "3"])
     with open(path) as f:
-        metrics = json.load(f)
+        report = json.load(f)
+    assert report["model"] == "maris" and report["config"] == "tiny"
+    assert report["candidates"] is None  # MARIS takes no candidate masks
+    metrics = report["splits"]["val"]
     assert set(metrics) == {"mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "n"}
     assert metrics["n"] == 12  # the training run's --shapes-eval-size, taken from the checkpoint
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "n")
@@ -87,7 +91,7 @@ def test_predict_one_image(trained, tmp_path):
     Image.fromarray(image).save(tmp_path / "in.png")
     out = str(tmp_path / "pred.png")
     eval_cli.main(["--checkpoint", os.path.join(trained, "last.pt"), "--image",
-                   str(tmp_path / "in.png"), "--text", "the red square", "--out", out])
+                   str(tmp_path / "in.png"), "--text", "the red square", "--save-mask", out])
     mask = np.asarray(Image.open(out))
     assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
     assert os.path.isfile(str(tmp_path / "pred.overlay.png"))

@@ -1,0 +1,402 @@
+"""Candidate masks for MaIL that come from a detector, not from the annotations.
+
+MaIL (Sec. 4.1) selects among the masks of "a ResNet-50 Mask R-CNN pre-trained on instances in
+train splits of RefCOCO/RefCOCO+/G-Ref". The annotated instances contain the referred object's
+exact mask, so feeding them is an oracle (an upper bound). This module gives the two honest
+sources:
+
+- `SimulatedCandidates`: for the built-in synthetic data, which has no detector, proposals drawn
+  from the annotations by a seeded noise model that errs like an instance-segmentation detector
+  (`ProposalNoise`). Every proposal is perturbed: none equals an annotation exactly.
+- `write_maskrcnn_proposals` / `python -m common.proposals`: runs a torchvision Mask R-CNN loaded
+  from a local weights file over every image of a REFER split once and writes the COCO results
+  file that `data.load_candidates` reads (`--candidates`). Caution: a COCO-trained detector has
+  seen RefCOCO's val and test images (they are COCO train2014 images) with their instances; the
+  paper's detector was trained on the RefCOCO train instances only. Proposals from a COCO model
+  are therefore optimistic on val/test and not the paper's setting.
+
+`proposal_recall` measures what bounds MaIL on any of these: the share of samples whose best
+proposal reaches IoU >= t with the referred object.
+
+The simulated detector's noise model (`ProposalNoise`, one draw per image from (seed, image_id)):
+1. each annotated object is missed with probability `miss_prob`;
+2. a detected object's mask is dilated (or eroded) by a radius drawn from N(0, boundary_sigma)
+   and shifted along each axis by N(0, shift_sigma), both in units of the object's equivalent
+   radius sqrt(area / pi) and rounded to whole pixels (a few pixels on 128 px shapes: a detector
+   errs more on large objects, in pixels);
+3. with probability `fragment_prob` an object also yields a fragment: the part of its noisy mask
+   on one side of a random line through it (a part detected as an object);
+4. two neighbouring objects (masks within `merge_gap` equivalent radii) are merged into one
+   proposal, their noisy union, with probability `merge_prob`; with probability `merge_replaces`
+   the merge replaces the two objects' own proposals (the detector saw one object);
+5. a Poisson(`spurious_rate`) number of random elliptic blobs on the image (false positives);
+6. a proposal identical to an annotation (a zero draw) gets one boundary pixel toggled;
+7. every proposal's score is clip(score_base + score_gain * q + N(0, score_sigma)), q = its best
+   IoU with any annotated object: scores correlate with mask quality, as a detector's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+SCORE_RANGE = (0.01, 0.99)  # simulated scores stay strictly inside (0, 1), like a softmax's
+FRAGMENT_KEEP = (0.3, 0.7)  # a fragment's cutting line leaves 30-70% of the object on one side
+BLOB_RADIUS = (0.04, 0.15)  # spurious blob semi-axes, as a fraction of the image's shorter side
+MASK_THRESHOLD = 0.5  # Mask R-CNN's soft masks are binarised at 0.5 (torchvision, detectron2)
+MASKRCNN_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+
+
+@dataclass(frozen=True)
+class ProposalNoise:
+    """The simulated detector's errors (module docstring, steps 1-7). Lengths are in units of an
+    object's equivalent radius sqrt(area / pi). The defaults give, on shapes val (128 px), a
+    mask recall like a decent Mask R-CNN's: most referred objects found (IoU >= 0.5), far fewer
+    found almost exactly (IoU >= 0.9)."""
+
+    miss_prob: float = 0.07  # an object gets no proposal of its own
+    boundary_sigma: float = 0.04  # std of the dilation (> 0) / erosion (< 0) radius
+    shift_sigma: float = 0.035  # std of the shift along each axis
+    fragment_prob: float = 0.1  # an object also yields a part of itself
+    merge_prob: float = 0.15  # a neighbouring pair also yields its union
+    merge_replaces: float = 0.5  # ... which then replaces the pair's own proposals
+    merge_gap: float = 0.3  # neighbours: masks closer than this (the larger one's radius)
+    spurious_rate: float = 0.5  # mean number of random blobs per image
+    score_base: float = 0.1  # score = base + gain * quality + N(0, sigma), clipped
+    score_gain: float = 0.8
+    score_sigma: float = 0.1
+
+
+DEFAULT_NOISE = ProposalNoise()
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation (radius > 0) or erosion (radius < 0) by an octagon of that radius (3x3
+    square and cross steps in turn, a cheap disc); outside the image is background, so erosion
+    also eats from the border."""
+    if radius == 0:
+        return mask.copy()
+    # erosion = the complement of the complement's dilation (the complement is 1 outside)
+    m = torch.from_numpy(mask if radius > 0 else ~mask).float()[None, None]  # (1, 1, H, W)
+    r = abs(radius)
+    m = F.pad(m, (r, r, r, r), value=float(radius < 0))
+    for step in range(r):
+        if step % 2 == 0:  # square
+            m = F.max_pool2d(m, 3, stride=1, padding=1)
+        else:  # cross
+            m = torch.maximum(F.max_pool2d(m, (1, 3), stride=1, padding=(0, 1)),
+                              F.max_pool2d(m, (3, 1), stride=1, padding=(1, 0)))
+    grown = (m[0, 0, r:-r, r:-r] > 0).numpy()  # (H, W)
+    return grown if radius > 0 else ~grown
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Shift by (dy, dx) pixels; what leaves the image is lost, what enters is background."""
+    out = np.zeros_like(mask)
+    H, W = mask.shape
+    ys, yd = slice(max(0, -dy), min(H, H - dy)), slice(max(0, dy), min(H, H + dy))
+    xs, xd = slice(max(0, -dx), min(W, W - dx)), slice(max(0, dx), min(W, W + dx))
+    out[yd, xd] = mask[ys, xs]
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _radius(mask: np.ndarray) -> float:
+    return math.sqrt(mask.sum() / math.pi)  # equivalent radius, pixels
+
+
+def _noisy(mask: np.ndarray, noise: ProposalNoise, rng: np.random.Generator) -> np.ndarray:
+    """Step 2: a detector's boundary and localisation errors on one object's mask."""
+    r = _radius(mask)
+    grow = round(rng.normal(0, noise.boundary_sigma) * r)
+    dy, dx = (round(v) for v in rng.normal(0, noise.shift_sigma, size=2) * r)
+    return _shift(_dilate(mask, grow), dy, dx)
+
+
+def _fragment(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Step 3: the part of a mask on one side of a random line through it."""
+    ys, xs = np.nonzero(mask)
+    angle = rng.uniform(0, math.pi)
+    proj = ys * math.sin(angle) + xs * math.cos(angle)  # position along the line's normal
+    cut = np.quantile(proj, rng.uniform(*FRAGMENT_KEEP))
+    part = np.zeros_like(mask)
+    keep = proj <= cut
+    part[ys[keep], xs[keep]] = True
+    return part
+
+
+def _blob(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Step 5: a random ellipse, anywhere on the image."""
+    a, b = rng.uniform(*BLOB_RADIUS, size=2) * min(h, w)
+    cy, cx, angle = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, math.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def _neighbours(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
+    """Step 4: do two masks come within `gap` times the larger one's radius of each other?"""
+    reach = max(1, round(gap * max(_radius(a), _radius(b))))
+    (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = _box(a), _box(b)
+    if by0 - ay1 > reach or ay0 - by1 > reach or bx0 - ax1 > reach or ax0 - bx1 > reach:
+        return False  # their boxes are already too far apart
+    near = F.max_pool2d(torch.from_numpy(a).float()[None, None], 2 * reach + 1, stride=1,
+                        padding=reach)[0, 0] > 0  # a grown by `reach` (a square)
+    return bool((near.numpy() & b).any())
+
+
+def _not_an_annotation(mask: np.ndarray, instances: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Step 6: toggle boundary pixels until the mask equals no annotated instance."""
+    mask = mask.copy()
+    while any(np.array_equal(mask, inst) for inst in instances):
+        edge = mask & ~_dilate(mask, -1) if mask.any() else ~mask
+        ys, xs = np.nonzero(edge)
+        k = int(rng.integers(len(ys)))
+        mask[ys[k], xs[k]] = ~mask[ys[k], xs[k]]
+    return mask
+
+
+def simulate_proposals(instances: np.ndarray, seed, noise: ProposalNoise = DEFAULT_NOISE
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated detector's proposals for one image (module docstring, steps 1-7).
+
+    instances (K, H, W) bool: the image's annotated objects. seed: an int or a sequence of
+    non-negative ints, e.g. (seed, image_id): the same seed gives the same proposals.
+    Returns masks (P, H, W) bool, none equal to an annotation, and scores (P,) float32, sorted
+    best first.
+    """
+    instances = np.asarray(instances, dtype=bool)
+    if instances.ndim != 3:
+        raise ValueError(f"instances must be (K, H, W), got shape {instances.shape}")
+    rng = np.random.default_rng(seed)
+    H, W = instances.shape[1:]
+    objects = [m for m in instances if m.any()]
+    found = [rng.random() >= noise.miss_prob for _ in objects]  # 1. misses
+    own = [_noisy(m, noise, rng) for m in objects]  # 2. boundary and shift errors
+    proposals = [m for m, f in zip(own, found) if f]
+    for m, f in zip(own, found):  # 3. fragments
+        if f and m.any() and rng.random() < noise.fragment_prob:
+            proposals.append(_fragment(m, rng))
+    replaced = set()
+    for i in range(len(objects)):  # 4. merges of neighbouring pairs
+        for j in range(i + 1, len(objects)):
+            if (_neighbours(objects[i], objects[j], noise.merge_gap)
+                    and rng.random() < noise.merge_prob):
+                proposals.append(_noisy(objects[i] | objects[j], noise, rng))
+                if rng.random() < noise.merge_replaces:
+                    replaced |= {i, j}
+    if replaced:  # the merged objects' own proposals go (a fragment may stay)
+        gone = [own[i] for i in replaced if found[i]]
+        proposals = [p for p in proposals if not any(p is g for g in gone)]
+    proposals += [_blob(H, W, rng) for _ in range(rng.poisson(noise.spurious_rate))]  # 5.
+    proposals = [_not_an_annotation(p, instances, rng) for p in proposals]  # 6.
+    proposals = [p for p in proposals if p.any()]  # a detector returns no empty mask
+    # 7. scores that follow each proposal's quality
+    quality = np.array([max((_iou(p, m) for m in objects), default=0.0) for p in proposals])
+    scores = noise.score_base + noise.score_gain * quality
+    scores = np.clip(scores + rng.normal(0, noise.score_sigma, len(proposals)), *SCORE_RANGE)
+    order = np.argsort(-scores, kind="stable")
+    masks = np.stack(proposals)[order] if proposals else np.zeros((0, H, W), bool)
+    return masks, scores[order].astype(np.float32)
+
+
+class SimulatedCandidates(Dataset):
+    """A raw dataset (e.g. data.ShapesDataset) whose `instances` (MaIL's candidate masks) are a
+    simulated detector's proposals of the sample's image instead of its annotations.
+
+    Proposals are drawn from (seed, image_id) alone, so every process, worker and run sees the
+    same ones for an image, whatever the sentence. Kept: score >= min_score, then the
+    max_candidates best. `target_index` becomes -1 (no proposal is the referred object) and
+    `candidate_scores` (P,) holds the kept scores, best first.
+    """
+
+    # kept proposals are remembered per process up to this many bytes (a simulation costs a few
+    # ms per image, every epoch otherwise); the arrays are shared: never modify them in place
+    MEMO_BYTES = 1 << 28
+
+    def __init__(self, base: Dataset, seed: int = 0, max_candidates: int | None = None,
+                 min_score: float = 0.0, noise: ProposalNoise = DEFAULT_NOISE):
+        if max_candidates is not None and max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1 or None, got {max_candidates}")
+        self.base, self.seed, self.noise = base, seed, noise
+        self.max_candidates, self.min_score = max_candidates, min_score
+        self._memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._memo_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str):  # sentence(), image_path(), ... of the wrapped dataset
+        if name in ("base", "seed", "noise", "max_candidates", "min_score", "_memo"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = dict(self.base[i])
+        image_id = int(sample["image_id"])
+        if image_id < 0:
+            raise ValueError(f"sample {i} has no image_id: its proposals cannot be seeded")
+        if image_id not in self._memo:
+            masks, scores = simulate_proposals(sample["instances"], (self.seed, image_id),
+                                               self.noise)
+            keep = scores >= self.min_score  # scores are sorted, so this keeps a prefix
+            masks, scores = masks[keep][: self.max_candidates], scores[keep][: self.max_candidates]
+            if self._memo_bytes + masks.nbytes > self.MEMO_BYTES:
+                return dict(sample, instances=masks, candidate_scores=scores, target_index=-1)
+            self._memo[image_id] = masks, scores
+            self._memo_bytes += masks.nbytes
+        masks, scores = self._memo[image_id]
+        return dict(sample, instances=masks, candidate_scores=scores, target_index=-1)
+
+
+def proposal_recall(dataset, thresholds: tuple[float, ...] = (0.5, 0.9),
+                    n: int | None = None) -> dict:
+    """Over the first n samples (all by default) of a raw dataset whose `instances` are the
+    candidates: the share of samples whose best candidate reaches IoU >= t with the target mask
+    ("recall@t": the best MaIL can do by selection alone), the mean best IoU and the mean
+    number of candidates."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    if n == 0:
+        raise ValueError("proposal_recall needs at least one sample")
+    best, counts = [], []
+    for i in range(n):
+        s = dataset[i]
+        target = np.asarray(s["mask"], dtype=bool)
+        best.append(max((_iou(np.asarray(c, bool), target) for c in s["instances"]),
+                        default=0.0))
+        counts.append(len(s["instances"]))
+    best = np.array(best)
+    out = {f"recall@{t:g}": float((best >= t).mean()) for t in thresholds}
+    return out | {"mean_best_iou": float(best.mean()), "mean_proposals": float(np.mean(counts)),
+                  "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask R-CNN proposals for a REFER split (issue: the paper's candidates come from a detector)
+# ---------------------------------------------------------------------------------------------
+
+def load_maskrcnn(weights: str, arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
+                  min_score: float = 0.05, max_per_image: int = 100, **kwargs) -> torch.nn.Module:
+    """torchvision's Mask R-CNN built without any download (weights=None,
+    weights_backbone=None) and loaded from a local state-dict file (a plain state dict, or one
+    under "model" / "state_dict" as training checkpoints keep it). kwargs go to MaskRCNN
+    (e.g. min_size, max_size)."""
+    import torchvision.models.detection as det
+
+    if arch not in MASKRCNN_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {MASKRCNN_ARCHS}")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"Mask R-CNN weights not found: {weights!r} (a local state-dict "
+                                f"file of torchvision's {arch}; nothing is downloaded)")
+    model = getattr(det, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
+                               box_score_thresh=min_score, box_detections_per_img=max_per_image,
+                               **kwargs)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{weights!r} does not fit {arch} with num_classes={num_classes} "
+                         f"(another architecture or class count? --arch, --num-classes):\n"
+                         f"{err}") from err
+    return model.eval()
+
+
+def _image_ids(dataset) -> list[int]:
+    """Each sample's image id, without decoding images where the dataset allows it."""
+    if hasattr(dataset, "samples"):  # data.ReferDataset: (image_id, ann_id, sentence)
+        return [int(s[0]) for s in dataset.samples]
+    return [int(dataset[i]["image_id"]) for i in range(len(dataset))]
+
+
+@torch.inference_mode()
+def write_maskrcnn_proposals(dataset, model: torch.nn.Module, out: str,
+                             device: str = "cpu", log_every: int = 100) -> dict:
+    """Run `model` (load_maskrcnn) once on every distinct image of a raw dataset and write its
+    masks and scores as a COCO results file (data.encode_candidates; read by
+    data.load_candidates). Returns {"images": ..., "proposals": ...}."""
+    import data  # lazily: common must not depend on data.py
+
+    first = {}  # image_id -> the first sample showing it
+    for i, image_id in enumerate(_image_ids(dataset)):
+        first.setdefault(image_id, i)
+    model = model.to(device)
+    entries = []
+    for n, (image_id, i) in enumerate(first.items()):
+        image = dataset[i]["image"]  # uint8 (H, W, 3) at the stored resolution
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+        det = model([x.to(device)])[0]  # torchvision normalises and resizes internally
+        masks = (det["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()  # (P, H, W)
+        entries += data.encode_candidates(image_id, masks, det["scores"].cpu().numpy())
+        if log_every and (n + 1) % log_every == 0:
+            print(f"{n + 1}/{len(first)} images, {len(entries)} proposals", file=sys.stderr)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f)
+    os.replace(tmp, out)  # never leave a half-written file under the final name
+    return {"images": len(first), "proposals": len(entries)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        prog="python -m common.proposals",
+        description="Write MaIL's candidate masks for a REFER split with a torchvision Mask R-CNN "
+                    "from a local weights file (COCO results format, for --candidates). Note: "
+                    "a COCO-trained detector saw RefCOCO's val/test images (COCO train2014); the "
+                    "paper's was trained on the RefCOCO train instances only.")
+    p.add_argument("--dataset", required=True, choices=("refcoco", "refcoco+", "refcocog"))
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--split-by", default=None, help="unc | umd | google (default per dataset)")
+    p.add_argument("--image-dir", default=None, help="default DATA_ROOT/images/train2014")
+    p.add_argument("--weights", required=True, help="local state dict of the Mask R-CNN")
+    p.add_argument("--arch", default=MASKRCNN_ARCHS[0], choices=MASKRCNN_ARCHS)
+    p.add_argument("--num-classes", type=int, default=91, help="91 for COCO-trained weights")
+    p.add_argument("--min-score", type=float, default=0.05, help="drop detections below this")
+    p.add_argument("--max-per-image", type=int, default=100, help="keep the best this many")
+    p.add_argument("--min-size", type=int, default=800, help="shorter side the detector sees")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--recall", action="store_true",
+                   help="then print the proposals' recall against the referred objects")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    import data
+
+    ds = data.build_dataset(args.dataset, args.split, data_root=args.data_root,
+                            split_by=args.split_by, image_dir=args.image_dir)
+    model = load_maskrcnn(args.weights, args.arch, args.num_classes, args.min_score,
+                          args.max_per_image, min_size=args.min_size)
+    summary = write_maskrcnn_proposals(ds, model, args.out, args.device)
+    print(f"wrote {summary['proposals']} proposals for {summary['images']} images of "
+          f"{ds.name} to {args.out}")
+    if args.recall:
+        cands = data.WithCandidates(ds, data.load_candidates(args.out))
+        summary["recall"] = proposal_recall(cands)
+        print(json.dumps(summary["recall"]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
