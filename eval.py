@@ -155,9 +155,31 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> floa
 
 
 def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """Model FLOPs of `fn()` (forward, or forward and backward), counted by torch's
+    FlopCounterMode, with attention counted alike whichever kernel SDPA picks:
 
-    with FlopCounterMode(display=False) as counter:
+    - torch's registry has no formula for the CPU flash-attention kernels SDPA picks when dropout
+      is off (torch 2.14 counts them as 0 FLOPs); they get torch's own SDPA formula;
+    - torch counts the fused backward kernels with the recomputation of the attention scores (5
+      matmuls where explicit attention has 4); model FLOPs, what MFU divides by, leave recompute
+      out, so every SDPA backward counts twice its forward, as explicit attention does.
+    SDPA and the same attention written with matmuls and a softmax count the same (tested)."""
+    from torch.utils import flop_counter
+
+    def sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments are shapes
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+    kernels = ["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
+    mapping = {}
+    for name in kernels:
+        for suffix, formula in (("", sdpa), ("_backward", sdpa_backward)):
+            if hasattr(torch.ops.aten, name + suffix):
+                mapping[getattr(torch.ops.aten, name + suffix)] = formula
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 

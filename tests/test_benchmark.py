@@ -1,0 +1,35 @@
+"""The benchmark's FLOP count: attention is counted whichever kernel SDPA picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluate_cli
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "additive-mask"])
+def test_sdpa_and_explicit_attention_count_the_same_flops(backward, masked):
+    """Consistency with torch's own matmul formulas: the fused CPU kernel (chosen without
+    dropout; torch 2.14 counts it as 0) counts what explicit attention's matmuls count, forward
+    and backward (model FLOPs: the fused backward's recomputation is not counted)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 16, requires_grad=backward) for _ in range(3))
+    bias = torch.randn(2, 4, 50, 50) if masked else None
+
+    def run(attention):
+        def fn():
+            out = attention(q, k, v) if bias is None else attention(q, k, v, bias)
+            if backward:
+                out.sum().backward()
+        return fn
+
+    fused = run(lambda q, k, v, *m: F.scaled_dot_product_attention(q, k, v, *m))
+    plain = run(lambda q, k, v, *m: torch.softmax(  # softmax(q k^T / sqrt(16) + bias) v
+        q @ k.transpose(-1, -2) / 4 + (m[0] if m else 0), -1) @ v)
+    with torch.no_grad() if not backward else torch.enable_grad():
+        n_fused, n_plain = evaluate_cli.count_flops(fused), evaluate_cli.count_flops(plain)
+    forward = 2 * (2 * 2 * 4 * 50 * 50 * 16)  # two (50 x 16) @ (16 x 50)-sized matmuls
+    assert n_plain >= forward and n_fused == n_plain
