@@ -2,77 +2,54 @@
 Liu, Ding, Zhang, Jiang. IEEE Transactions on Image Processing 32, 2023; arXiv:2305.15302.
 
 A backbone gives the image feature F_vis, a language encoder the word features F_t and a sentence
-feature F_t'. A transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder (M3Dec)
-queries F_enc with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one word-pixel
-attention matrix along both axes, attends vision per word and language per pixel, and fuses the
-two. Iterative Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language features
-between decoder layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder output to
-reconstruct the language features. A Mask Decoder uses the decoder output as 1x1 dynamic kernels
-over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5).
-
-Two settings (Table IV): "paper-cnn" Darknet-53 + bi-GRU over GloVe words at 416 px, "paper-swin"
-Swin-B + BERT-base at 480 px.
+feature F_t'; a transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder
+(M3Dec) queries F_enc with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one
+word-pixel attention matrix along both axes, attends vision per word and language per pixel, and
+fuses the two. Iterative Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language
+features between decoder layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder
+output to reconstruct the language features. A Mask Decoder uses the decoder output as 1x1
+dynamic kernels over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5). Two settings (Table
+IV): "paper-cnn" Darknet-53 + bi-GRU over GloVe at 416 px, "paper-swin" Swin-B + BERT at 480 px.
 
 Shapes: B batch, C width (256), h w the stride-16 feature map, N = h*w, L words (tokens), H W input.
 
 Interpretations (where the paper is silent or contradicts itself):
-- F_vis. The paper gives one map H x W x C. As VLT (same authors, same Darknet setting) does, we
-  work at stride 16 (26 x 26 at 416): the backbone's last map (stride 32) is upsampled and joined
-  to the one before (stride 16), then a 1x1 conv + BN + ReLU brings it to C. Swin-B likewise
-  (its stages 3 and 4; 30 x 30 at 480).
-- Language encoder. The text says a bi-directional LSTM, Table IV a GRU (as MCN and VLT): we use a
-  GRU, both directions summed (as VLT), F_t' = the final states of both directions. Embeddings
-  (300-d) start from GloVe when a GloVe file is given and are trained. The vocabulary is every
-  word seen at least `vocab_min_count` (2) times in the training split (rarer ones map to <unk>);
-  it is kept in the config, hence in every checkpoint (see `prepare_config`). With BERT, F_t is
-  the last layer's tokens ([CLS] and [SEP] included), F_t' the [CLS] token, both through one
-  linear layer 768 -> C.
-- Transformer encoder: post-norm layers (self-attention, FFN of width 2048, dropout 0.1); the
-  fixed 2-D sine positional encoding is added once to its input, so F_enc carries position into
-  M3Att and the Mask Decoder.
-- M3Att is single-head (Eq. 1 scales by 1/sqrt(C)); the paper's 8 heads are those of the
-  self- and cross-attention. The linear layer after F_mul maps HW -> C, so M3Att is built for one
-  input size (`image_size`, images are stretched to it). Padded words are left out of the softmax
-  of Eq. (2b). The "independent" setting (Table I, `shared_attention=False`) computes the matrix
-  of Eq. (2b) from two extra key projections.
-- M3Dec layer (Fig. 3c): self-attention on the query, M3Att, cross-attention whose query is F_q
-  and whose key and value are the multi-modal feature, then an FFN, each with a residual and
-  LayerNorm (a standard transformer decoder layer).
-- "All linear and conv layers are followed by BN and ReLU unless noted" (Sec. IV-A) is applied
-  to: the F_vis projection, M3Att's output layer (HW -> C), IMI's language transform F_l^n, the
-  first two of LFR's three layers, and the Mask Decoder's convolutions (except the last, which
-  gives the logits). Attention projections, FFNs (ReLU inside), the BERT projection and the
-  layers whose equations state their activation (Eq. 3, Eq. 4) are as written. BN on word
-  features uses the real words' statistics only (`TokenBatchNorm`).
-- IMI (Eq. 3) has no 1/sqrt(C) scaling, as written; the softmax runs over the words of F_l^n;
-  w_ci starts at 1. One IMI block sits between each two successive layers (2 for 3 layers).
-- LFR (Eq. 4): e is the fixed 1-D sine/cosine encoding; the mean runs over the real words plus
-  F_t'. The three layers on F_dec are followed by average pooling over the real words. F_proj is
-  not detached: W_proj is learnt through L_rec only, as the paper writes, so both sides may
-  shrink together (on the shapes data L_rec falls to ~1e-3 within a few hundred steps).
-- Mask Decoder (Fig. 6): self-attention (residual, LayerNorm) on F_dec; the N_t maps are padded
-  with zeros to `max_len` channels (a padded word's map is zero), so the first of the four 3x3
-  convs has a fixed input; three 2x bilinear upsamplings between the convs give stride 2, then
-  the logits are resized bilinearly to the input size. The last conv's bias starts at the
-  log-odds of p = 0.05 (a referred object covers a few percent of the image), as RetinaNet
-  initialises its classifier, so that BCE does not spend its first steps learning "background".
-- Backbone weights. The paper's Darknet-53 was trained on COCO without the images of the
-  RefCOCO val/test splits; the public yolov3.weights saw them (they are COCO train2014 images),
-  so numbers with it are optimistic. Darknet binaries and state dicts both load.
-- Training: Adam, lr 0.005, step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45
-  of 50). Pretrained encoders train at lr x `encoder_lr_scale` (0.1; the paper is silent).
-  `freeze_encoders` freezes the image encoder and the word embeddings (or BERT).
-- Sentences: 15 words (20 for G-Ref: `--set max_len=20`); for BERT, 20 tokens with [CLS]/[SEP].
-- Pixels: Darknet-53's weights (yolov3.weights, darknet53.conv.74) expect RGB in [0, 1] with no
-  mean/std; Swin's expect ImageNet statistics. Each encoder declares its own (`pixel_mean`).
-- Token BatchNorm (`common.layers.TokenBatchNorm`) keeps its statistics in fp32 (mixed
-  precision) and, like every BatchNorm here, is synchronised across processes under DDP on
-  GPUs (train.py), so its statistics cover the global batch of 48.
-- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and
-  random horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`,
-  `hflip`), because the tiny configs are trained from scratch and position words must stay
-  true under a flip; `best.pt` is the epoch with the best val mIoU, so val numbers of
-  `best.pt` are optimistic (report the test splits, or `last.pt`).
+- F_vis at stride 16, as in VLT (same authors and Darknet setting), since the paper gives no
+  stride: the stride-32 map upsampled, joined to the stride-16 one, 1x1 conv + BN + ReLU to C.
+- Text encoder: a GRU as in Table IV (the text says LSTM), directions summed and F_t' = their
+  final states as in VLT; BERT gives F_t = its last layer's tokens and F_t' = [CLS], each by one
+  linear layer to C, the usual way to read words and a sentence from BERT.
+- GRU words: those seen at least `vocab_min_count` (2) times in training, kept in the config so
+  that a checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
+- Transformer encoder: DETR's post-norm layers (FFN 2048, dropout 0.1); the 2-D sine encoding is
+  added once to its input, so that F_enc carries position into M3Att and the Mask Decoder.
+- M3Att is single-head, as Eq. (1) scales by 1/sqrt(C) (the 8 heads are the self- and
+  cross-attention's); its output layer maps HW -> C, so it is built for one `image_size`.
+- The "independent" A_mut (Table I, `shared_attention=False`) of Eq. (2b) comes from two extra
+  key projections, the "two extra linear project layers" of Sec. IV-B.
+- M3Dec layer (Fig. 3c): self-attention, M3Att, cross-attention (query F_q, key and value the
+  multi-modal feature), FFN, each with residual and LayerNorm, as a standard decoder layer.
+- "All linear and conv layers are followed by BN and ReLU unless noted" (Sec. IV-A) applies where
+  no activation is stated (F_vis projection, M3Att's output, IMI's F_l^n, LFR's first two layers,
+  the Mask Decoder's convs but the logits); attention, FFNs and Eq. (3)-(4) keep their own.
+- Padded words are left out of the softmaxes of Eq. (2b) and (3) and of the statistics of BN on
+  words (`common.layers.TokenBatchNorm`), so that padding cannot change an output.
+- IMI (Eq. 3) as written: no 1/sqrt(C), softmax over the words of F_l^n, w_ci starting at 1 (a
+  plain residual sum); one block between each two successive decoder layers.
+- LFR (Eq. 4): e is the fixed 1-D sine/cosine encoding; its means run over the real words (and
+  F_t'); F_proj is not detached, as the paper trains W_proj through L_rec alone.
+- Mask Decoder (Fig. 6): the N_t maps are zero-padded to `max_len` channels so that the first
+  conv has a fixed input; three 2x bilinear upsamplings give stride 2, then a resize to H x W.
+- The logits' bias starts at the log-odds of p = 0.05 (RetinaNet's prior), as a referred object
+  covers a few percent of the image.
+- The public yolov3.weights saw RefCOCO's val/test images (COCO train2014), unlike the paper's
+  backbone, so numbers with them are optimistic.
+- Step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45 of 50); pretrained
+  encoders at 0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
+- BERT reads 20 tokens, [CLS] and [SEP] included, so that about 15 words fit after WordPiece
+  splits them (the paper counts 15 words, 20 for G-Ref).
+- Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
+  swapped (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true.
 """
 
 from __future__ import annotations
@@ -89,6 +66,7 @@ from common.encoders import BertTextEncoder, Darknet53, GRUTextEncoder, SwinImag
 from common.layers import (
     Attention,
     TokenBatchNorm,
+    feed_forward,
     masked_mean,
     safe_softmax,
     sine_pos_1d,
@@ -98,10 +76,11 @@ from common.losses import bce_loss, reconstruction_loss
 from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import (
     PAD_WORD,
+    SHAPES_VOCAB,
     UNK_WORD,
-    WordPieceTokenizer,
-    WordTokenizer,
     build_word_vocab,
+    word_tokenizer,
+    wordpiece_tokenizer,
 )
 
 IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
@@ -110,13 +89,6 @@ TEXT_ENCODERS = ("gru", "bert-base", "bert-tiny")
 FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary, when none is given
 FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
-
-# The words of the built-in synthetic shapes data (build_word_vocab over its training sentences),
-# so that the tiny config builds without a training split; train.py rebuilds it anyway.
-SHAPES_VOCAB = ("<pad>", "<unk>", "above", "at", "below", "big", "blue", "bottom", "circle",
-                "diamond", "green", "left", "leftmost", "of", "on", "purple", "red", "right",
-                "rightmost", "shape", "small", "square", "the", "top", "topmost", "triangle",
-                "yellow")
 
 
 @dataclass
@@ -184,19 +156,6 @@ def prepare_config(cfg: M3DecConfig, train_sentences) -> M3DecConfig:
     return replace(cfg, bert_vocab=cfg.bert_vocab or cfg.text_weights)
 
 
-class _NoVocabulary:
-    """Stands in for a tokenizer whose vocabulary was not given: the model builds (shape checks,
-    loading a checkpoint's weights), but tokenising says what is missing."""
-
-    pad_id = 0
-
-    def __init__(self, max_len: int, hint: str):
-        self.max_len, self.hint = max_len, hint
-
-    def __call__(self, sentence: str):
-        raise FileNotFoundError(f"M3Dec has no vocabulary to tokenise {sentence!r}: {self.hint}")
-
-
 class VisualNeck(nn.Module):
     """F_vis (Sec. III): stride-32 map upsampled, joined to the stride-16 map, 1x1 conv to C."""
 
@@ -206,13 +165,9 @@ class VisualNeck(nn.Module):
                                   nn.ReLU())
 
     def forward(self, f16: Tensor, f32: Tensor) -> Tensor:
-        up = F.interpolate(f32, size=f16.shape[-2:], mode="nearest")
+        # f16 (B, C16, h, w) and f32 (B, C32, h/2, w/2): the backbone's last two maps
+        up = F.interpolate(f32, size=f16.shape[-2:], mode="nearest")  # (B, C32, h, w)
         return self.proj(torch.cat([f16, up], 1))  # (B, C, h, w)
-
-
-def _ffn(dim: int, hidden: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, dim))
 
 
 class EncoderLayer(nn.Module):
@@ -221,13 +176,14 @@ class EncoderLayer(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
         super().__init__()
         self.attn = Attention(dim, heads, dropout=dropout)
-        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.ffn = feed_forward(dim, ffn_dim, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        # x (B, N, C): post-norm self-attention over the pixels, then the FFN
         x = self.norm1(x + self.drop(self.attn(x, x, x)))
-        return self.norm2(x + self.drop(self.ffn(x)))
+        return self.norm2(x + self.drop(self.ffn(x)))  # (B, N, C)
 
 
 class MutualAttention(nn.Module):
@@ -237,7 +193,8 @@ class MutualAttention(nn.Module):
         super().__init__()
         self.to_lk, self.to_lv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_L^k, F_L^v
         self.to_vk, self.to_vv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_V^k, F_V^v
-        # independent setting (Table I): "two extra linear projection layers" give A_mut of Eq. (2b)
+        # independent setting (Table I, Sec. IV-B): "two extra linear project layers", whose
+        # keys give the A_mut of Eq. (2b)
         self.shared = shared
         if not shared:
             self.to_lk2, self.to_vk2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -246,16 +203,19 @@ class MutualAttention(nn.Module):
         self.scale = dim**-0.5
 
     def forward(self, lang: Tensor, vis: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        # Eq. (1): A_mut = F_L^k (F_V^k)^T / sqrt(C)
+        # lang: the query features F_q (B, L, C); vis: F_enc (B, N, C)
+        # Eq. (1): A_mut = F_L^k (F_V^k)^T / sqrt(C)  (B, L, N)
         a_mut = torch.einsum("blc,bnc->bln", self.to_lk(lang), self.to_vk(vis)) * self.scale
-        a_val = a_mut
+        # the A_mut of Eq. (2b): the same matrix (shared) or one from two extra keys (independent)
+        a_mut_2b = a_mut
         if not self.shared:
-            a_val = torch.einsum("blc,bnc->bln", self.to_lk2(lang), self.to_vk2(vis)) * self.scale
+            a_mut_2b = torch.einsum("blc,bnc->bln", self.to_lk2(lang), self.to_vk2(vis))
+            a_mut_2b = a_mut_2b * self.scale
         # Eq. (2a): softmax over the pixels, LAV F_V^a = softmax(A_mut) F_V^v  (B, L, C)
         attn_v = torch.softmax(a_mut, dim=2)
         f_va = attn_v @ self.to_vv(vis)
         # Eq. (2b): softmax over the real words, VAL F_L^a = softmax(A_mut^T) F_L^v  (B, N, C)
-        attn_l = safe_softmax(a_val.masked_fill(~text_mask[:, :, None], float("-inf")), dim=1)
+        attn_l = safe_softmax(a_mut_2b.masked_fill(~text_mask[:, :, None], float("-inf")), dim=1)
         f_la = torch.einsum("bln,blc->bnc", attn_l, self.to_lv(lang))
         # F_mul = F_V^a (F_L^a)^T: each word's LAV vector as a kernel over the VAL  (B, L, N)
         f_mul = torch.einsum("blc,bnc->bln", f_va, f_la)
@@ -272,18 +232,19 @@ class M3DecLayer(nn.Module):
         self.self_attn = Attention(dim, heads, dropout=dropout)
         self.mutual = MutualAttention(dim, num_pixels, shared)
         self.cross_attn = Attention(dim, heads, dropout=dropout)
-        self.ffn = _ffn(dim, ffn_dim, dropout)
+        self.ffn = feed_forward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, query: Tensor, f_enc: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        # query (B, L, C): F_t in the first layer, the previous layer's output after it
         # multi-head self-attention on the query input gives F_q
         f_q = self.norm1(query + self.drop(self.self_attn(query, query, query, key_mask=text_mask)))
         # M3Att fuses F_q with F_enc into a multi-modal feature (B, L, C)
         f_mm, attn = self.mutual(f_q, f_enc, text_mask)
         # cross-attention: F_q queries again, the multi-modal feature is the value (and key)
         x = self.norm2(f_q + self.drop(self.cross_attn(f_q, f_mm, f_mm, key_mask=text_mask)))
-        return self.norm3(x + self.drop(self.ffn(x))), attn
+        return self.norm3(x + self.drop(self.ffn(x))), attn  # F_dec^n (B, L, C), (B, L, N)
 
 
 class IMIBlock(nn.Module):
@@ -350,6 +311,7 @@ class MaskDecoder(nn.Module):
         nn.init.constant_(self.convs[-1].bias, -math.log((1 - FOREGROUND_PRIOR) / FOREGROUND_PRIOR))
 
     def forward(self, f_dec: Tensor, f_enc: Tensor, text_mask: Tensor) -> Tensor:
+        # f_dec: M3Dec's output F_dec (B, L, C); f_enc: F_enc on its grid (B, C, h, w)
         L = f_dec.shape[1]
         if L > self.max_len:
             raise ValueError(f"{L} words exceed max_len={self.max_len}")
@@ -364,7 +326,7 @@ class M3Dec(RISModel):
     """M3Dec (Fig. 2). forward(image, text, text_mask, target=None) -> dict.
 
     Arguments:
-      image (B, 3, H, W) ImageNet-normalised, H = W = cfg.image_size; text (B, L) word (GRU) or
+      image (B, 3, H, W) as input_spec says, H = W = cfg.image_size; text (B, L) word (GRU) or
       WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) in {0, 1}.
     Returns: mask_logits (B, 1, H, W); mutual_attn (B, L, N), the last M3Att's softmax over the
       pixels (Eq. 2a); word_ids, word_mask (the inputs, to title visualisations); with a target:
@@ -387,26 +349,18 @@ class M3Dec(RISModel):
                                     std=encoder_cls.pixel_std)
         self.image_encoder = encoder_cls(arch, cfg.image_weights)
         self.neck = VisualNeck(self.image_encoder.channels[-2], self.image_encoder.channels[-1], C)
-        # language encoder: F_t, F_t' (Sec. III) and its tokenizer
-        self.token_names = None
+        # language encoder: F_t, F_t' (Sec. III) and its tokenizer; without a vocabulary the
+        # model still builds (shape checks, a checkpoint's weights) but cannot read a sentence
         if cfg.text_encoder == "gru":
-            if cfg.vocab:
-                self.tokenizer = WordTokenizer(cfg.vocab, cfg.max_len)
-                self.token_names = list(cfg.vocab)
-            else:
-                self.tokenizer = _NoVocabulary(cfg.max_len, "build the word vocabulary from the "
-                                               "training split with m3dec.prepare_config")
+            self.tokenizer = word_tokenizer(cfg.vocab, cfg.max_len, "build the word vocabulary "
+                                            "from the training split with m3dec.prepare_config")
             self.text_encoder = GRUTextEncoder(cfg.vocab or (PAD_WORD, UNK_WORD), C, cfg.word_dim,
                                                cfg.text_weights)
             self.text_proj = nn.Identity()  # the GRU's width is already C
         else:
-            if cfg.bert_vocab or cfg.text_weights:
-                self.tokenizer = WordPieceTokenizer(cfg.bert_vocab or cfg.text_weights, cfg.max_len)
-                with open(self.tokenizer.vocab_path, encoding="utf-8") as f:
-                    self.token_names = f.read().splitlines()
-            else:
-                self.tokenizer = _NoVocabulary(cfg.max_len, "give a local BERT folder (with "
-                                               "vocab.txt) as text_weights, or bert_vocab")
+            self.tokenizer = wordpiece_tokenizer(cfg.bert_vocab or cfg.text_weights, cfg.max_len,
+                                                 "give a local BERT folder (with vocab.txt) as "
+                                                 "text_weights, or bert_vocab")
             arch = "tiny" if cfg.text_encoder == "bert-tiny" else "bert-base"
             vocab_size = getattr(self.tokenizer, "vocab_size", BERT_VOCAB_SIZE)
             self.text_encoder = BertTextEncoder(arch, cfg.text_weights, vocab_size)
@@ -475,10 +429,10 @@ class M3Dec(RISModel):
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
         """The last M3Att's attention of each word over the image (Eq. 2a), one panel per word."""
-        panels = []
+        panels, names = [], self.tokenizer.token_names
         ids = out["word_ids"][i][out["word_mask"][i]].tolist()
         for k, token in enumerate(ids):
-            name = self.token_names[token] if self.token_names else f"token {k}"
+            name = names[token] if names else f"token {k}"
             attn = out["mutual_attn"][i, k].reshape(self.grid, self.grid)
             panels.append((f"{k}: {name}", attn / attn.max().clamp(min=1e-12)))
         return panels

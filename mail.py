@@ -13,77 +13,60 @@ Shapes: B batch, K candidate masks, L words, H W input size, P patch size, h w =
 grid, N = h*w, N' mask tokens kept, d transformer width.
 
 Interpretations (where the paper is silent or contradicts itself):
-- Candidate masks (Sec. 4.1: a ResNet-50 Mask R-CNN trained on the RefCOCO train instances) come
-  from the data pipeline, never from this file: a proposals file (`python -m common.proposals`
-  writes one with a torchvision Mask R-CNN), the synthetic data's simulated detector
-  (common.proposals.SimulatedCandidates), or the annotated instances, which contain the answer
-  and are labelled an oracle (upper bound). K is bounded there (config `max_candidates`,
-  `min_score`, applied by data.build_dataset), because only the data sees the detector's scores;
-  the model takes whatever K it is given.
-- Mask tokens (Eq. 3-4). "A similar procedure" to the image's: each binary mask (one channel,
-  1 inside) is cut into P x P patches and linearly projected by its own P x P convolution (new:
-  ViLT has none), initialised as ViLT's RGB projection summed over colours (timm's rule for
-  one-channel input), so a mask looks to the pretrained weights like a white shape on grey. Its
-  tokens get the same position embedding as the image patch at the same place, plus t_M.
-- "Valid area" (N' = sum_k H_k W_k / P^2, a height and width per mask): the bounding box, on the
-  patch grid, of the patches the mask touches. Only those tokens enter the transformer; a batch is
-  padded to its largest N' and padding is never attended to. Back on the grid, F_M^k is zero
-  outside mask k's valid area.
-- Tokens of different masks carry no mask-identity embedding (none is mentioned). A token is its
-  patch's P x P mask pixels projected, plus that patch's position and t_M, so two candidates are
-  told apart only by their valid areas and by the patches where their pixels differ. Where two
-  candidates share a patch with the same pixels (a patch inside both masks, as for a merged mask
-  and its part or overlapping proposals, or an empty patch inside both bounding boxes) their
-  tokens are identical, and identical tokens leave the transformer identical: F_M^j and F_M^k
-  agree on those patches.
-- t_M, the third modality type, is initialised as a copy of ViLT's image type t_I (mask tokens are
-  spatial patches like the image's); ViLT's t_L and t_I are kept. Sequence order: [masks; image;
-  words] (Eq. 4); ViLT's image class token is kept in front of the patches, as pretrained.
-- Eq. 6, f_k = AVG(F_I * m_k): F_I lives on the patch grid and m_k on pixels; we average F_I
-  upsampled (nearest) to pixels over the mask's pixels, i.e. weight every patch by the share of
-  the mask it holds. An empty mask gives f_k = 0. The score MLP has two layers (width d, ReLU).
-- Selection. rho = argmax of the scores in training too (the paper gives no teacher forcing); the
-  select loss (Eq. 7) is cross-entropy over the valid candidates with alpha = the candidate of
-  largest IoU with the ground truth, computed here from the candidate masks and the target (so it
-  works for proposals). A sample whose candidates all miss the ground truth (IoU 0) takes no part
-  in it. Padded candidates are never selected, attended to or scored.
-- Segmentation head (SETR-PUP, [40]): block widths are not given; 256 (SETR's) for every block.
-  Upsampling is bilinear with align_corners=False. BN is synchronised under DDP on GPUs (train.py).
-  If H is not a multiple of P, the logits are resized to H x W.
-- Padded batches (ViLT setting) are not in the paper; an image's output does not depend on its
-  batch: Eq. 8's O spans the image's own patch grid, the head zeroes the padding before each 3x3
-  conv and fills it with the image's border before each upsampling, and padded pixels get logit
-  PAD_LOGIT (background, no gradient). In training, BN's batch statistics still see the padded
-  positions and padded pixels still count in the focal loss's pixel mean.
-- Loss weights: focal (alpha 0.25, gamma 2) + dice, each weight 1 (not given), + 0.1 x select.
-- Text: BERT-uncased WordPiece ([CLS] ... [SEP]) from a local vocab.txt (config `vocab`, else
-  `text_weights`, else the one in the ViLT folder), at most 15 tokens (20 for G-Ref: "paper-gref");
-  with no vocabulary at all (no ViLT weights) open_clip's BPE and a word table sized for it.
+- Candidate masks (a detector's, Sec. 4.1) come from the data pipeline, which also bounds K
+  (`max_candidates`, `min_score`), because only the data sees the detector's scores; annotated
+  instances contain the answer and are labelled an oracle (upper bound).
+- Mask tokens (Eq. 3-4), "a similar procedure" to the image's: each binary mask is cut into P x P
+  patches and projected by its own conv, initialised as ViLT's RGB projection summed over colours
+  (timm's rule for one channel), so that a mask looks to the pretrained weights like a white
+  shape on grey; each token gets the position of the image patch at its place, plus t_M.
+- "Valid area" (N' = sum_k H_k W_k / P^2): the bounding box on the patch grid of the patches the
+  mask touches, since the paper gives each mask a height and width; only those tokens enter the
+  transformer, padded to the batch's largest N' and never attended to; F_M^k is zero outside.
+- Mask tokens carry no mask-identity embedding, since none is mentioned: two candidates differ
+  only by their valid areas and their pixels, so tokens of a patch two masks share with the same
+  pixels are identical, and so are F_M^j and F_M^k there.
+- t_M starts as a copy of ViLT's image type t_I, because mask tokens are spatial patches like the
+  image's; the sequence is [masks; image; words] (Eq. 4), ViLT's image class token kept in front
+  of the patches, as pretrained.
+- Eq. 6, f_k = AVG(F_I * m_k), with F_I on the patch grid and m_k on pixels: F_I upsampled
+  (nearest) and averaged over the mask's pixels, i.e. every patch weighs the share of the mask it
+  holds; an empty mask gives f_k = 0. The score MLP has two layers (width d, ReLU).
+- rho = argmax of the valid candidates' scores in training too, since the paper gives no
+  teacher forcing.
+- Eq. 7's alpha is the valid candidate of largest IoU with the ground truth, computed from the
+  masks and the target so that it works for proposals; a sample whose candidates all miss it
+  (IoU 0) takes no part in L_select.
+- Segmentation head (SETR-PUP [40]): every block 256 wide (SETR's; the width is not given),
+  bilinear upsampling with align_corners=False; logits resized to H x W when P does not divide H.
+- Padded batches (the ViLT setting, not in the paper) leave an image's output as it is alone:
+  Eq. 8's O spans the image's own patches, the head zeroes padding before each conv and fills it
+  with the border before each upsampling, and padded pixels get PAD_LOGIT (background, no
+  gradient); only BN's batch statistics and the focal loss's pixel mean still see them.
+- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, since the paper gives no weights.
+- Text: BERT-uncased WordPiece ([CLS] ... [SEP]) from a local vocab.txt (`vocab`, else
+  `text_weights`, else the ViLT folder's), 15 tokens (20 for G-Ref); with no vocabulary at all
+  (no ViLT weights) open_clip's BPE, so that a model without downloads still reads sentences.
 - Images: ViLT's pixel statistics (mean = std = 0.5); in the ViLT setting the position grid is
   resized per image to its real patches, as ViLT does (common.encoders.ViLTEncoder).
-- Training recipe (Sec. 4.1): AdamW, lr 1e-4, weight decay 1e-2 on every parameter, warm-up over
-  10% of the steps then linear decay to zero, 10 epochs, batch 128. The whole network is trained
-  (the paper fine-tunes ViLT); `freeze_encoders=True` freezes the ViLT parts (not the paper).
-- Gradient clipping at norm 1.0 (`clip_grad`) and random horizontal flips with "left"/"right"
-  swapped in the sentence (`hflip`) are ours, not the paper's: they steady this library's small-
-  batch runs and enlarge its small datasets without making a sentence false (set clip_grad=0,
-  hflip=False for the paper's recipe).
+- AdamW's weight decay (1e-2, Sec. 4.1) applies to every parameter, since the paper names no
+  exclusion; the whole network is fine-tuned, as the paper does (`freeze_encoders` freezes ViLT).
+- Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
+  swapped (`hflip`), because they steady small-batch runs and enlarge small datasets without
+  making a sentence false (clip_grad=0, hflip=False give the paper's recipe).
 
 What each loss trains (rho = argmax is not differentiable, and the paper gives no relaxation):
-- lambda L_select (Eq. 7) is the score MLP's only gradient; through f_k = AVG(F_I * m_k) it also
-  trains the encoder (ViLT's blocks and embeddings, and the mask embedding and t_M, which reach
-  F_I through attention).
-- Focal + dice train the two 1x1 reductions, the head and, through F_I and F_M^rho, the encoder
-  with the mask embedding and t_M. Only the selected candidate's F_M^rho is fed to the head (in
-  training too: rho is the MLP's choice, not alpha, so early on an arbitrary candidate); the
-  other candidates reach these losses only through attention. Neither reaches the score MLP.
-- Padded candidates, padded words and padded pixels get no gradient.
+- lambda L_select (Eq. 7) is the score MLP's only gradient; through f_k it also trains the
+  encoder (ViLT, and the mask embedding and t_M, which reach F_I through attention).
+- Focal + dice train the 1x1 reductions, the head and, through F_I and F_M^rho, the encoder.
+  Only the selected F_M^rho reaches the head (early in training an arbitrary candidate's); the
+  other candidates reach these losses only through attention, and neither reaches the MLP.
+- Padded candidates, words and pixels get no gradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +78,7 @@ from common.encoders import ViLTEncoder
 from common.layers import MLP, coord_map
 from common.losses import dice_loss, select_loss, sigmoid_focal_loss
 from common.model import InputSpec, RISModel, freeze
-from common.tokenizers import ClipTokenizer, WordPieceTokenizer
+from common.tokenizers import ClipTokenizer, WordPieceTokenizer, find_wordpiece_vocab
 
 VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
 IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
@@ -145,8 +128,7 @@ CONFIGS = {
     "paper-416": MaILConfig(image_size=416, max_size=None),
     "paper-gref": MaILConfig(max_tokens=20),
     # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16 -> 8x8 patches, 4 upsampling
-    # blocks), open_clip BPE. Val mIoU 0.535 in 777 s, not 0.7: the extreme of a group ("the
-    # circle on the left") is selected for 25% of such sentences (README, synthetic data)
+    # blocks), open_clip BPE
     "tiny": MaILConfig(vilt_arch="tiny", image_size=128, max_size=None, head_dim=32,
                        lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
 }
@@ -206,6 +188,8 @@ class TrimodalEncoder(nn.Module):
         keep = area.flatten(1)  # (B, K*N)
         # keep only the valid areas (N' tokens), valid ones first, padded to the batch's largest N'
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # (B, K*N)
+        # N' is data (a count of True values), which a meta tensor (the tests' paper-config shape
+        # check and GPU stand-in) does not hold: no meta-safe form exists, so meta keeps all K*N
         n = keep.shape[1] if keep.is_meta else int(keep.sum(1).max())
         order = order[:, :n]
         masks = masks.gather(1, order[..., None].expand(-1, -1, masks.shape[-1]))  # (B, N', d)
@@ -290,6 +274,7 @@ class SegmentationHead(nn.Module):
         self.out = nn.Conv2d(dim, 1, 1)
 
     def forward(self, x: Tensor, real: Tensor | None = None) -> Tensor:
+        # x: F^ of Eq. (8) (B, 2d/r + 2, h, w); each block doubles h and w
         for conv, bn, relu, up in self.blocks:
             if real is not None:
                 x = x * real[:, None]
@@ -298,7 +283,7 @@ class SegmentationHead(nn.Module):
                 x = extend_border(x, real)
                 real = real.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (B, 2h, 2w)
             x = up(x)
-        return self.out(x)
+        return self.out(x)  # (B, 1, h*P, w*P)
 
 
 class MaIL(RISModel):
@@ -318,7 +303,8 @@ class MaIL(RISModel):
 
     def __init__(self, cfg: MaILConfig):
         super().__init__()
-        vocab = resolve_vocab(cfg)
+        # WordPiece from `vocab`, `text_weights` or the ViLT folder; none at all: open_clip's BPE
+        vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)
         self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
         self.tokenizer = (WordPieceTokenizer(vocab, cfg.max_tokens) if vocab
                           else ClipTokenizer(cfg.max_tokens))
@@ -408,20 +394,6 @@ class MaIL(RISModel):
             panels.append((f"mask {k}: s={scores[k]:.2f} p={probs[k]:.2f}{mark}",
                            masks[k].float()))
         return panels
-
-
-def resolve_vocab(cfg: MaILConfig) -> str | None:
-    """The WordPiece vocabulary: `vocab`, else `text_weights`, else the ViLT folder's vocab.txt;
-    None (open_clip's BPE) only when no ViLT weights are given either."""
-    if cfg.vocab or cfg.text_weights:
-        return cfg.vocab or cfg.text_weights
-    if cfg.image_weights:
-        path = os.path.join(cfg.image_weights, "vocab.txt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"the ViLT folder {cfg.image_weights!r} has no vocab.txt: its "
-                                    "word embeddings need their vocabulary (--text-weights)")
-        return path
-    return None
 
 
 MODEL = MaIL

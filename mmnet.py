@@ -14,58 +14,63 @@ Shapes: B batch, C model width (512), C_p = C/2, D CLIP embedding width, h w the
 (H/16 for a ResNet, H/patch for a ViT), N = h*w, Q = N_q queries, L words, H W input size.
 
 Interpretations (where the paper is silent or contradicts itself):
-- sigma(F W) (Eq. 2-3, 6). MMNet writes the Fusion Neck in CRIS's notation and says it is "very
-  similar" to CRIS; CRIS's code implements each sigma(F W) on a feature map as a 1x1 conv +
-  BatchNorm + ReLU, and so do we; "Conv" in Eq. 4 is 1x1 and in Eq. 5 3x3, both + BN + ReLU, as
-  in CRIS. On token features (F_tg, Eq. 8-10) sigma(F W) is a linear layer + ReLU (BatchNorm
-  would mix padded words in). Eq. 2's F_m4 is the product of both ReLUs, upsampled, nothing else.
-- Feature widths C_2, C_3, C_4 of F_v2, F_v3, F_v4, F_vg are not given: all C. Up(.) is bilinear
-  and resizes to the x3 grid (exactly 2x when the grid is even).
+- sigma(F W) on a feature map (Eq. 2-3, 6) is a 1x1 conv + BatchNorm + ReLU, "Conv" is 1x1 in
+  Eq. 4 and 3x3 in Eq. 5 (+ BN + ReLU), because MMNet writes its neck in CRIS's notation, calls
+  it "very similar" to CRIS, and CRIS's code does exactly this.
+- sigma(F W) on token features (F_tg, Eq. 8-10) is a linear layer + ReLU, because a BatchNorm
+  over tokens would mix padded words in.
+- Eq. 2's F_m4 is the product of the two ReLUs, upsampled, nothing more, as the equation writes.
+- Widths C_2, C_3, C_4 of F_v2, F_v3, F_v4, F_vg are not given: all C, the one width the paper
+  names. Up(.) is bilinear to the x3 grid, so that an odd grid still lines up.
 - ViT image encoder ("use three convolution to obtain the three features which have the same
-  dimension as F_v2, F_v3 and F_v4"): x2 and x3 are the patch tokens after the blocks at 1/3 and
-  2/3 of the depth, z the last block's patch tokens through CLIP's ln_post and projection, z_bar
-  the class token (the global feature). The three convolutions replace the ResNet's projections
-  and give the ResNet's relative strides: a 2x2 stride-2 transposed conv (x2, twice the grid), a
-  1x1 conv (x3) and a 2x2 stride-2 conv (z, half the grid). The "x3 grid" is H/patch (H/16 for
-  ViT-B-16; for ViT-L-14 at 480, 34 x 34 patches, the last 4 pixel rows and columns unused).
-- F_tg, the EOS feature "linearly transformed", is CLIP's EOS feature through CLIP's own text
-  projection (width D); F_t are the per-token features after CLIP's final LayerNorm.
-- Eq. 7: the "three convolution layers" reducing C to N_q are 3x3 conv + BN + ReLU twice and a
-  1x1 conv. Eq. 9's W_vd maps a flattened map (N values) to C, so the model is built for one
-  input size (config image_size). Eq. 9 is used as written, without attention's 1/sqrt(C)
-  (with it, after an epoch on the synthetic data, the word attention was still nearly uniform
-  and the queries alike); padded words get -inf, so they take no attention.
-- Vision-Language Decoder: 3 layers (not given; CRIS uses 3), pre-norm as Eq. 11-13 write it,
-  a final LayerNorm (as CRIS), sine positional encodings added to queries and keys (DETR, CRIS):
-  2-D on F_vt, 1-D over the query index on F_q. The queries F_q are not updated by the decoder
-  (Eq. 11-13 update only F_vt); the projector and estimator use the generated F_q. Dropout 0.1
-  (CRIS).
-- Eq. 14 writes F_pn = sigma(W_p F_qn), a ReLU on the dynamic kernel and bias. Taken literally
-  the bias can never be negative, and in training it dies at 0 (measured after two epochs on
-  the synthetic data, with 58% of the kernel values dead too). The projector is otherwise
-  CRIS's (2x upsampling and convolutions to C/2, a linear layer to 9 C_p + 1 values, kernel then
-  bias), which has no activation there; we follow CRIS (config `kernel_relu=False`; True gives
-  the literal Eq. 14). Conv in F_p = Up(Conv(Up(F_s))) is a 3x3 conv + BN + ReLU like the
-  paper's other Convs (with `kernel_relu` it has no ReLU, or every mask logit would be >= 0).
-  The dynamic convolution has zero padding 1.
-- Eq. 15: S_q = Softmax over the queries of W_s(MHSA(F_q)). "A multi-head self-attention layer"
-  keeps its residual connection (as the decoder's Eq. 11 does): without it every output is an
-  average over all the queries, and the scores stayed uniform to 1e-4 over a training epoch
-  on the synthetic data (measured).
-- Eq. 16 sums mask logits; the sum is the prediction's logit, upsampled bilinearly to the input
-  size, and "cross-entropy loss" is binary cross-entropy on it.
-- Encoders are fine-tuned (the paper does not say otherwise; CRIS fine-tunes CLIP), with the same
-  learning rate; `freeze_encoders=True` freezes them. The text encoder's context is cut to the
-  sentence length (causal attention: padding never changes earlier tokens).
-- Images are resized to a square (Sec. 4.1: "resized to 480 x 480"), aspect not kept.
-- CLIP weights: the paper (and CRIS, its base) loads OpenAI's CLIP, trained with QuickGELU, so the
-  paper configs build the `-quickgelu` towers; an open_clip GELU checkpoint needs the plain
+  dimension as F_v2, F_v3 and F_v4. After that, the operation is the same as ResNet"): x2, x3 are
+  the patch tokens after the blocks at 1/3 and 2/3 of the depth, z the last block's through
+  CLIP's ln_post and projection, z_bar the class token, the ViT's counterparts of the stages.
+- A ViT has one patch grid, so its "strides" are synthetic. F_v2 and F_v3 are 1x1 projections
+  at the patch grid; F_v2 is then repeated 2x (nearest), which the neck's 2x2 Avg undoes exactly,
+  so the neck runs unchanged on the ResNet's relative sizes, as the paper says, and the x2 path is
+  in effect a 1x1 projection at the patch grid. F_v4 is a learned 2x2 stride-2 convolution, a
+  real downsampling to half the grid (as the ResNet's z is), which the neck upsamples back.
+- The "x3 grid" of a ViT is H/patch, because that is its only grid (H/16 for ViT-B-16; ViT-L-14
+  at 480 gives 34 x 34 patches, the last 4 pixel rows and columns unused).
+- F_tg, the EOS feature "linearly transformed", goes through CLIP's own text projection (width D),
+  the linear map CLIP trained for it; F_t are the per-token features after CLIP's final LayerNorm.
+- Eq. 7's "three convolution layers" reducing C to N_q are 3x3 conv + BN + ReLU twice and a 1x1
+  conv, the neck's Conv twice and a linear read-out.
+- Eq. 9's W_vd maps a flattened map (N values) to C, so the model is built for one input size
+  (config image_size), as the equation requires.
+- Eq. 9 is used as written, without attention's 1/sqrt(C), because the paper writes none and the
+  unscaled logits let the word attentions differ early; padded words get -inf.
+- Vision-Language Decoder: 3 layers (not given; CRIS, the base, uses 3), pre-norm as Eq. 11-13
+  write it, a final LayerNorm and dropout 0.1 (as CRIS).
+- Sine positional encodings are added to queries and keys (DETR, CRIS): 2-D on F_vt, 1-D over the
+  query index on F_q, because attention alone is blind to position.
+- The decoder does not update F_q (Eq. 11-13 update only F_vt); the projector and estimator use
+  the generated F_q, as Eq. 14-15 write.
+- Eq. 14's sigma(W_p F_qn) is left out by default (config `kernel_relu=False`; True gives the
+  literal Eq. 14), because a ReLU'd bias can never be negative and the projector is otherwise
+  CRIS's (2x upsampling and convs to C/2, a linear layer to 9 C_p + 1 values), which has none.
+- Conv in F_p = Up(Conv(Up(F_s))) is a 3x3 conv + BN + ReLU like the paper's other Convs; with
+  `kernel_relu` it has no ReLU, or every mask logit would be >= 0. The dynamic convolution has
+  zero padding 1, to keep the grid.
+- Eq. 15's "multi-head self-attention layer" keeps its residual connection (as the decoder's
+  Eq. 11 does), because without it every output is an average over all the queries, which
+  washes out what tells them apart.
+- Eq. 16 sums mask logits, and "cross-entropy loss" is binary cross-entropy on the sum upsampled
+  bilinearly to the input size, because the mask is binary.
+- Encoders are fine-tuned with the same learning rate (`freeze_encoders=True` freezes them),
+  because the paper does not say otherwise and CRIS fine-tunes CLIP.
+- The text encoder's context is cut to the sentence length, because its causal attention never
+  lets padding change earlier tokens.
+- Images are resized to a square, aspect not kept (Sec. 4.1: "resized to 480 x 480").
+- CLIP weights: the paper configs build the `-quickgelu` towers, because the paper (and CRIS)
+  loads OpenAI's CLIP, trained with QuickGELU; an open_clip GELU checkpoint needs the plain
   architecture name (`--set image_arch=ViT-B-16 --set text_arch=ViT-B-16`).
-- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and
-  random horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`,
-  `hflip`), because the tiny configs are trained from scratch and position words must stay
-  true under a flip; `best.pt` is the epoch with the best val mIoU, so val numbers of
-  `best.pt` are optimistic (report the test splits, or `last.pt`).
+- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and random
+  horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`, `hflip`),
+  because the tiny configs train from scratch and position words must stay true under a flip;
+  `best.pt` is the epoch with the best val mIoU, so its val numbers are optimistic (report the
+  test splits, or `last.pt`).
 """
 
 from __future__ import annotations
@@ -128,16 +133,13 @@ CONFIGS = {
     "paper-rn101": MMNetConfig(image_arch="RN101-quickgelu", text_arch="RN101-quickgelu"),
     "paper-vit-l": MMNetConfig(image_arch="ViT-L-14-quickgelu",
                                 text_arch="ViT-L-14-quickgelu"),
-    # CPU-sized, same code paths: a small CLIP ViT (6 blocks, patch 8) and text tower; 12 queries
-    # and 2 decoder layers keep a step close to MARIS tiny's. 96 px (12x12 grid; the tower's
-    # 16x16 position table is resized, as the paper's 224-px CLIP is for 480 px) as MARIS tiny:
-    # ~80 s per epoch under `torchrun --nproc_per_node=2` on 2 CPU cores, so 9 epochs fit 15
-    # minutes with room for a slow machine (README: val mIoU 0.562 in 685 s; not 0.7: sentences
-    # that pick the extreme of a group stay at ~0.34 mIoU, see the README's synthetic-data section)
+    # CPU-sized, same code paths, trained from scratch on the synthetic data (README): a small
+    # CLIP ViT (6 blocks, patch 8) and text tower, 96 px (12x12 grid; the tower's 16x16 position
+    # table is resized, as the paper's 224-px CLIP is for 480 px), C = 64, 12 queries, 2 layers
     "tiny": MMNetConfig(image_arch="tiny", text_arch="tiny", image_size=96, dim=64, num_queries=12,
                         heads=4, ffn_dim=256, decoder_layers=2, dropout=0.0, lr=1e-3, warmup=0.03,
                         epochs=9, batch_size=16),
-    # the ResNet path (attention pool) at CPU size, for tests; not tuned to learn
+    # the ResNet path (attention pool, Eq. 1) at CPU size, for tests; not tuned to learn
     "tiny-rn": MMNetConfig(image_arch="tiny-rn", text_arch="tiny", image_size=128, dim=64,
                            num_queries=24, heads=4, ffn_dim=256, dropout=0.0, lr=1e-3,
                            warmup=0.03, epochs=8, batch_size=16),
@@ -166,21 +168,25 @@ def dynamic_conv(feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 class VisualProjection(nn.Module):
-    """Sec. 3.1, Image Encoder: x2 -> F_v2, x3 -> F_v3, z -> F_v4, z_bar -> F_vg. For a ViT the
-    first three are the paper's "three convolutions" (see Interpretations)."""
+    """Sec. 3.1, Image Encoder: x2 -> F_v2, x3 -> F_v3, z -> F_v4, z_bar -> F_vg. A ViT's three
+    maps share one patch grid: F_v2 is repeated to twice it and F_v4 learned at half of it, the
+    ResNet's relative strides (see Interpretations); a ResNet's are 1x1 convs at its own grids."""
 
     def __init__(self, dims: dict[str, int], dim: int, vit: bool):
         super().__init__()
-        if vit:
-            self.v2 = nn.ConvTranspose2d(dims["x2"], dim, 2, stride=2)  # grid -> 2x grid
-            self.v3 = nn.Conv2d(dims["x3"], dim, 1)
-            self.v4 = nn.Conv2d(dims["z"], dim, 2, stride=2)  # grid -> grid / 2
-        else:
-            self.v2, self.v3, self.v4 = (nn.Conv2d(dims[k], dim, 1) for k in ("x2", "x3", "z"))
+        self.v2, self.v3 = (nn.Conv2d(dims[k], dim, 1) for k in ("x2", "x3"))
+        # ViT: half the patch grid by a learned 2x2 stride-2 conv, a real downsampling
+        self.v4 = nn.Conv2d(dims["z"], dim, 2, stride=2) if vit else nn.Conv2d(dims["z"], dim, 1)
         self.vg = nn.Linear(dims["z"], dim)
+        self.vit = vit
 
     def forward(self, x2: Tensor, x3: Tensor, z: Tensor, z_bar: Tensor) -> tuple[Tensor, ...]:
-        return self.v2(x2), self.v3(x3), self.v4(z), self.vg(z_bar)
+        # ViT: x2, x3, z all (B, D, h, w) -> F_v2 (B, C, 2h, 2w), F_v3 (B, C, h, w),
+        # F_v4 (B, C, h/2, w/2); ResNet: each at its own stage grid
+        f_v2, f_v3, f_v4 = self.v2(x2), self.v3(x3), self.v4(z)
+        if self.vit:  # repeated, no new information: the neck's 2x2 Avg gives back f_v2 exactly
+            f_v2 = F.interpolate(f_v2, scale_factor=2, mode="nearest")
+        return f_v2, f_v3, f_v4, self.vg(z_bar)  # F_vg (B, C)
 
 
 class FusionNeck(nn.Module):
@@ -198,9 +204,11 @@ class FusionNeck(nn.Module):
 
     def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor,
                 f_tg: Tensor | None = None) -> Tensor:
+        """F_v2 (B, C, 2h, 2w), F_v3 (B, C, h, w), F_v4 (B, C, h/2, w/2), F_tg (B, D_t) ->
+        F_vt before Flatten (Eq. 5), or F'_v of Eq. (6) without F_tg, (B, C, h, w)."""
         B, _, h, w = f_v3.shape
         up = lambda x: F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        f_m4 = self.w_v4(f_v4)
+        f_m4 = self.w_v4(f_v4)  # sigma(F_v4 W_v4) (B, C, h/2, w/2)
         if self.w_tg is not None:
             f_m4 = f_m4 * self.w_tg(f_tg)[:, :, None, None]  # Eq. (2): product with sigma(F_tg W)
         f_m4 = up(f_m4)  # (B, C, h, w)
@@ -226,6 +234,8 @@ class MultiQueryGenerator(nn.Module):
 
     def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor, f_vg: Tensor, words: Tensor,
                 text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """F_v2, F_v3, F_v4 as in FusionNeck, F_vg (B, C), F_t (B, L, C_t), text_mask (B, L) ->
+        F_q (B, Q, C) and the word attention a (B, Q, L) of Eq. (9)."""
         f_vd = self.to_queries(self.dense(f_v2, f_v3, f_v4)).flatten(2)  # Eq. (7): F_vd (B, Q, N)
         f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :]  # Eq. (8): F_tv (B, L, C)
         # Eq. (9): a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the real words
@@ -248,6 +258,8 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, vis: Tensor, queries: Tensor, vis_pos: Tensor, query_pos: Tensor) -> Tensor:
+        """F_vt (B, N, C), F_q (B, Q, C), their positional encodings (N, C), (Q, C) -> F_s
+        (B, N, C), the next layer's F_vt."""
         v = self.norm1(vis)
         vis = vis + self.drop(self.self_attn(v + vis_pos, v + vis_pos, v))  # Eq. (11): F'_vt
         v = self.norm2(vis)
@@ -268,6 +280,7 @@ class MultiMaskProjector(nn.Module):
         self.w_p = nn.Linear(dim, self.c_p * kernel * kernel + 1)  # W_p -> 9 C_p + 1 values
 
     def forward(self, f_s: Tensor, f_q: Tensor) -> Tensor:
+        """F_s (B, C, h, w), F_q (B, Q, C) -> mask_n logits for every query (B, Q, 4h, 4w)."""
         f_p = self.vis(f_s)  # F_p (B, C_p, 4h, 4w)
         params = self.w_p(f_q)  # F_pn = W_p F_qn, (B, Q, 9 C_p + 1)
         if self.kernel_relu:
@@ -285,7 +298,8 @@ class MultiQueryEstimator(nn.Module):
         self.w_s = nn.Linear(dim, 1)  # W_s
 
     def forward(self, f_q: Tensor) -> Tensor:
-        f_q = self.attn(f_q, f_q, f_q) + f_q  # MHSA layer (see Interpretations)
+        """F_q (B, Q, C) -> S_q (B, Q), summing to 1 over the queries."""
+        f_q = self.attn(f_q, f_q, f_q) + f_q  # MHSA layer with its residual (Interpretations)
         return torch.softmax(self.w_s(f_q)[..., 0], dim=1)  # (B, Q)
 
 

@@ -1,5 +1,9 @@
 """Train any of the four models with one plain loop.
 
+Read `main` (at the end) first: it calls the steps of a `Run` in the order they happen (set-up,
+settings, model, data, optimiser, then epochs of training and validation). The sections above it
+hold the helpers those steps use, in the order the steps meet them.
+
   python train.py --model maris                                  # CPU, built-in shapes data
   torchrun --nproc_per_node=2 train.py --model maris             # DDP (gloo on CPU, nccl on GPU)
   torchrun --nproc_per_node=8 train.py --model maris --config paper --dataset refcoco \
@@ -61,6 +65,145 @@ from common.encoders import quiet_random_init
 from common.layers import sync_batchnorm
 from common.metrics import IoUAccumulator, intersection_union
 from common.model import config_from_dict, count_parameters, freeze
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the flags, in the groups --help shows
+# ---------------------------------------------------------------------------------------------
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes",
+                   help="shapes (built in) | refcoco | refcoco+ | refcocog")
+    g.add_argument("--split-by", default=None, help="unc | umd | google (default: unc, G-Ref umd)")
+    g.add_argument("--data-root", default=None,
+                   help="folder with refcoco/, refcoco+/, refcocog/, images/")
+    g.add_argument("--image-dir", default=None,
+                   help="COCO train2014 images (default DATA_ROOT/images/train2014)")
+    g.add_argument("--shapes-train-size", type=int, default=4000, help="synthetic training samples")
+    g.add_argument("--shapes-eval-size", type=int, default=500, help="synthetic val/test samples")
+    g.add_argument("--shapes-image-size", type=int, default=128, help="synthetic image side")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes per rank")
+    g.add_argument("--candidates", default=None, metavar="JSON",
+                   help="MaIL: candidate masks from this proposals file (data.CANDIDATES_FORMAT); "
+                        "default: the synthetic data's simulated detector; eval.py: default the "
+                        "training run's")
+    g.add_argument("--oracle-candidates", action="store_true",
+                   help="MaIL: the annotated instances as candidates. They contain the answer: "
+                        "an upper bound, labelled oracle")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="maris", choices=MODELS)
+    p.add_argument("--config", default="tiny",
+                   help="a key of the model's CONFIGS (tiny, paper, ...)")
+    add_data_args(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--image-weights", default=None, help="local image-encoder weights (see README)")
+    g.add_argument("--text-weights", default=None, help="local text-encoder weights / vocabulary")
+    g.add_argument("--freeze-encoders", action="store_true",
+                   help="freeze encoders even without weights")
+    g.add_argument("--random-init", action="store_true",
+                   help="allow a paper config without the encoder files its paper starts from")
+    g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="per process (default: the config's global batch / world / accum)")
+    g.add_argument("--accum-steps", type=int, default=None,
+                   help="micro-batches per optimiser step (gradient accumulation; default 1)")
+    g.add_argument("--global-batch", type=int, default=None,
+                   help="world x batch x accum, exactly (see plan_batches)")
+    g.add_argument("--lr", type=float, default=None, help="default: the config's")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="max gradient norm, 0: off (default: the config's clip_grad)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="mixed precision (default bf16 on CUDA, none on CPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many consecutive non-finite losses")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG-DATASET)")
+    g.add_argument("--resume", default=None,
+                   help="auto (OUT/last.pt if present) or a checkpoint path")
+    g.add_argument("--resume-override", default=None, metavar="FIELD[,FIELD]",
+                   help="resume with these settings changed (see the module docstring)")
+    g.add_argument("--ckpt-every", type=int, default=0,
+                   help="also write last.pt every N optimiser steps")
+    g.add_argument("--self-contained-checkpoints", action="store_true",
+                   help="store frozen encoders' weights in checkpoints, not their file references")
+    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorBoard logs in OUT/tb (default: on when it is installed)")
+    g.add_argument("--eval-batch-size", type=int, default=None)
+    g.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
+    g.add_argument("--no-augment", action="store_true",
+                   help="no training augmentation (the config's hflip)")
+    g.add_argument("--cache-features", default=None, metavar="DIR",
+                   help="keep frozen encoders' features on disk and train from them (see README)")
+    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    return p.parse_args(argv)
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices: one process per GPU (or per CPU share) under torchrun
+# ---------------------------------------------------------------------------------------------
+
+def flush_denormals() -> None:
+    """Compute with denormal floats as zero in CPU operations (x86 FTZ/DAZ; GPU kernels are not
+    affected; a no-op on CPUs without it). Softmax and GELU tails make them while training, and
+    each operation on one is many times slower (README, "Speed"). Values below 1.2e-38 carry
+    nothing a model could use."""
+    torch.set_flush_denormal(True)
+
+
+def setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    flush_denormals()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the agent's store outlives a restart (--max-restarts): the keys of
+            # the dead attempt are still there, and a restarted rank may read a peer's old
+            # address ("Connection refused", or a hang). Keys are scoped by attempt instead.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  world, is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend,
+                                    store=dist.PrefixStore(f"ris_attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
+    return rank, world, device
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+# ---------------------------------------------------------------------------------------------
+# The model and its config: a named config, weight files, --set overrides
+# ---------------------------------------------------------------------------------------------
 
 MODELS = ("mail", "mmnet", "m3dec", "maris")
 
@@ -133,6 +276,167 @@ def new_config(module, args, train_set) -> object:
         cfg = module.prepare_config(cfg, data.sentences(train_set))
     return cfg
 
+# ---------------------------------------------------------------------------------------------
+# The batch split: world size x per-process batch x accumulation
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """per_process samples per forward pass, `accum` forward passes per optimiser step, on
+    `world` processes."""
+
+    per_process: int
+    accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_process * self.accum * self.world
+
+
+def plan_batches(paper_batch: int, world: int, batch_size: int | None = None,
+                 accum_steps: int | None = None, global_batch: int | None = None) -> BatchPlan:
+    """The batch split of a run.
+
+    Without --global-batch: --batch-size per process (default: the paper's global batch divided
+    by world x accumulation, at least 1) and --accum-steps (default 1).
+    With --global-batch B: exact or refused. Given --batch-size b (and no --accum-steps), the
+    accumulation is B / (world x b); otherwise the batch is B / (world x accum), accum =
+    --accum-steps or 1; given both, world x b x accum must be B.
+    """
+    for flag, value in (("--batch-size", batch_size), ("--accum-steps", accum_steps),
+                        ("--global-batch", global_batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if global_batch is None:
+        accum = accum_steps or 1
+        return BatchPlan(batch_size or max(1, paper_batch // (world * accum)), accum, world)
+    if batch_size is not None and accum_steps is None:
+        accum, rest = divmod(global_batch, world * batch_size)
+        per = batch_size
+    else:
+        accum = accum_steps or 1
+        per, rest = divmod(global_batch, world * accum)
+        if batch_size is not None and batch_size != per:
+            rest = 1
+    if rest or not accum or not per:
+        raise ValueError(
+            f"--global-batch {global_batch} is not {world} process(es) x --batch-size "
+            f"{batch_size or '?'} x --accum-steps {accum_steps or '?'}: choose a per-process "
+            f"batch and an accumulation whose product with the world size ({world}) is "
+            f"{global_batch}")
+    return BatchPlan(per, accum, world)
+
+
+def paper_batch_note(cfg, plan: BatchPlan) -> str | None:
+    """A warning when the run's global batch is not the config's (the paper's)."""
+    if plan.global_batch == cfg.batch_size:
+        return None
+    return (f"the global batch is {plan.global_batch} ({plan.world} process(es) x batch "
+            f"{plan.per_process} x {plan.accum} accumulation step(s)), not the config's "
+            f"{cfg.batch_size}; --global-batch {cfg.batch_size} asks for it exactly")
+
+# ---------------------------------------------------------------------------------------------
+# Resume: the same run, or explicit overrides
+# ---------------------------------------------------------------------------------------------
+
+def find_resume(args) -> tuple[dict | None, str | None]:
+    """The checkpoint to resume from: --resume PATH, or --resume auto's OUT/last.pt if any."""
+    path = None
+    if args.resume == "auto":
+        candidate = os.path.join(args.out, "last.pt")
+        path = candidate if os.path.isfile(candidate) else None
+    elif args.resume:
+        path = args.resume
+    if args.resume_override and path is None:
+        raise ValueError("--resume-override applies to a resumed run: add --resume")
+    ckpt = load_checkpoint(path) if path else None
+    if ckpt is not None and "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no optimiser state (best.pt and exported files do not): "
+                         "resume from a last.pt")
+    if ckpt is not None and ckpt["model_name"] != args.model:
+        raise ValueError(f"{path} holds a {ckpt['model_name']} model, not {args.model}")
+    return ckpt, path
+
+
+def check_run_folder(out: str, resuming: bool) -> None:
+    """A fresh run must not overwrite another run's checkpoints nor append to its log."""
+    found = [f for f in ("last.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
+    if found and not resuming:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with "
+                              "--resume auto, or choose a new --out")
+
+
+def run_settings(args, cfg, plan: BatchPlan, candidates: str | None) -> dict:
+    """The settings that define a run's arithmetic, as this command line resolves them; a
+    checkpoint records them and a resumed run must match them (see `check_resume`)."""
+    return dict(config=args.config, lr=args.lr or cfg.lr, epochs=args.epochs or cfg.epochs,
+                max_steps=args.max_steps, batch_size=plan.per_process, accum_steps=plan.accum,
+                world_size=plan.world,
+                clip_grad=args.clip_grad if args.clip_grad is not None else cfg.clip_grad,
+                augment=cfg.hflip and not args.no_augment, amp=args.amp, seed=args.seed,
+                dataset=args.dataset, split_by=args.split_by,
+                shapes_train_size=args.shapes_train_size,
+                shapes_image_size=args.shapes_image_size, data_seed=args.data_seed,
+                candidates=data.candidate_label(candidates) if candidates else None)
+
+
+def config_differences(ckpt: dict, module, args) -> dict:
+    """Config fields this command line sets (--set, --freeze-encoders, weights aside) to values
+    other than the checkpoint's, as {"config.FIELD": (checkpoint, asked)}."""
+    declared = (dataclasses.asdict(module.CONFIGS[args.config])
+                if args.config in module.CONFIGS else {})
+    asked = {k: v for k, v in dataclasses.asdict(build_config(module, args)).items()
+             if v != declared.get(k) and k not in WEIGHT_FLAGS}
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # tuples may come back as lists
+    return {f"config.{k}": (ckpt["config"].get(k), v) for k, v in asked.items()
+            if as_list(ckpt["config"].get(k)) != as_list(v)}
+
+
+def check_resume(ckpt: dict, run: dict, config_diff: dict, overrides: set[str],
+                 path: str) -> set[str]:
+    """The differences this run overrides, or a ValueError listing those it does not.
+    Settings a checkpoint does not record (older checkpoints) are not compared."""
+    saved = ckpt.get("run", {})
+    differ = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
+    differ |= config_diff
+    known = set(run) | {f"config.{k}" for k in ckpt["config"]}
+    unknown = sorted(overrides - known)
+    if unknown:
+        raise ValueError(f"--resume-override {','.join(unknown)}: not a run setting; "
+                         f"settings: {sorted(known)}")
+    refused = {k: v for k, v in differ.items() if k not in overrides}
+    if refused:
+        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in
+                          refused.items())
+        raise ValueError(f"{path} was trained with other settings:\n{lines}\nResume with the "
+                         "same flags, or apply the new values explicitly with --resume-override "
+                         f"{','.join(refused)}")
+    return set(differ)
+
+
+def resume_position(ckpt: dict, plan: BatchPlan) -> tuple[int, bool]:
+    """(micro-batches of this epoch already done per rank, whether the epoch restarts).
+    A step's samples depend only on the global batch (module docstring): with an equal global
+    batch the run continues exactly; with another one the epoch restarts from its beginning."""
+    saved = ckpt.get("run", {})
+    old = saved.get("batch_size", plan.per_process) * saved.get("accum_steps", plan.accum) * \
+        saved.get("world_size", plan.world)
+    if old != plan.global_batch:
+        return 0, ckpt["batch_in_epoch"] > 0
+    done = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * plan.per_process * plan.world)
+    return done // (plan.per_process * plan.world), False
+
+
+def fast_forward_schedule(optimizer, scheduler, fresh_groups: list[dict], step: int) -> None:
+    """After loading an optimiser's state under overridden settings: its hyper-parameters become
+    the new run's (`fresh_groups`), and the new schedule is advanced to `step`."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update(fresh)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            scheduler.step()
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: trained weights, frozen encoders by reference
@@ -304,321 +608,9 @@ def save_checkpoint(state: dict, path: str) -> None:
     finally:
         os.close(dir_fd)
 
-
-class TrainSampler(Sampler):
-    """Shuffles with (seed, epoch), gives rank r the r-th of every `world` indices (dropping the
-    remainder so that ranks take equal steps) and can start part-way into an epoch (resume).
-
-    Yields (epoch, index) keys for `EpochKeyed`: the epoch travels with each index, so that
-    persistent loader workers, which never see `set_epoch` on their copy of the dataset, still
-    augment each epoch differently."""
-
-    def __init__(self, n: int, rank: int, world: int, seed: int):
-        self.n, self.rank, self.world, self.seed = n, rank, world, seed
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        mine = perm[: len(self) * self.world][self.rank :: self.world]
-        return iter([(self.epoch, i) for i in mine[self.start :]])
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-
-class EpochKeyed(Dataset):
-    """A data.PreparedDataset indexed by TrainSampler's (epoch, index) keys."""
-
-    def __init__(self, dataset: data.PreparedDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict | None:
-        epoch, i = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[i]
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchPlan:
-    """per_process samples per forward pass, `accum` forward passes per optimiser step, on
-    `world` processes."""
-
-    per_process: int
-    accum: int
-    world: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.per_process * self.accum * self.world
-
-
-def plan_batches(paper_batch: int, world: int, batch_size: int | None = None,
-                 accum_steps: int | None = None, global_batch: int | None = None) -> BatchPlan:
-    """The batch split of a run.
-
-    Without --global-batch: --batch-size per process (default: the paper's global batch divided
-    by world x accumulation, at least 1) and --accum-steps (default 1).
-    With --global-batch B: exact or refused. Given --batch-size b (and no --accum-steps), the
-    accumulation is B / (world x b); otherwise the batch is B / (world x accum), accum =
-    --accum-steps or 1; given both, world x b x accum must be B.
-    """
-    for flag, value in (("--batch-size", batch_size), ("--accum-steps", accum_steps),
-                        ("--global-batch", global_batch)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if global_batch is None:
-        accum = accum_steps or 1
-        return BatchPlan(batch_size or max(1, paper_batch // (world * accum)), accum, world)
-    if batch_size is not None and accum_steps is None:
-        accum, rest = divmod(global_batch, world * batch_size)
-        per = batch_size
-    else:
-        accum = accum_steps or 1
-        per, rest = divmod(global_batch, world * accum)
-        if batch_size is not None and batch_size != per:
-            rest = 1
-    if rest or not accum or not per:
-        raise ValueError(
-            f"--global-batch {global_batch} is not {world} process(es) x --batch-size "
-            f"{batch_size or '?'} x --accum-steps {accum_steps or '?'}: choose a per-process "
-            f"batch and an accumulation whose product with the world size ({world}) is "
-            f"{global_batch}")
-    return BatchPlan(per, accum, world)
-
-
-def flush_denormals() -> None:
-    """Compute with denormal floats as zero in CPU operations (x86 FTZ/DAZ; GPU kernels are not
-    affected; a no-op on CPUs without it). Softmax and GELU tails make them while training, and
-    each operation on one is many times slower: MARIS tiny under `torchrun --nproc_per_node=2`,
-    150 steps in 79.6 s instead of 92.2 s. Values below 1.2e-38 carry nothing a model could use."""
-    torch.set_flush_denormal(True)
-
-
-def setup_distributed():
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    flush_denormals()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # Under torchrun the agent's store outlives a restart (--max-restarts): the keys of
-            # the dead attempt are still there, and a restarted rank may read a peer's old
-            # address ("Connection refused", or a hang). Keys are scoped by attempt instead.
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  world, is_master=False)
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend,
-                                    store=dist.PrefixStore(f"ris_attempt_{attempt}", store),
-                                    rank=rank, world_size=world)
-        else:
-            dist.init_process_group(backend)
-    return rank, world, device
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch.compile and DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None,
-             progress: bool = True) -> dict:
-    """Metrics of common.metrics over a loader, at each image's original resolution, summed
-    across ranks. Where samples carry a sentence type (the synthetic data: data.SENTENCE_TYPES),
-    "by_type" adds the same metrics for each type. `on_batch(batch, out, ious)` sees every batch
-    (visualisations); `cache`, a common.cache.FeatureCache, supplies frozen encoders' features.
-
-    The model runs under `amp`; the logits are cast to fp32 before resizing and thresholding, so
-    the reported numbers do not depend on the autocast dtype's rounding near 0. Every tensor of
-    the batch, the ground truth included, is on `device` (data.to_device). A progress bar shows
-    on rank 0 when stderr is a terminal and `progress` is set."""
-    from tqdm import tqdm
-
-    raw = unwrap(model)
-    was_training = raw.training
-    raw.eval()
-    acc = IoUAccumulator()
-    by_type = {t: IoUAccumulator() for t in data.SENTENCE_TYPES}
-    bar = tqdm(loader, desc="val", leave=False, file=sys.stderr,
-               disable=not (progress and is_rank0() and sys.stderr.isatty()))
-    for batch in bar:
-        batch = data.to_device(batch, device, raw.input_spec)
-        with autocast(device, amp):
-            feats = cache.features(raw, batch) if cache is not None else {}
-            out = raw(**raw.inputs_from(batch), **feats)
-        logits = out["mask_logits"].float()  # (B, 1, H, W), fp32 whatever the autocast dtype
-        ious = []
-        for i in range(len(batch["gt"])):
-            pred = data.to_original(logits[i], batch["valid_hw"][i], batch["orig_hw"][i]) > 0
-            inter, union = intersection_union(pred[None], batch["gt"][i][None])
-            ious.append(acc.add(inter[0], union[0]))
-            group = by_type.get(batch["sentence_type"][i])  # None: no type (RefCOCO)
-            if group is not None:
-                group.add(inter[0], union[0])
-        if on_batch is not None:
-            on_batch(batch, out, ious)
-    raw.train(was_training)
-    metrics = acc.all_reduce().compute()
-    by_type = {t: a.all_reduce().compute() for t, a in by_type.items()}  # same calls on every rank
-    if any(m["n"] for m in by_type.values()):
-        metrics["by_type"] = {t: m for t, m in by_type.items() if m["n"]}
-    return metrics
-
-
-def candidate_source(args, model_cls) -> str | None:
-    """Where a model that takes candidate masks (MaIL) gets them (data.candidate_source), or
-    None for a model that takes none (then no instance mask is decoded)."""
-    if "cand_masks" not in model_cls.input_names:
-        return None
-    return data.candidate_source(args.dataset, getattr(args, "candidates", None),
-                                 getattr(args, "oracle_candidates", False))
-
-
-def dataset_kwargs(args, split: str, candidates: str | None, cfg) -> dict:
-    """data.build_dataset's arguments for a split; K is bounded by the model's config."""
-    size = args.shapes_train_size if split == "train" else args.shapes_eval_size
-    return dict(data_root=args.data_root, split_by=args.split_by, image_dir=args.image_dir,
-                shapes_size=size, shapes_image_size=args.shapes_image_size, seed=args.data_seed,
-                candidates=candidates, max_candidates=getattr(cfg, "max_candidates", None),
-                min_score=getattr(cfg, "min_score", 0.0))
-
-
-def loader_options(workers: int, cuda: bool) -> dict:
-    """Worker settings: on CUDA with workers, pinned host memory (asynchronous copies) and
-    workers kept across epochs (no re-fork and re-import each epoch)."""
-    return dict(num_workers=workers, pin_memory=cuda and workers > 0,
-                persistent_workers=cuda and workers > 0)
-
-
-def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int):
-    """A loader over one evaluation split, sharded across ranks without repeats. Its collate
-    function is a functools.partial, which pickles: workers can start under spawn/forkserver."""
-    base = data.build_dataset(args.dataset, split,
-                              **dataset_kwargs(args, split, candidate_source(args, model),
-                                                getattr(model, "cfg", None)))
-    prep = data.Preprocess(model.input_spec, model.tokenizer,
-                           candidates="cand_masks" in model.input_names, keep_original=True)
-    ds = data.PreparedDataset(base, prep, seed=args.seed)
-    cuda = next(model.parameters()).device.type == "cuda"
-    return DataLoader(ds, batch_size=batch_size, sampler=data.ShardSampler(len(ds), rank, world),
-                      collate_fn=functools.partial(data.collate, pad_id=model.tokenizer.pad_id),
-                      **loader_options(args.workers, cuda))
-
-
-def make_train_loader(train_set: data.PreparedDataset, sampler: TrainSampler, batch_size: int,
-                      pad_id: int, workers: int, cuda: bool, seed: int) -> DataLoader:
-    return DataLoader(EpochKeyed(train_set), batch_size=batch_size, sampler=sampler,
-                      drop_last=True, collate_fn=functools.partial(data.collate, pad_id=pad_id),
-                      generator=torch.Generator().manual_seed(seed),
-                      **loader_options(workers, cuda))
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="shapes",
-                   help="shapes (built in) | refcoco | refcoco+ | refcocog")
-    g.add_argument("--split-by", default=None, help="unc | umd | google (default: unc, G-Ref umd)")
-    g.add_argument("--data-root", default=None,
-                   help="folder with refcoco/, refcoco+/, refcocog/, images/")
-    g.add_argument("--image-dir", default=None,
-                   help="COCO train2014 images (default DATA_ROOT/images/train2014)")
-    g.add_argument("--shapes-train-size", type=int, default=4000, help="synthetic training samples")
-    g.add_argument("--shapes-eval-size", type=int, default=500, help="synthetic val/test samples")
-    g.add_argument("--shapes-image-size", type=int, default=128, help="synthetic image side")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes per rank")
-    g.add_argument("--candidates", default=None, metavar="JSON",
-                   help="MaIL: candidate masks from this proposals file (data.CANDIDATES_FORMAT); "
-                        "default: the synthetic data's simulated detector; eval.py: default the "
-                        "training run's")
-    g.add_argument("--oracle-candidates", action="store_true",
-                   help="MaIL: the annotated instances as candidates. They contain the answer: "
-                        "an upper bound, labelled oracle")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="maris", choices=MODELS)
-    p.add_argument("--config", default="tiny",
-                   help="a key of the model's CONFIGS (tiny, paper, ...)")
-    add_data_args(p)
-    g = p.add_argument_group("model")
-    g.add_argument("--image-weights", default=None, help="local image-encoder weights (see README)")
-    g.add_argument("--text-weights", default=None, help="local text-encoder weights / vocabulary")
-    g.add_argument("--freeze-encoders", action="store_true",
-                   help="freeze encoders even without weights")
-    g.add_argument("--random-init", action="store_true",
-                   help="allow a paper config without the encoder files its paper starts from")
-    g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="default: the config's")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="per process (default: the config's global batch / world / accum)")
-    g.add_argument("--accum-steps", type=int, default=None,
-                   help="micro-batches per optimiser step (gradient accumulation; default 1)")
-    g.add_argument("--global-batch", type=int, default=None,
-                   help="world x batch x accum, exactly (see plan_batches)")
-    g.add_argument("--lr", type=float, default=None, help="default: the config's")
-    g.add_argument("--clip-grad", type=float, default=None,
-                   help="max gradient norm, 0: off (default: the config's clip_grad)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
-                   help="mixed precision (default bf16 on CUDA, none on CPU)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-bad-steps", type=int, default=5,
-                   help="stop after this many consecutive non-finite losses")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG-DATASET)")
-    g.add_argument("--resume", default=None,
-                   help="auto (OUT/last.pt if present) or a checkpoint path")
-    g.add_argument("--resume-override", default=None, metavar="FIELD[,FIELD]",
-                   help="resume with these settings changed (see the module docstring)")
-    g.add_argument("--ckpt-every", type=int, default=0,
-                   help="also write last.pt every N optimiser steps")
-    g.add_argument("--self-contained-checkpoints", action="store_true",
-                   help="store frozen encoders' weights in checkpoints, not their file references")
-    g.add_argument("--log-every", type=int, default=20)
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                   help="TensorBoard logs in OUT/tb (default: on when it is installed)")
-    g.add_argument("--eval-batch-size", type=int, default=None)
-    g.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
-    g.add_argument("--no-augment", action="store_true",
-                   help="no training augmentation (the config's hflip)")
-    g.add_argument("--cache-features", default=None, metavar="DIR",
-                   help="keep frozen encoders' features on disk and train from them (see README)")
-    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    return p.parse_args(argv)
-
-
 # ---------------------------------------------------------------------------------------------
 # Random state: per rank, saved by every rank
 # ---------------------------------------------------------------------------------------------
-
 
 def seed_rank(seed: int, rank: int) -> None:
     """Dropout and other in-model randomness must differ between ranks (identical masks on every
@@ -672,96 +664,100 @@ def restore_rng(saved, rank: int, world: int, seed: int, step: int) -> None:
         torch.manual_seed(fresh)
         random.seed(fresh)
 
-
 # ---------------------------------------------------------------------------------------------
-# Resume: the same run, or explicit overrides
+# Data: datasets, a sampler that shards and resumes an epoch, loaders
 # ---------------------------------------------------------------------------------------------
 
-
-def run_settings(args, cfg, plan: BatchPlan, candidates: str | None) -> dict:
-    """The settings that define a run's arithmetic, as this command line resolves them; a
-    checkpoint records them and a resumed run must match them (see `check_resume`)."""
-    return dict(config=args.config, lr=args.lr or cfg.lr, epochs=args.epochs or cfg.epochs,
-                max_steps=args.max_steps, batch_size=plan.per_process, accum_steps=plan.accum,
-                world_size=plan.world,
-                clip_grad=args.clip_grad if args.clip_grad is not None else cfg.clip_grad,
-                augment=cfg.hflip and not args.no_augment, amp=args.amp, seed=args.seed,
-                dataset=args.dataset, split_by=args.split_by,
-                shapes_train_size=args.shapes_train_size,
-                shapes_image_size=args.shapes_image_size, data_seed=args.data_seed,
-                candidates=data.candidate_label(candidates) if candidates else None)
+def candidate_source(args, model_cls) -> str | None:
+    """Where a model that takes candidate masks (MaIL) gets them (data.candidate_source), or
+    None for a model that takes none (then no instance mask is decoded)."""
+    if "cand_masks" not in model_cls.input_names:
+        return None
+    return data.candidate_source(args.dataset, getattr(args, "candidates", None),
+                                 getattr(args, "oracle_candidates", False))
 
 
-def config_differences(ckpt: dict, module, args) -> dict:
-    """Config fields this command line sets (--set, --freeze-encoders, weights aside) to values
-    other than the checkpoint's, as {"config.FIELD": (checkpoint, asked)}."""
-    declared = (dataclasses.asdict(module.CONFIGS[args.config])
-                if args.config in module.CONFIGS else {})
-    asked = {k: v for k, v in dataclasses.asdict(build_config(module, args)).items()
-             if v != declared.get(k) and k not in WEIGHT_FLAGS}
-    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # tuples may come back as lists
-    return {f"config.{k}": (ckpt["config"].get(k), v) for k, v in asked.items()
-            if as_list(ckpt["config"].get(k)) != as_list(v)}
+def dataset_kwargs(args, split: str, candidates: str | None, cfg) -> dict:
+    """data.build_dataset's arguments for a split; K is bounded by the model's config."""
+    size = args.shapes_train_size if split == "train" else args.shapes_eval_size
+    return dict(data_root=args.data_root, split_by=args.split_by, image_dir=args.image_dir,
+                shapes_size=size, shapes_image_size=args.shapes_image_size, seed=args.data_seed,
+                candidates=candidates, max_candidates=getattr(cfg, "max_candidates", None),
+                min_score=getattr(cfg, "min_score", 0.0))
 
 
-def check_resume(ckpt: dict, run: dict, config_diff: dict, overrides: set[str],
-                 path: str) -> set[str]:
-    """The differences this run overrides, or a ValueError listing those it does not.
-    Settings a checkpoint does not record (older checkpoints) are not compared."""
-    saved = ckpt.get("run", {})
-    differ = {k: (saved[k], v) for k, v in run.items() if k in saved and saved[k] != v}
-    differ |= config_diff
-    known = set(run) | {f"config.{k}" for k in ckpt["config"]}
-    unknown = sorted(overrides - known)
-    if unknown:
-        raise ValueError(f"--resume-override {','.join(unknown)}: not a run setting; "
-                         f"settings: {sorted(known)}")
-    refused = {k: v for k, v in differ.items() if k not in overrides}
-    if refused:
-        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in
-                          refused.items())
-        raise ValueError(f"{path} was trained with other settings:\n{lines}\nResume with the "
-                         "same flags, or apply the new values explicitly with --resume-override "
-                         f"{','.join(refused)}")
-    return set(differ)
+class TrainSampler(Sampler):
+    """Shuffles with (seed, epoch), gives rank r the r-th of every `world` indices (dropping the
+    remainder so that ranks take equal steps) and can start part-way into an epoch (resume).
+
+    Yields (epoch, index) keys for `EpochKeyed`: the epoch travels with each index, so that
+    persistent loader workers, which never see `set_epoch` on their copy of the dataset, still
+    augment each epoch differently."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        mine = perm[: len(self) * self.world][self.rank :: self.world]
+        return iter([(self.epoch, i) for i in mine[self.start :]])
+
+    def __len__(self) -> int:
+        return self.n // self.world
 
 
-def resume_position(ckpt: dict, plan: BatchPlan) -> tuple[int, bool]:
-    """(micro-batches of this epoch already done per rank, whether the epoch restarts).
-    A step's samples depend only on the global batch (module docstring): with an equal global
-    batch the run continues exactly; with another one the epoch restarts from its beginning."""
-    saved = ckpt.get("run", {})
-    old = saved.get("batch_size", plan.per_process) * saved.get("accum_steps", plan.accum) * \
-        saved.get("world_size", plan.world)
-    if old != plan.global_batch:
-        return 0, ckpt["batch_in_epoch"] > 0
-    done = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * plan.per_process * plan.world)
-    return done // (plan.per_process * plan.world), False
+class EpochKeyed(Dataset):
+    """A data.PreparedDataset indexed by TrainSampler's (epoch, index) keys."""
+
+    def __init__(self, dataset: data.PreparedDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+        epoch, i = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[i]
 
 
-def fast_forward_schedule(optimizer, scheduler, fresh_groups: list[dict], step: int) -> None:
-    """After loading an optimiser's state under overridden settings: its hyper-parameters become
-    the new run's (`fresh_groups`), and the new schedule is advanced to `step`."""
-    for group, fresh in zip(optimizer.param_groups, fresh_groups):
-        group.update(fresh)
-    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
-        warnings.simplefilter("ignore")
-        for _ in range(step):
-            scheduler.step()
+def loader_options(workers: int, cuda: bool) -> dict:
+    """Worker settings: on CUDA with workers, pinned host memory (asynchronous copies) and
+    workers kept across epochs (no re-fork and re-import each epoch)."""
+    return dict(num_workers=workers, pin_memory=cuda and workers > 0,
+                persistent_workers=cuda and workers > 0)
 
 
-def check_run_folder(out: str, resuming: bool) -> None:
-    """A fresh run must not overwrite another run's checkpoints nor append to its log."""
-    found = [f for f in ("last.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
-    if found and not resuming:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with "
-                              "--resume auto, or choose a new --out")
+def make_train_loader(train_set: data.PreparedDataset, sampler: TrainSampler, batch_size: int,
+                      pad_id: int, workers: int, cuda: bool, seed: int) -> DataLoader:
+    return DataLoader(EpochKeyed(train_set), batch_size=batch_size, sampler=sampler,
+                      drop_last=True, collate_fn=functools.partial(data.collate, pad_id=pad_id),
+                      generator=torch.Generator().manual_seed(seed),
+                      **loader_options(workers, cuda))
 
+
+def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int):
+    """A loader over one evaluation split, sharded across ranks without repeats. Its collate
+    function is a functools.partial, which pickles: workers can start under spawn/forkserver."""
+    base = data.build_dataset(args.dataset, split,
+                              **dataset_kwargs(args, split, candidate_source(args, model),
+                                                getattr(model, "cfg", None)))
+    prep = data.Preprocess(model.input_spec, model.tokenizer,
+                           candidates="cand_masks" in model.input_names, keep_original=True)
+    ds = data.PreparedDataset(base, prep, seed=args.seed)
+    cuda = next(model.parameters()).device.type == "cuda"
+    return DataLoader(ds, batch_size=batch_size, sampler=data.ShardSampler(len(ds), rank, world),
+                      collate_fn=functools.partial(data.collate, pad_id=model.tokenizer.pad_id),
+                      **loader_options(args.workers, cuda))
 
 # ---------------------------------------------------------------------------------------------
 # One optimiser step from N micro-batches
 # ---------------------------------------------------------------------------------------------
-
 
 def forward_loss(model, raw, batch: dict, device, amp: str, cache=None) -> tuple[dict, dict]:
     """Move a batch to the device (data.to_device: every tensor, uint8 images normalised there)
@@ -806,11 +802,57 @@ def all_finite(loss: torch.Tensor, world: int) -> bool:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return finite.item() == 1
 
+# ---------------------------------------------------------------------------------------------
+# Validation: metrics at each image's original resolution, summed over ranks
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None,
+             progress: bool = True) -> dict:
+    """Metrics of common.metrics over a loader, at each image's original resolution, summed
+    across ranks. Where samples carry a sentence type (the synthetic data: data.SENTENCE_TYPES),
+    "by_type" adds the same metrics for each type. `on_batch(batch, out, ious)` sees every batch
+    (visualisations); `cache`, a common.cache.FeatureCache, supplies frozen encoders' features.
+
+    The model runs under `amp`; the logits are cast to fp32 before resizing and thresholding, so
+    the reported numbers do not depend on the autocast dtype's rounding near 0. Every tensor of
+    the batch, the ground truth included, is on `device` (data.to_device). A progress bar shows
+    on rank 0 when stderr is a terminal and `progress` is set."""
+    from tqdm import tqdm
+
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    acc = IoUAccumulator()
+    by_type = {t: IoUAccumulator() for t in data.SENTENCE_TYPES}
+    bar = tqdm(loader, desc="val", leave=False, file=sys.stderr,
+               disable=not (progress and is_rank0() and sys.stderr.isatty()))
+    for batch in bar:
+        batch = data.to_device(batch, device, raw.input_spec)
+        with autocast(device, amp):
+            feats = cache.features(raw, batch) if cache is not None else {}
+            out = raw(**raw.inputs_from(batch), **feats)
+        logits = out["mask_logits"].float()  # (B, 1, H, W), fp32 whatever the autocast dtype
+        ious = []
+        for i in range(len(batch["gt"])):
+            pred = data.to_original(logits[i], batch["valid_hw"][i], batch["orig_hw"][i]) > 0
+            inter, union = intersection_union(pred[None], batch["gt"][i][None])
+            ious.append(acc.add(inter[0], union[0]))
+            group = by_type.get(batch["sentence_type"][i])  # None: no type (RefCOCO)
+            if group is not None:
+                group.add(inter[0], union[0])
+        if on_batch is not None:
+            on_batch(batch, out, ious)
+    raw.train(was_training)
+    metrics = acc.all_reduce().compute()
+    by_type = {t: a.all_reduce().compute() for t, a in by_type.items()}  # same calls on every rank
+    if any(m["n"] for m in by_type.values()):
+        metrics["by_type"] = {t: m for t, m in by_type.items() if m["n"]}
+    return metrics
 
 # ---------------------------------------------------------------------------------------------
-# Logs: log.jsonl, TensorBoard, plots
+# Logs: log.jsonl, TensorBoard, the remaining time, plots
 # ---------------------------------------------------------------------------------------------
-
 
 def memory_mb(device: torch.device) -> float | None:
     """Peak memory: CUDA's max allocated on a GPU, the process's peak RSS on CPU (None where
@@ -873,6 +915,23 @@ def tensorboard_scalars(writer, record: dict, step: int) -> None:
     writer.flush()
 
 
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: 42s, 3m05s, 1h02m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def time_left(elapsed: float, done: int, remaining: int) -> str:
+    """"elapsed 3m05s, ETA 12m40s": the remaining steps at the mean time per step this process
+    has taken so far, validations included (so later epochs' validations are counted too)."""
+    eta = duration(elapsed / done * remaining) if done else "?"
+    return f"elapsed {duration(elapsed)}, ETA {eta}"
+
+
 def plot_log(run_dir: str, png_path: str) -> None:
     """Draw the training loss and the validation mIoU of RUN/log.jsonl against the step."""
     try:
@@ -904,307 +963,385 @@ def plot_log(run_dir: str, png_path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: main, then its steps in the order they happen
 # ---------------------------------------------------------------------------------------------
 
 
-def find_resume(args) -> tuple[dict | None, str | None]:
-    """The checkpoint to resume from: --resume PATH, or --resume auto's OUT/last.pt if any."""
-    path = None
-    if args.resume == "auto":
-        candidate = os.path.join(args.out, "last.pt")
-        path = candidate if os.path.isfile(candidate) else None
-    elif args.resume:
-        path = args.resume
-    if args.resume_override and path is None:
-        raise ValueError("--resume-override applies to a resumed run: add --resume")
-    ckpt = load_checkpoint(path) if path else None
-    if ckpt is not None and "optimizer" not in ckpt:
-        raise ValueError(f"{path} holds no optimiser state (best.pt and exported files do not): "
-                         "resume from a last.pt")
-    if ckpt is not None and ckpt["model_name"] != args.model:
-        raise ValueError(f"{path} holds a {ckpt['model_name']} model, not {args.model}")
-    return ckpt, path
-
-
-def paper_batch_note(cfg, plan: BatchPlan) -> str | None:
-    """A warning when the run's global batch is not the config's (the paper's)."""
-    if plan.global_batch == cfg.batch_size:
-        return None
-    return (f"the global batch is {plan.global_batch} ({plan.world} process(es) x batch "
-            f"{plan.per_process} x {plan.accum} accumulation step(s)), not the config's "
-            f"{cfg.batch_size}; --global-batch {cfg.batch_size} asks for it exactly")
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    is_main = rank == 0
-    if args.workers is None:
-        args.workers = 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 2 * world else 2
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    args.out = args.out or os.path.join("runs", f"{args.model}-{args.config}-{args.dataset}")
-    os.makedirs(args.out, exist_ok=True)
-    if is_main:  # a run killed while writing a checkpoint leaves its temporary file behind
-        for name in os.listdir(args.out):
-            if ".pt.tmp." in name:
-                os.remove(os.path.join(args.out, name))
+    """Train as the command line asks; returns the last validation's metrics ({} without)."""
+    run = Run(parse_args(argv))  # processes, device, run folder
+    run.resolve_settings()  # what this command line asks for; a resume must be the same run
+    run.build_model()  # seeded, or rebuilt from the checkpoint
+    run.build_data()  # loaders that prepare samples as this model expects
+    run.build_optimiser()  # the paper's optimiser and schedule; restored when resuming
+    run.announce()
+    while run.step < run.total_steps and run.epoch < run.epochs:
+        run.train_epoch()
+        run.validate_and_checkpoint()
+    return run.finish()
 
-    # what this command line asks for; a resumed run must be the same run (check_resume)
-    module = load_model_module(args.model)
-    ckpt, resume_path = find_resume(args)
-    check_run_folder(args.out, resuming=ckpt is not None or args.resume == "auto")
-    asked = build_config(module, args)
-    if ckpt is None:
-        check_paper_weights(module, args, asked)
-    plan = plan_batches(asked.batch_size, world, args.batch_size, args.accum_steps,
-                        args.global_batch)
-    candidates = candidate_source(args, module.MODEL)
-    run = run_settings(args, asked, plan, candidates)
-    epochs, lr, clip, augment = run["epochs"], run["lr"], run["clip_grad"], run["augment"]
-    overrides: set[str] = set()
-    if ckpt is not None:
-        wanted = {f.strip() for f in (args.resume_override or "").split(",") if f.strip()}
-        overrides = check_resume(ckpt, run, config_differences(ckpt, module, args), wanted,
-                                 resume_path)
-        new_fields = {k.removeprefix("config."): getattr(asked, k.removeprefix("config."))
-                      for k in overrides if k.startswith("config.")}
-        ckpt = dict(ckpt, config=ckpt["config"] | new_fields)
-    limits_cfg = (config_from_dict(next(iter(module.CONFIGS.values())), ckpt["config"])
-                  if ckpt is not None else asked)  # bounds K (MaIL's max_candidates)
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    base = data.build_dataset(args.dataset, "train",
-                              **dataset_kwargs(args, "train", candidates, limits_cfg))
+class Run:
+    """One training run's state, shared by the steps `main` calls in order. Between steps
+    `step` (optimiser steps done), `epoch` and `start_batch` (the micro-batch of `epoch` to
+    train next) say where the run stands; a checkpoint records them."""
 
-    # model, from a checkpoint when resuming; built right after seeding (same on every rank, and
-    # rebuildable by build_model_from_checkpoint from its "init_seed")
-    if ckpt is not None:  # --image-weights / --text-weights: where referenced files now live
-        moved = {f: getattr(args, f) for f in WEIGHT_FLAGS if getattr(args, f, None)}
-        model, module, cfg = build_model_from_checkpoint(ckpt, weights=moved)
-    else:
-        cfg = new_config(module, args, base)
+    def __init__(self, args):
+        """Set-up: this process's rank and device, the defaults that depend on them, the run
+        folder."""
+        self.args = args
+        self.rank, self.world, self.device = setup_distributed()
+        self.is_main = self.rank == 0  # rank 0 alone prints, logs and writes checkpoints
+        # Loader workers help only when there are spare cores: on a small CPU machine every
+        # core already runs a rank's matmuls, and a worker would take its time.
+        if args.workers is None:
+            cores = os.cpu_count() or 1
+            args.workers = 0 if self.device.type == "cpu" and cores <= 2 * self.world else 2
+        # bf16 autocast is fast on GPUs, hundreds of times slower than fp32 on CPUs without bf16
+        args.amp = args.amp or ("bf16" if self.device.type == "cuda" else "none")
+        args.out = args.out or os.path.join("runs", f"{args.model}-{args.config}-{args.dataset}")
+        os.makedirs(args.out, exist_ok=True)
+        if self.is_main:  # a run killed while writing a checkpoint leaves its temporary file
+            for name in os.listdir(args.out):
+                if ".pt.tmp." in name:
+                    os.remove(os.path.join(args.out, name))
+
+    def resolve_settings(self) -> None:
+        """What this command line asks for (config, batch split, run settings), checked
+        against the checkpoint when resuming; then the training samples."""
+        args = self.args
+        self.module = load_model_module(args.model)
+        self.ckpt, resume_path = find_resume(args)
+        check_run_folder(args.out, resuming=self.ckpt is not None or args.resume == "auto")
+        asked = build_config(self.module, args)
+        if self.ckpt is None:  # a resumed run already started from (or without) them
+            check_paper_weights(self.module, args, asked)
+        self.plan = plan_batches(asked.batch_size, self.world, args.batch_size,
+                                 args.accum_steps, args.global_batch)
+        self.candidates = candidate_source(args, self.module.MODEL)
+        # A resumed run computes its settings exactly as a fresh one does, then compares: a
+        # silently changed lr or batch would make the two halves of a run different runs.
+        self.settings = run_settings(args, asked, self.plan, self.candidates)
+        self.epochs = self.settings["epochs"]
+        self.overrides: set[str] = set()
+        if self.ckpt is not None:
+            wanted = {f.strip() for f in (args.resume_override or "").split(",") if f.strip()}
+            self.overrides = check_resume(self.ckpt, self.settings,
+                                          config_differences(self.ckpt, self.module, args),
+                                          wanted, resume_path)
+            new_fields = {k.removeprefix("config."): getattr(asked, k.removeprefix("config."))
+                          for k in self.overrides if k.startswith("config.")}
+            self.ckpt = dict(self.ckpt, config=self.ckpt["config"] | new_fields)
+        limits_cfg = (config_from_dict(next(iter(self.module.CONFIGS.values())),
+                                       self.ckpt["config"])
+                      if self.ckpt is not None else asked)  # bounds K (MaIL's max_candidates)
+
+        # The samples come before the model: M3Dec's word vocabulary is built from them.
         torch.manual_seed(args.seed)
-        model = module.MODEL(cfg)
-        cfg = model.cfg  # as the model completed it
-    seed_rank(args.seed, rank)
-    model.to(device)
-    raw = model
-    frozen_modules = [n for n, m in raw.named_modules() if getattr(m, "frozen", False)]
-    refs = {} if args.self_contained_checkpoints else frozen_references(raw, cfg)
+        random.seed(args.seed)
+        self.base = data.build_dataset(args.dataset, "train",
+                                       **dataset_kwargs(args, "train", self.candidates,
+                                                        limits_cfg))
 
-    # data
-    prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=augment,
-                           candidates="cand_masks" in raw.input_names)
-    train_set = data.PreparedDataset(base, prep, seed=args.seed, skip_bad=True)
-    sampler = TrainSampler(len(train_set), rank, world, args.seed)
-    loader = make_train_loader(train_set, sampler, plan.per_process, raw.tokenizer.pad_id,
-                               args.workers, device.type == "cuda", args.seed)
-    steps_per_epoch = len(sampler) // plan.per_process // plan.accum  # optimiser steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples give no full step of "
-                         f"{plan.accum} x {plan.per_process} samples on each of {world} processes")
-    micro_per_epoch = steps_per_epoch * plan.accum  # a last incomplete step is dropped
-    total_steps = epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    val_loader = None
-    if not args.no_val:
-        val_loader = make_eval_loader(args, "val", raw, rank, world,
-                                      args.eval_batch_size or plan.per_process)
-
-    cache = None
-    if args.cache_features:
-        if augment:
-            raise ValueError("--cache-features: training augmentation (random flips) changes the "
-                             "images every epoch, so cached features would be stale; "
-                             "add --no-augment")
-        from common.cache import FeatureCache
-
-        cache = FeatureCache(args.cache_features, raw)
-        if is_main:
-            print(f"feature cache for the frozen {' and '.join(cache.parts)} encoder(s): "
-                  f"{', '.join(cache.dirs.values())}", flush=True)
-
-    # optimisation: the paper's optimiser and schedule, declared by the model
-    optimizer, scheduler = raw.configure_optimizers(lr, total_steps)
-    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step, epoch, start_batch, best = 0, 0, 0, -1.0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, best = ckpt["step"], ckpt["epoch"], ckpt["best"]
-        if overrides:
-            fast_forward_schedule(optimizer, scheduler, fresh_groups, step)
+    def build_model(self) -> None:
+        """The model, built right after seeding, so that it is the same on every rank and
+        build_model_from_checkpoint can rebuild it from the checkpoint's "init_seed"."""
+        args = self.args
+        if self.ckpt is not None:  # --image-weights / --text-weights: where files now live
+            moved = {f: getattr(args, f) for f in WEIGHT_FLAGS if getattr(args, f, None)}
+            model, self.module, cfg = build_model_from_checkpoint(self.ckpt, weights=moved)
         else:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        start_batch, restarted = resume_position(ckpt, plan)
-        if restarted and is_main:
-            warnings.warn(f"the global batch changed: epoch {epoch} restarts from its beginning",
-                          stacklevel=1)
-        restore_rng(ckpt["rng"], rank, world, args.seed, step)
-    ddp = None
-    if world > 1:
-        if device.type == "cuda":  # BN statistics over the global batch (MaIL Sec. 4.1 asks so)
-            raw = sync_batchnorm(raw)
-        model = ddp = DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+            cfg = new_config(self.module, args, self.base)
+            torch.manual_seed(args.seed)
+            model = self.module.MODEL(cfg)
+            cfg = model.cfg  # as the model completed it
+        self.cfg = cfg
+        seed_rank(args.seed, self.rank)  # dropout differs between ranks from here on
+        # `raw` is the model itself; `model` becomes its DDP / torch.compile wrapper, which
+        # runs the forward, while checkpoints and evaluation read the raw model.
+        self.model = self.raw = model.to(self.device)
+        self.frozen_modules = [n for n, m in model.named_modules() if getattr(m, "frozen", False)]
+        # frozen encoders built from a weight file are stored as the file's path and hash
+        self.refs = {} if args.self_contained_checkpoints else frozen_references(model, cfg)
 
-    total, trainable = count_parameters(raw)
-    log_path = os.path.join(args.out, "log.jsonl")
-    label = run["candidates"]
-    writer = open_tensorboard(args.tensorboard, args.out) if is_main else None
-    if is_main:
+    def build_data(self) -> None:
+        """Loaders that prepare samples as the model expects (its input_spec and tokenizer),
+        the number of steps, and the feature cache."""
+        args, raw, plan = self.args, self.raw, self.plan
+        self.augment = self.settings["augment"]
+        prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=self.augment,
+                               candidates="cand_masks" in raw.input_names)
+        self.train_set = data.PreparedDataset(self.base, prep, seed=args.seed, skip_bad=True)
+        # One shuffled order per epoch, split across ranks: a step's samples depend only on
+        # the global batch, which is what lets a resumed run continue mid-epoch exactly.
+        self.sampler = TrainSampler(len(self.train_set), self.rank, self.world, args.seed)
+        self.loader = make_train_loader(self.train_set, self.sampler, plan.per_process,
+                                        raw.tokenizer.pad_id, args.workers,
+                                        self.device.type == "cuda", args.seed)
+        self.steps_per_epoch = len(self.sampler) // plan.per_process // plan.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training samples give no full step of "
+                             f"{plan.accum} x {plan.per_process} samples on each of "
+                             f"{self.world} processes")
+        self.micro_per_epoch = self.steps_per_epoch * plan.accum  # a last partial step is dropped
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.val_loader = None
+        if not args.no_val:
+            self.val_loader = make_eval_loader(args, "val", raw, self.rank, self.world,
+                                               args.eval_batch_size or plan.per_process)
+        self.cache = None
+        if args.cache_features:  # frozen encoders run once per image, not once per epoch
+            if self.augment:
+                raise ValueError("--cache-features: training augmentation (random flips) "
+                                 "changes the images every epoch, so cached features would be "
+                                 "stale; add --no-augment")
+            from common.cache import FeatureCache
+
+            self.cache = FeatureCache(args.cache_features, raw)
+            if self.is_main:
+                print(f"feature cache for the frozen {' and '.join(self.cache.parts)} "
+                      f"encoder(s): {', '.join(self.cache.dirs.values())}", flush=True)
+
+    def build_optimiser(self) -> None:
+        """The paper's optimiser and schedule, as the model declares them; when resuming,
+        their state and the position in the epoch; then the DDP and compile wrappers."""
+        args, ckpt = self.args, self.ckpt
+        self.optimizer, self.scheduler = self.raw.configure_optimizers(self.settings["lr"],
+                                                                       self.total_steps)
+        # the hyper-parameters a fresh run with these settings has: an override resumes with them
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"}
+                        for g in self.optimizer.param_groups]
+        # fp16 needs loss scaling (its small gradients underflow); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.step, self.epoch, self.start_batch, self.best = 0, 0, 0, -1.0  # any mIoU beats -1
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments carry on
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.step, self.epoch, self.best = ckpt["step"], ckpt["epoch"], ckpt["best"]
+            if self.overrides:  # new lr or length: the schedule a fresh run would have
+                fast_forward_schedule(self.optimizer, self.scheduler, fresh_groups, self.step)
+            else:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.start_batch, restarted = resume_position(ckpt, self.plan)
+            if restarted and self.is_main:
+                warnings.warn(f"the global batch changed: epoch {self.epoch} restarts from its "
+                              "beginning", stacklevel=1)
+            # dropout continues as if the run had never stopped (same world size)
+            restore_rng(ckpt["rng"], self.rank, self.world, args.seed, self.step)
+        # One process per device: DDP averages the gradients of all ranks during backward, so
+        # every rank takes the same optimiser step on the global batch.
+        self.ddp = None
+        if self.world > 1:
+            if self.device.type == "cuda":  # BN statistics over the global batch (MaIL Sec. 4.1)
+                self.raw = sync_batchnorm(self.raw)
+            self.model = self.ddp = DistributedDataParallel(
+                self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if args.compile:  # outermost, so that it compiles what the loop calls
+            self.model = torch.compile(self.model)
+
+    def announce(self) -> None:
+        """The logs open; rank 0 says what it trains and on what (one line), warns when the
+        global batch is not the paper's, and writes args.json."""
+        args = self.args
+        self.log_path = os.path.join(args.out, "log.jsonl")
+        self.writer = open_tensorboard(args.tensorboard, args.out) if self.is_main else None
+        if self.is_main:
+            self.print_header()
+        self.metrics: dict = {}  # the last validation's
+        self.bad_steps, self.truncated, self.skipped = 0, 0, 0  # skipped steps, data counts
+        self.t0, self.first_step = time.time(), self.step  # for the remaining time
+        self.meter = Throughput()
+
+    def print_header(self) -> None:
+        """Rank 0's account of the run, before its first step."""
+        args, plan, cfg, settings = self.args, self.plan, self.cfg, self.settings
+        total, trainable = count_parameters(self.raw)
+        label = settings["candidates"]
         print(f"{args.model}/{args.config}: {total / 1e6:.2f}M parameters "
               f"({trainable / 1e6:.2f}M trained); "
-              f"{args.dataset}: {len(train_set)} train samples"
+              f"{args.dataset}: {len(self.train_set)} train samples"
               + (f", candidates: {label}" + (" (upper bound)" if label == "oracle" else "")
                  if label else "")
-              + f"; global batch {plan.global_batch} = {world} process(es) x batch "
+              + f"; global batch {plan.global_batch} = {self.world} process(es) x batch "
               f"{plan.per_process} x {plan.accum} accumulation (config: {cfg.batch_size}); "
-              f"{total_steps} steps; amp={args.amp}; clip_grad={clip}; augment={augment}; "
-              f"device={device}" + (f"; resumed at step {step}" if ckpt else ""), flush=True)
+              f"{self.total_steps} steps; amp={args.amp}; clip_grad={settings['clip_grad']}; "
+              f"augment={self.augment}; device={self.device}"
+              + (f"; resumed at step {self.step}" if self.ckpt else ""), flush=True)
         note = paper_batch_note(cfg, plan)
-        if note:
+        if note:  # a smaller batch changes the optimisation, not only the speed
             warnings.warn(note, stacklevel=1)
-        if getattr(base, "skipped_refs", 0):
-            print(f"{base.skipped_refs} refs without sentences skipped", flush=True)
+        if getattr(self.base, "skipped_refs", 0):
+            print(f"{self.base.skipped_refs} refs without sentences skipped", flush=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world, "global_batch": plan.global_batch,
+            json.dump(vars(args) | {"world_size": self.world, "global_batch": plan.global_batch,
                                     "accum_steps": plan.accum, "candidates": label,
                                     "candidates_file": args.candidates}, f, indent=1)
 
-    def log(record: dict) -> None:
-        if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            tensorboard_scalars(writer, record, record["step"])
+    def train_epoch(self) -> None:
+        """Optimiser steps from the current position until the epoch or the run ends. A step
+        sums the gradients of `plan.accum` micro-batches (see `backward`)."""
+        from tqdm import tqdm
 
-    def checkpoint(name: str, batch_in_epoch: int, at_epoch: int) -> None:
-        """Every rank calls it (their random states are gathered); rank 0 writes. Only called
-        between optimiser steps, so no accumulated gradient is ever lost."""
-        rng = gather_rng(world)
-        if not is_main:
-            return
-        state = dict(model_name=args.model, config=dataclasses.asdict(cfg),
-                     model=model_state(raw, refs), frozen=refs, frozen_modules=frozen_modules,
-                     init_seed=args.seed, step=step, epoch=at_epoch,
-                     batch_in_epoch=batch_in_epoch,
-                     samples_in_epoch=batch_in_epoch * plan.per_process * world, best=best,
-                     rng=rng, args=vars(args), run=run)
-        if name == "last.pt":  # the optimiser state is for resuming, which reads last.pt
-            state |= dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                          scaler=scaler.state_dict())
-        save_checkpoint(state, os.path.join(args.out, name))
-
-    from tqdm import tqdm
-
-    metrics: dict = {}
-    bad_steps, truncated, skipped, t0 = 0, 0, 0, time.time()
-    meter = Throughput()
-    model.train()
-    while step < total_steps and epoch < epochs:
-        sampler.set_epoch(epoch, start_batch * plan.per_process)
-        bar = tqdm(total=steps_per_epoch, initial=start_batch // plan.accum, desc=f"epoch {epoch}",
-                   disable=not is_main or not sys.stderr.isatty(), leave=False,
-                   file=sys.stderr)
-        next_batch = start_batch  # index in the epoch of the next micro-batch to train on
-        batches = iter(loader)
+        plan, raw = self.plan, self.raw
+        # the epoch's shuffle; a resumed epoch starts after the samples it already trained on
+        self.sampler.set_epoch(self.epoch, self.start_batch * plan.per_process)
+        self.bar = tqdm(total=self.steps_per_epoch, initial=self.start_batch // plan.accum,
+                        desc=f"epoch {self.epoch}", leave=False, file=sys.stderr,
+                        disable=not self.is_main or not sys.stderr.isatty())
+        self.model.train()
+        self.next_batch = self.start_batch  # index in the epoch of the next micro-batch
+        batches = iter(self.loader)
         micro, good, parts = 0, True, {}  # micro-batches of this step, all finite, loss sums
-        while next_batch < micro_per_epoch:
+        while self.next_batch < self.micro_per_epoch:
             waited = time.perf_counter()
             batch = next(batches, None)
-            meter.wait += time.perf_counter() - waited
+            self.meter.wait += time.perf_counter() - waited  # the loader kept us waiting
             if batch is None:
                 break
-            next_batch += 1
+            self.next_batch += 1
             micro += 1
-            truncated += batch["truncated"]
-            skipped += batch["skipped"]
-            if micro == 1:
-                optimizer.zero_grad(set_to_none=True)
-            with sync_context(ddp, micro == plan.accum):
-                batch, out = forward_loss(model, raw, batch, device, args.amp, cache)
-                finite = all_finite(out["loss"], world)
+            self.truncated += batch["truncated"]
+            self.skipped += batch["skipped"]
+            if micro == 1:  # a new step: gradients start from nothing, then sum over micro
+                self.optimizer.zero_grad(set_to_none=True)
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            with sync_context(self.ddp, micro == plan.accum):
+                batch, out = forward_loss(self.model, raw, batch, self.device, self.args.amp,
+                                          self.cache)
+                finite = all_finite(out["loss"], self.world)  # every rank agrees, or DDP hangs
                 if finite:
-                    backward(out["loss"], scaler, plan.accum)
+                    backward(out["loss"], self.scaler, plan.accum)
             good = good and finite
-            for k, v in out.items():
+            for k, v in out.items():  # the step's loss terms, as means over its samples
                 if k.startswith("loss"):
                     parts[k] = parts.get(k, 0.0) + v.detach().float() / plan.accum
-            meter.samples += plan.per_process * world
-            if micro < plan.accum:
+            self.meter.samples += plan.per_process * self.world
+            if micro < plan.accum:  # more micro-batches to sum before this step
                 continue
             micro = 0
-            if not good:
-                good, parts = True, {}
-                bad_steps += 1
-                warnings.warn(f"non-finite loss at step {step}: step skipped "
-                              f"({bad_steps}/{args.max_bad_steps} in a row)", stacklevel=1)
-                if bad_steps >= args.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{bad_steps} consecutive non-finite losses at step {step}: stopping. "
-                        f"The last good checkpoint is {os.path.join(args.out, 'last.pt')}; try a "
-                        "lower --lr or --amp none.")
-                continue
-            bad_steps = 0
-            grad_norm = optimizer_step(raw, optimizer, scheduler, scaler, clip)
-            step += 1
-            bar.update(1)
-            if is_main and (step % args.log_every == 0 or step == 1):
-                rec = dict(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                           time=round(time.time() - t0, 1), truncated_sentences=truncated,
-                           skipped_images=skipped,
-                           **{k: round(v.item(), 5) for k, v in parts.items()},
-                           grad_norm=round(grad_norm.item(), 5), **meter.read(),
-                           memory_mb=memory_mb(device))
-                log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if not sys.stderr.isatty():
-                    print(json.dumps(rec), flush=True)
-            parts = {}
-            if step >= total_steps:
+            if self.finish_step(good, parts) and self.step >= self.total_steps:
                 break
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                checkpoint("last.pt", next_batch, epoch)
-        bar.close()
-        if next_batch >= micro_per_epoch:  # the epoch is complete
-            epoch, next_batch = epoch + 1, 0
-        start_batch = next_batch  # always at an optimiser-step boundary (micro == 0)
-        if val_loader is not None:
-            metrics = evaluate(raw, val_loader, device, args.amp, cache=cache)
-            log(dict(step=step, epoch=epoch, time=round(time.time() - t0, 1), val=metrics,
-                     candidates=label))
-            if is_main:
-                print(f"epoch {epoch} step {step} ({time.time() - t0:.0f}s): val "
-                      + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                 if k not in ("n", "by_type"))
-                      + f" (n={metrics['n']})"
-                      + "".join(f"; {t} mIoU={m['mIoU']:.4f} (n={m['n']})"
-                                for t, m in metrics.get("by_type", {}).items()), flush=True)
-            if metrics["mIoU"] > best:
-                best = metrics["mIoU"]
-                checkpoint("best.pt", start_batch, epoch)
-            meter.read()  # validation time is not training throughput
-        checkpoint("last.pt", start_batch, epoch)
-    if writer is not None:
-        writer.close()
-    if world > 1:  # counts over all ranks for the summary
-        counts = torch.tensor([truncated, skipped], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        truncated, skipped = int(counts[0]), int(counts[1])
-    if is_main:
-        print(f"done: {step} steps in {time.time() - t0:.0f}s; {truncated} sentences truncated "
-              f"to the model's limit; {skipped} undecodable images skipped; checkpoints in "
-              f"{args.out}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
+            good, parts = True, {}
+        self.bar.close()
+
+    def finish_step(self, good: bool, parts: dict) -> bool:
+        """After a step's last micro-batch: skip the step when a loss was not finite (stop after
+        --max-bad-steps in a row), else step the optimiser, log, and checkpoint every
+        --ckpt-every steps. Returns whether the optimiser stepped."""
+        args = self.args
+        if not good:
+            self.bad_steps += 1
+            warnings.warn(f"non-finite loss at step {self.step}: step skipped "
+                          f"({self.bad_steps}/{args.max_bad_steps} in a row)", stacklevel=1)
+            if self.bad_steps >= args.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps} consecutive non-finite losses at step {self.step}: "
+                    f"stopping. The last good checkpoint is "
+                    f"{os.path.join(args.out, 'last.pt')}; try a lower --lr or --amp none.")
+            return False
+        self.bad_steps = 0
+        # unscale (fp16), clip the global gradient norm, step, and advance the schedule
+        grad_norm = optimizer_step(self.raw, self.optimizer, self.scheduler, self.scaler,
+                                   self.settings["clip_grad"])
+        self.step += 1
+        self.bar.update(1)
+        # reading a loss or the gradient norm waits for the device: only logged steps do
+        if self.is_main and (self.step % args.log_every == 0 or self.step == 1):
+            rec = dict(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                       time=round(time.time() - self.t0, 1),
+                       truncated_sentences=self.truncated, skipped_images=self.skipped,
+                       **{k: round(v.item(), 5) for k, v in parts.items()},
+                       grad_norm=round(grad_norm.item(), 5), **self.meter.read(),
+                       memory_mb=memory_mb(self.device))
+            self.log(rec)
+            self.bar.set_postfix_str(f"loss={rec['loss']:.4f}, {self.time_left()}")
+            if not sys.stderr.isatty():  # no progress bar: the record is the progress
+                print(json.dumps(rec), flush=True)
+        # mid-epoch checkpoints let a killed run resume close to where it died (the run's
+        # last step is followed by the end-of-epoch checkpoint anyway)
+        if (self.step < self.total_steps and args.ckpt_every
+                and self.step % args.ckpt_every == 0):
+            self.checkpoint("last.pt", self.next_batch, self.epoch)
+        return True
+
+    def validate_and_checkpoint(self) -> None:
+        """End of an epoch (or of the run): validate, keep the best model as best.pt, and write
+        last.pt at the position the next epoch starts from."""
+        # A run stopped by --max-steps ends mid-epoch: last.pt then says where to continue.
+        if self.next_batch >= self.micro_per_epoch:  # the epoch is complete
+            self.epoch, self.next_batch = self.epoch + 1, 0
+        self.start_batch = self.next_batch  # always at an optimiser-step boundary
+        results = ""
+        if self.val_loader is not None:
+            self.metrics = metrics = evaluate(self.raw, self.val_loader, self.device,
+                                              self.args.amp, cache=self.cache)
+            self.log(dict(step=self.step, epoch=self.epoch, time=round(time.time() - self.t0, 1),
+                          val=metrics, candidates=self.settings["candidates"]))
+            results = (": val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                            if k not in ("n", "by_type"))
+                       + f" (n={metrics['n']})"
+                       + "".join(f"; {t} mIoU={m['mIoU']:.4f} (n={m['n']})"
+                                 for t, m in metrics.get("by_type", {}).items()))
+            if metrics["mIoU"] > self.best:  # the best validation so far is kept as best.pt
+                self.best = metrics["mIoU"]
+                self.checkpoint("best.pt", self.start_batch, self.epoch)
+            self.meter.read()  # validation time is not training throughput
+        if self.is_main:  # one line per epoch, with the time the run still needs
+            print(f"epoch {self.epoch} step {self.step}/{self.total_steps} "
+                  f"({self.time_left()}){results}", flush=True)
+        self.checkpoint("last.pt", self.start_batch, self.epoch)
+
+    def checkpoint(self, name: str, batch_in_epoch: int, at_epoch: int) -> None:
+        """Every rank calls it (their random states are gathered); rank 0 writes. Only called
+        between optimiser steps, so no accumulated gradient is ever lost."""
+        rng = gather_rng(self.world)
+        if not self.is_main:
+            return
+        args, plan = self.args, self.plan
+        state = dict(model_name=args.model, config=dataclasses.asdict(self.cfg),
+                     model=model_state(self.raw, self.refs), frozen=self.refs,
+                     frozen_modules=self.frozen_modules, init_seed=args.seed, step=self.step,
+                     epoch=at_epoch, batch_in_epoch=batch_in_epoch,
+                     samples_in_epoch=batch_in_epoch * plan.per_process * self.world,
+                     best=self.best, rng=rng, args=vars(args), run=self.settings)
+        if name == "last.pt":  # the optimiser state is for resuming, which reads last.pt
+            state |= dict(optimizer=self.optimizer.state_dict(),
+                          scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict())
+        save_checkpoint(state, os.path.join(args.out, name))
+
+    def log(self, record: dict) -> None:
+        """One record to log.jsonl and TensorBoard (rank 0)."""
+        if self.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tensorboard_scalars(self.writer, record, record["step"])
+
+    def time_left(self) -> str:
+        """Elapsed time and ETA of the steps this process has trained (a resumed run's too)."""
+        return time_left(time.time() - self.t0, self.step - self.first_step,
+                         self.total_steps - self.step)
+
+    def finish(self) -> dict:
+        """Close the logs, sum the data counts over ranks, say where the checkpoints are."""
+        if self.writer is not None:
+            self.writer.close()
+        # how many sentences the tokenizer cut and images failed to decode: a data problem
+        # shows here rather than as a slightly worse number
+        truncated, skipped = self.truncated, self.skipped
+        if self.world > 1:  # counts over all ranks for the summary
+            counts = torch.tensor([truncated, skipped], dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts)
+            truncated, skipped = int(counts[0]), int(counts[1])
+        if self.is_main:
+            print(f"done: {self.step} steps in {time.time() - self.t0:.0f}s; {truncated} "
+                  f"sentences truncated to the model's limit; {skipped} undecodable images "
+                  f"skipped; checkpoints in {self.args.out}", flush=True)
+        if self.world > 1:  # no rank leaves while another still writes
+            dist.barrier()
+            dist.destroy_process_group()
+        return self.metrics
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Frozen-encoder feature cache: compute a frozen encoder's features once per image (and once per
 sentence), keep them on disk in fp16, and train or evaluate the rest of the model from them.
 
-A model supports the cache when it implements
+A model supports the cache when it follows the contract of `common.model.CacheableEncoders`:
   frozen_parts() -> set of "image" / "text" whose encoders are frozen,
   encode_image(image) -> dict of (B, ...) tensors, encode_text(text, text_mask) -> dict of
   (B, L, ...) tensors (token axis second), and

@@ -65,6 +65,11 @@ def safe_softmax(logits: Tensor, dim: int) -> Tensor:
     return probs.masked_fill(all_masked, 0.0)
 
 
+def feed_forward(dim: int, hidden: int, dropout: float = 0.0) -> nn.Sequential:
+    """The transformer's position-wise FFN (Vaswani et al. 2017): Linear, ReLU, dropout, Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, dim))
+
 
 class Attention(nn.Module):
     """Standard multi-head attention (Vaswani et al. 2017) on `F.scaled_dot_product_attention`,

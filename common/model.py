@@ -12,11 +12,15 @@ A model module (`maris.py`, ...) defines a config dataclass, `CONFIGS` (at least
   "loss" plus one "loss_<term>" entry per term of the paper's loss;
 - `configure_optimizers(lr, total_steps)` returns the paper's optimiser and a per-step scheduler;
 - may override `vis_panels(out, i)` to add paper-specific panels to eval.py's visualisations.
+
+Two helpers for models whose encoders may be frozen: `freeze_encoders` (the `freeze_encoders`
+config field's policy) and `CacheableEncoders` (what `common.cache` needs to store features).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,3 +138,52 @@ def freeze(module: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     module.frozen = True
     return module.eval()
+
+
+def freeze_encoders(owner: str, encoders: dict[str, tuple[nn.Module, str | None]],
+                    policy: bool | None) -> None:
+    """Apply a `freeze_encoders` config field to {name: (encoder, weights path or None)}.
+
+    policy True freezes every encoder, False trains every one, None freezes an encoder iff its
+    weights are given (a frozen random encoder carries no information). Training an encoder with
+    random weights warns, since every paper here starts from pretrained ones.
+    """
+    for name, (encoder, weights) in encoders.items():
+        if policy if policy is not None else weights is not None:
+            freeze(encoder)
+        elif weights is None:
+            warnings.warn(f"{owner}: the {name} encoder has random weights, so it is trained "
+                          "(the papers start from pretrained encoders)", stacklevel=3)
+
+
+class CacheableEncoders:
+    """Mixin for a RISModel whose frozen encoders' features `common.cache` may store: the cache's
+    contract. The model has `image_encoder` and `text_encoder`, implements
+
+      encode_image(image (B, 3, H, W)) -> dict of (B, ...) tensors,
+      encode_text(text (B, L), text_mask (B, L)) -> dict of (B, L, ...) tensors (token axis 2nd),
+
+    and its forward takes `image_feats=None, text_feats=None` (those dicts, cached) and gets its
+    features through `encoded`. Only the parts named by `frozen_parts` are ever cached.
+    """
+
+    def frozen_parts(self) -> set[str]:
+        """"image" / "text" for each encoder that `freeze` froze: its features never change."""
+        return {part for part in ("image", "text")
+                if getattr(getattr(self, f"{part}_encoder"), "frozen", False)}
+
+    def encode_image(self, image: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def encode_text(self, text: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def encoded(self, image: Tensor, text: Tensor, text_mask: Tensor,
+                image_feats: dict[str, Tensor] | None,
+                text_feats: dict[str, Tensor] | None) -> tuple[dict, dict]:
+        """The encoders' features: the cached ones where given, computed now otherwise."""
+        if image_feats is None:
+            image_feats = self.encode_image(image)
+        if text_feats is None:
+            text_feats = self.encode_text(text, text_mask)
+        return image_feats, text_feats

@@ -1,13 +1,16 @@
-"""Tokenizers. Each is a callable `sentence -> (ids, truncated)`, with `pad_id` and `max_len`.
+"""Tokenizers, and where a model's vocabulary comes from. Each tokenizer is a callable
+`sentence -> (ids, truncated)`, with `pad_id` and `max_len`.
 
 All work offline: open_clip ships its BPE vocabulary; WordPiece needs an explicit local
-`vocab.txt` (a missing one is an error, never a tokenizer that maps every word to [UNK]).
+`vocab.txt` and whole words a vocabulary built from the training split (a missing one is an
+error, never a tokenizer that maps every word to [UNK]).
 """
 
 from __future__ import annotations
 
 import os
 import unicodedata
+from functools import cached_property
 
 
 def clean_sentence(sentence: str) -> str:
@@ -71,6 +74,12 @@ class WordPieceTokenizer:
         self.pad_id = self._tok.pad_token_id
         self.vocab_size = self._tok.vocab_size
 
+    @cached_property
+    def token_names(self) -> list[str]:
+        """The token of each id: vocab.txt's lines (read when first asked for)."""
+        with open(self.vocab_path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
     def __call__(self, sentence: str) -> tuple[list[int], bool]:
         ids = self._tok(clean_sentence(sentence), add_special_tokens=True)["input_ids"]
         truncated = len(ids) > self.max_len
@@ -80,10 +89,17 @@ class WordPieceTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# M3Dec: whole words in a vocabulary built from the training split (GRU text encoder)
+# Whole words in a vocabulary built from the training split (GRU text encoders: M3Dec)
 # ---------------------------------------------------------------------------------------------
 
 PAD_WORD, UNK_WORD = "<pad>", "<unk>"
+
+# The words of the built-in synthetic shapes data (build_word_vocab over its training sentences),
+# so that a tiny config builds without a training split; train.py rebuilds it anyway.
+SHAPES_VOCAB = ("<pad>", "<unk>", "above", "at", "below", "big", "blue", "bottom", "circle",
+                "diamond", "green", "left", "leftmost", "of", "on", "purple", "red", "right",
+                "rightmost", "shape", "small", "square", "the", "top", "topmost", "triangle",
+                "yellow")
 
 
 def split_words(sentence: str) -> list[str]:
@@ -126,7 +142,7 @@ class WordTokenizer:
         if vocab[0] != PAD_WORD or UNK_WORD not in vocab or len(set(vocab)) != len(vocab):
             raise ValueError(f"a word vocabulary starts with {PAD_WORD!r}, holds {UNK_WORD!r} "
                              "and has no duplicates")
-        self.words = vocab
+        self.words = self.token_names = vocab
         self.index = {w: i for i, w in enumerate(vocab)}
         self.unk_id = self.index[UNK_WORD]
         self.max_len = max_len
@@ -138,3 +154,48 @@ class WordTokenizer:
             raise ValueError(f"sentence {sentence!r} has no words (letters or digits)")
         ids = [self.index.get(w, self.unk_id) for w in words]
         return ids[: self.max_len], len(ids) > self.max_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a model's vocabulary: where it is, and what stands in when there is none
+# ---------------------------------------------------------------------------------------------
+
+
+def find_wordpiece_vocab(given: str | None, weights_folder: str | None = None) -> str | None:
+    """Where a WordPiece vocabulary is: `given` (a vocab.txt or a folder holding one), else the
+    vocab.txt of a pretrained model's `weights_folder`, whose word embeddings are indexed by it
+    (a folder without one is an error), else None: the caller decides what no vocabulary means."""
+    if given:
+        return given
+    if weights_folder:
+        path = os.path.join(weights_folder, "vocab.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"the weights folder {weights_folder!r} has no vocab.txt: its "
+                                    "word embeddings need their vocabulary (--text-weights)")
+        return path
+    return None
+
+
+class MissingVocabulary:
+    """Stands in for a tokenizer whose vocabulary was not given: the model builds (shape checks,
+    loading a checkpoint's weights), but tokenising a sentence is an error that says `hint`."""
+
+    pad_id = 0
+    token_names = None
+
+    def __init__(self, max_len: int, hint: str):
+        self.max_len, self.hint = max_len, hint
+
+    def __call__(self, sentence: str):
+        raise FileNotFoundError(f"no vocabulary to tokenise {sentence!r}: {self.hint}")
+
+
+def word_tokenizer(words, max_len: int, hint: str) -> WordTokenizer | MissingVocabulary:
+    """WordTokenizer over `words`, or, when there are none, a MissingVocabulary saying `hint`."""
+    return WordTokenizer(words, max_len) if words else MissingVocabulary(max_len, hint)
+
+
+def wordpiece_tokenizer(vocab: str | None, max_len: int, hint: str
+                        ) -> WordPieceTokenizer | MissingVocabulary:
+    """WordPieceTokenizer from `vocab`, or, when it is None, a MissingVocabulary saying `hint`."""
+    return WordPieceTokenizer(vocab, max_len) if vocab else MissingVocabulary(max_len, hint)

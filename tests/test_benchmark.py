@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluate_cli
+from common.benchmark import count_flops
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
@@ -30,6 +30,6 @@ def test_sdpa_and_explicit_attention_count_the_same_flops(backward, masked):
     plain = run(lambda q, k, v, *m: torch.softmax(  # softmax(q k^T / sqrt(16) + bias) v
         q @ k.transpose(-1, -2) / 4 + (m[0] if m else 0), -1) @ v)
     with torch.no_grad() if not backward else torch.enable_grad():
-        n_fused, n_plain = evaluate_cli.count_flops(fused), evaluate_cli.count_flops(plain)
+        n_fused, n_plain = count_flops(fused), count_flops(plain)
     forward = 2 * (2 * 2 * 4 * 50 * 50 * 16)  # two (50 x 16) @ (16 x 50)-sized matmuls
     assert n_plain >= forward and n_fused == n_plain

@@ -8,6 +8,7 @@ from helpers import build, make_batch
 
 import train
 from common.cache import FeatureCache
+from common.model import CacheableEncoders, RISModel, freeze
 
 
 @pytest.fixture
@@ -71,3 +72,32 @@ def test_cache_is_refused_when_it_would_be_stale(tmp_path):
         train.main(args)
     train.main(args + ["--no-augment", "--epochs", "1", "--shapes-eval-size", "4"])
     assert os.listdir(tmp_path / "c" / "image")
+
+
+class _TwoEncoders(RISModel, CacheableEncoders):
+    """The smallest model that follows the cache's contract."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder, self.text_encoder = torch.nn.Linear(3, 2), torch.nn.Embedding(5, 2)
+
+    def encode_image(self, image):
+        return {"pooled": self.image_encoder(image.mean((2, 3)))}
+
+    def encode_text(self, text, text_mask):
+        return {"words": self.text_encoder(text)}
+
+
+def test_cacheable_encoders_contract():
+    """frozen_parts names what `freeze` froze; `encoded` takes given features, computes the rest."""
+    model = _TwoEncoders()
+    assert model.frozen_parts() == set()
+    freeze(model.text_encoder)
+    assert model.frozen_parts() == {"text"}
+    image, text, text_mask = torch.randn(2, 3, 4, 4), torch.tensor([[1, 2], [3, 0]]), None
+    cached = {"words": torch.zeros(2, 2, 2)}
+    image_feats, text_feats = model.encoded(image, text, text_mask, None, cached)
+    assert text_feats is cached
+    assert torch.equal(image_feats["pooled"], model.encode_image(image)["pooled"])
+    _, text_feats = model.encoded(image, text, text_mask, None, None)
+    assert torch.equal(text_feats["words"], model.text_encoder(text))

@@ -11,6 +11,7 @@ import torch
 from helpers import build
 from PIL import Image
 
+import data
 import eval as eval_cli
 import train
 from common.metrics import THRESHOLDS
@@ -135,3 +136,27 @@ def test_plot_draws_the_curves_of_a_run(tmp_path):
     assert Image.open(run / "curves.png").size[0] > 100
     eval_cli.main(["--plot", str(run), "--plot-out", str(tmp_path / "c.png")])
     assert os.path.isfile(tmp_path / "c.png")
+
+
+def test_masks_are_outlined_in_colours_no_shape_has():
+    """A prediction and a ground truth on a red shape: each panel has its mask's colour on the
+    mask's border (a filled red or green overlay vanishes on a red or green shape), and neither
+    colour is a synthetic shape's."""
+    side = eval_cli.PANEL_WIDTH  # drawn at its own size: panel pixels are image pixels
+    image = np.full((side, side, 3), 128, np.uint8)
+    gt = np.zeros((side, side), bool)
+    gt[60:160, 80:180] = True
+    image[gt] = data.COLOURS["red"]
+    pred = np.roll(gt, 20, axis=1)
+    sheet = np.asarray(eval_cli.visual(image, pred, gt, "the red square", [], iou=0.67))
+    top = eval_cli.HEADER_PX + eval_cli.TITLE_PX
+    for k, (mask, colour) in enumerate([(pred, eval_cli.PRED_COLOUR), (gt, eval_cli.GT_COLOUR)]):
+        panel = sheet[top:top + side, k * side:(k + 1) * side]
+        inner = mask.copy()
+        inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        border = mask & ~inner  # the mask's outermost pixels
+        assert border.sum() > 300 and (panel[border] == colour).all()
+        assert not (panel[~mask] == colour).all(-1).any()  # outside the mask: untouched
+    for shape_colour in data.COLOURS.values():
+        for colour in (eval_cli.PRED_COLOUR, eval_cli.GT_COLOUR):
+            assert np.abs(colour - np.array(shape_colour)).max() > 90

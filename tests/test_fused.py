@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import MODEL_NAMES, build, make_batch
 
-from common.encoders import _sdpa_sam_attention
+from common.encoders.sam import _sdpa_sam_attention
 from common.layers import Attention
 
 

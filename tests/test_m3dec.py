@@ -11,22 +11,21 @@ import torch
 import torch.nn.functional as F
 from helpers import build, make_batch
 
-import data
 import m3dec
 import train
 from common.encoders import Darknet53, GRUTextEncoder, load_glove
-from common.tokenizers import WordTokenizer, build_word_vocab, split_words
+from common.tokenizers import split_words
 
 
-def eq_1_2b(att: m3dec.MutualAttention, lang, vis, a_val_from_extra: bool):
+def eq_1_2b(att: m3dec.MutualAttention, lang, vis, independent: bool):
     """A direct transcription of Eq. (1), (2a), (2b) and F_mul for one sample of real words:
     lang (L, C), vis (N, C). Returns the output linear layer's result (L, C) and softmax(A)."""
     C = lang.shape[1]
     lin = lambda layer, x: x @ layer.weight.T + layer.bias
     A = lin(att.to_lk, lang) @ lin(att.to_vk, vis).T / math.sqrt(C)  # Eq. (1), (L, N)
-    A_val = lin(att.to_lk2, lang) @ lin(att.to_vk2, vis).T / math.sqrt(C) if a_val_from_extra else A
+    A_2b = lin(att.to_lk2, lang) @ lin(att.to_vk2, vis).T / math.sqrt(C) if independent else A
     F_Va = torch.softmax(A, dim=1) @ lin(att.to_vv, vis)  # Eq. (2a): along each HW axis
-    F_La = torch.softmax(A_val.T, dim=1) @ lin(att.to_lv, lang)  # Eq. (2b): along each N_t axis
+    F_La = torch.softmax(A_2b.T, dim=1) @ lin(att.to_lv, lang)  # Eq. (2b): along each N_t axis
     F_mul = F_Va @ F_La.T  # (L, HW)
     return lin(att.to_out, F_mul), torch.softmax(A, dim=1)
 
@@ -97,32 +96,6 @@ def test_gru_encoder_ignores_padding_in_both_directions():
     assert torch.allclose(sent, sent_p, atol=1e-6)
     # the backward direction really reads right to left: reversing the words changes F_t'
     assert not torch.allclose(sent, enc(ids.flip(1), mask)[1], atol=1e-4)
-
-
-def test_word_tokenizer_and_vocabulary():
-    vocab = build_word_vocab(["The red ball.", "a red cube", "the cube", "ball, ball"], min_count=2)
-    assert vocab == ("<pad>", "<unk>", "ball", "cube", "red", "the")  # "a" is seen once
-    tok = WordTokenizer(vocab, max_len=3)
-    assert tok("A  RED ball!") == ([1, 4, 2], False)
-    assert tok("the red cube ball") == ([5, 4, 3], True)
-    with pytest.raises(ValueError):
-        WordTokenizer((), max_len=3)
-    with pytest.raises(ValueError):
-        WordTokenizer(("red", "<unk>"), max_len=3)  # "<pad>" must be id 0
-    with pytest.raises(ValueError):
-        tok("?!")
-    assert split_words("the man's hat") == ["the", "man", "s", "hat"]
-
-
-def test_shapes_vocabulary_covers_the_synthetic_sentences():
-    words = {"the", "shape", *data.COLOURS, *data.KINDS, *data.SIZES}
-    for _, _, phrases in data.EXTREMES:
-        words.update(w for p in phrases for w in p.split())
-    words.update(w for rel in data.RELATIONS for w in rel.split())
-    assert set(m3dec.SHAPES_VOCAB) == {"<pad>", "<unk>"} | words
-    ds = data.ShapesDataset("train", 60, 64, 0)
-    tok = WordTokenizer(m3dec.SHAPES_VOCAB, 15)
-    assert all(tok.unk_id not in tok(ds[i]["sentence"])[0] for i in range(len(ds)))
 
 
 def test_vocabulary_round_trips_through_a_checkpoint(tmp_path):

@@ -149,3 +149,19 @@ def test_frozen_when_weights_given_trained_otherwise(tmp_path):
             **{**cfg.__dict__, "image_weights": str(tmp_path / "s.pth")}))
     assert not any(p.requires_grad for p in model.image_encoder.parameters())
     assert all(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_vis_panel_is_the_vision_guided_attention_of_fig5a():
+    """Fig. 5(a): for each pixel, its weights over the words (A, Eq. 3); the panel shows the
+    largest, on the feature grid."""
+    from helpers import build, make_batch
+
+    model = build("maris").eval()
+    batch = make_batch(model, n=2)
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    side = model.cfg.image_size // 8  # tiny SAM: patch 8
+    assert out["attn"].shape == (2, side * side, batch["text"].shape[1])
+    [(title, panel)] = model.vis_panels(out, 1)
+    assert "vision-guided" in title and "5a" in title and len(title) <= 42  # eval.py's title width
+    assert torch.equal(panel, out["attn"][1].max(1).values.view(side, side))

@@ -125,6 +125,39 @@ def test_vit_stage_blocks_default_to_thirds_of_the_depth():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("side", [6, 5])
+def test_vit_adapter_is_1x1_projections_resampled_to_resnet_relative_grids(side):
+    """A ViT's x2, x3, z share one patch grid: F_v2 is the 1x1 projection repeated 2x, which the
+    neck's 2x2 Avg gives back exactly (so the x2 path is a 1x1 projection, no transposed conv
+    pretending otherwise), F_v3 the 1x1 projection, F_v4 a 2x2 stride-2 conv to half the grid."""
+    torch.manual_seed(0)
+    dims, C = dict(x2=6, x3=6, x4=6, z=4), 8
+    proj = mmnet.VisualProjection(dims, C, vit=True).eval()
+    convs = [m for m in proj.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(type(m) is torch.nn.Conv2d for m in convs)  # no transposed convolution
+    assert [(m.kernel_size, m.stride) for m in convs] == [((1, 1), (1, 1))] * 2 + [((2, 2), (2, 2))]
+    x2, x3, z = (torch.randn(2, dims[k], side, side) for k in ("x2", "x3", "z"))
+    z_bar = torch.randn(2, dims["z"])
+    with torch.no_grad():
+        f_v2, f_v3, f_v4, f_vg = proj(x2, x3, z, z_bar)
+        assert (f_v2.shape, f_v3.shape, f_v4.shape, f_vg.shape) == (
+            (2, C, 2 * side, 2 * side), (2, C, side, side), (2, C, side // 2, side // 2), (2, C))
+        assert torch.allclose(F.avg_pool2d(f_v2, 2, 2), proj.v2(x2), atol=1e-6)  # the neck's Avg
+        assert torch.allclose(f_v3, proj.v3(x3))
+        assert torch.allclose(f_v4, proj.v4(z))
+
+
+def test_resnet_adapter_is_three_1x1_projections_at_the_stage_grids():
+    torch.manual_seed(0)
+    dims, C = dict(x2=4, x3=6, x4=8, z=5), 8
+    proj = mmnet.VisualProjection(dims, C, vit=False).eval()
+    x2, x3, z = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4), torch.randn(1, 5, 2, 2)
+    with torch.no_grad():
+        f_v2, f_v3, f_v4, _ = proj(x2, x3, z, torch.randn(1, 5))
+        assert torch.equal(f_v2, proj.v2(x2)) and torch.equal(f_v4, proj.v4(z))
+        assert f_v2.shape[-1] == 8 and f_v3.shape[-1] == 4 and f_v4.shape[-1] == 2
+
+
 def test_dynamic_conv_equals_conv2d_per_sample():
     torch.manual_seed(0)
     B, C, Q, H, W = 3, 4, 5, 9, 7

@@ -8,6 +8,7 @@ import torch
 from helpers import MODEL_NAMES, build, make_batch
 
 import train
+from common.model import freeze_encoders
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
@@ -52,6 +53,21 @@ def test_frozen_encoders_get_no_gradient(name):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     # frozen modules stay in eval mode (their BN statistics and dropout do not move)
     assert all(not m.training for m in model.modules() if getattr(m, "frozen", False))
+
+
+@pytest.mark.parametrize("policy,frozen", [(True, {"a", "b"}), (False, set()), (None, {"a"})])
+def test_freeze_encoders_policy(policy, frozen, recwarn):
+    """True freezes all, False none, None the encoders with weights; a random encoder that is
+    trained warns."""
+    encoders = {"a": (torch.nn.Linear(2, 2), "a.pt"), "b": (torch.nn.Linear(2, 2), None)}
+    freeze_encoders("M", encoders, policy)
+    assert {n for n, (m, _) in encoders.items() if getattr(m, "frozen", False)} == frozen
+    assert all(p.requires_grad == (n not in frozen)
+               for n, (m, _) in encoders.items() for p in m.parameters())
+    warned = [str(w.message) for w in recwarn if "random weights" in str(w.message)]
+    assert warned == ([] if "b" in frozen else ["M: the b encoder has random weights, so it is "
+                                                "trained (the papers start from pretrained "
+                                                "encoders)"])
 
 
 def test_eval_is_deterministic(tiny):

@@ -424,3 +424,21 @@ def test_workers_pin_memory_and_persist_on_cuda_only():
                                                      persistent_workers=True)
     assert train.loader_options(2, cuda=False)["persistent_workers"] is False
     assert train.loader_options(0, cuda=True)["persistent_workers"] is False
+
+
+def test_each_epoch_prints_the_elapsed_and_the_remaining_time(tmp_path, capsys):
+    """The per-epoch line says how long the run has taken and how long it still needs, from the
+    measured time per step."""
+    train.main(["--model", "maris", "--shapes-train-size", "2", "--batch-size", "2",
+                "--epochs", "2", "--no-val", "--workers", "0", "--no-tensorboard",
+                "--out", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" (")[0] for line in lines] == ["epoch 1 step 1/2", "epoch 2 step 2/2"]
+    assert "elapsed " in lines[0] and ", ETA " in lines[0] and "ETA ?" not in lines[0]
+    assert lines[1].endswith(", ETA 0s)")  # nothing left at the end
+
+
+def test_remaining_time_is_the_mean_step_time_times_the_steps_left():
+    assert train.time_left(120.0, 10, 25) == "elapsed 2m00s, ETA 5m00s"
+    assert train.time_left(5.0, 0, 25) == "elapsed 5s, ETA ?"  # no step measured yet
+    assert train.duration(3725) == "1h02m"

@@ -1,0 +1,240 @@
+"""The speed and memory table of `eval.py --benchmark`: per model and config, parameters,
+forward GFLOPs and latency, training-step time, achieved GFLOP/s against a matmul measured in the
+same run (MFU), and peak memory. README, "Speed", says how to read it.
+
+It builds models and synthetic batches, so it sits above the model files: it imports `data` and
+`train` (the model registry and autocast), which a model file never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import data
+import train
+from common.encoders import quiet_random_init
+from common.model import count_parameters
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: time, peak matmul rate, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """Achieved GFLOP/s of an n x n matmul in `dtype`: the reference for model FLOP utilisation."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
+    seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def count_flops(fn) -> int:
+    """Model FLOPs of `fn()` (forward, or forward and backward), counted by torch's
+    FlopCounterMode, with attention counted alike whichever kernel SDPA picks:
+
+    - torch's registry has no formula for the CPU flash-attention kernels SDPA picks when dropout
+      is off (torch 2.14 counts them as 0 FLOPs); they get torch's own SDPA formula;
+    - torch counts the fused backward kernels with the recomputation of the attention scores (5
+      matmuls where explicit attention has 4); model FLOPs, what MFU divides by, leave recompute
+      out, so every SDPA backward counts twice its forward, as explicit attention does.
+    SDPA and the same attention written with matmuls and a softmax count the same (tested)."""
+    from torch.utils import flop_counter
+
+    def sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments are shapes
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+    kernels = ["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
+    mapping = {}
+    for name in kernels:
+        for suffix, formula in (("", sdpa), ("_backward", sdpa_backward)):
+            if hasattr(torch.ops.aten, name + suffix):
+                mapping[getattr(torch.ops.aten, name + suffix)] = formula
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# One row: a model's forward and training step
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_batch(model, n: int, device) -> dict:
+    """A real batch of synthetic shapes at the model's own input size."""
+    spec = model.input_spec
+    side = spec.max_size if spec.resize == "shorter" else spec.size
+    base = data.ShapesDataset("val", n, side, seed=0,
+                              instances="cand_masks" in model.input_names)
+    prep = data.Preprocess(spec, model.tokenizer, candidates="cand_masks" in model.input_names)
+    items = [dict(prep(base[i]), index=i) for i in range(n)]
+    return data.to_device(data.collate(items, model.tokenizer.pad_id), device, spec)
+
+
+def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
+                warmup: int, repeats: int, freeze: bool, cached: bool) -> dict:
+    """One row of the benchmark table (see README, "Reading the benchmark")."""
+    module = train.load_model_module(name)
+    cfg = module.CONFIGS[config]
+    if freeze:
+        cfg = dataclasses.replace(cfg, freeze_encoders=True)
+    if hasattr(module, "prepare_config"):  # a vocabulary from synthetic sentences (M3Dec's GRU)
+        cfg = module.prepare_config(cfg, data.sentences(data.ShapesDataset("train", 200)))
+    torch.manual_seed(0)
+    with quiet_random_init(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = module.MODEL(cfg).to(device)
+    total, trainable = count_parameters(model)
+    one, batch = bench_batch(model, 1, device), bench_batch(model, batch_size, device)
+    feats = {}
+    if cached:  # the step trains from stored encoder features (common.cache) instead
+        with torch.no_grad():
+            if "image" in model.frozen_parts():
+                feats["image_feats"] = model.encode_image(batch["image"])
+            if "text" in model.frozen_parts():
+                feats["text_feats"] = model.encode_text(batch["text"], batch["text_mask"])
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        with train.autocast(device, amp):
+            model(**model.inputs_from(one))
+
+    fwd_flops = count_flops(forward)
+    latency = median_time(forward, device, warmup, repeats)
+    model.train()
+    optimizer, _ = model.configure_optimizers(1e-6, 1000)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with train.autocast(device, amp):
+            loss = model(**model.inputs_from(batch), **feats, target=batch["mask"])["loss"]
+        loss.backward()
+        optimizer.step()
+
+    train_flops = count_flops(step)
+    step_time = median_time(step, device, warmup, repeats)
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the whole process's peak resident memory
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
+    achieved = train_flops / step_time / 1e9
+    return {
+        "model": name + (" (cached)" if cached else ""), "config": config,
+        "device": str(device), "amp": amp, "threads": torch.get_num_threads(),
+        "params_M": total / 1e6, "trainable_M": trainable / 1e6,
+        "fwd_GFLOPs": fwd_flops / 1e9, "fwd_ms_b1": latency * 1e3, "batch": batch_size,
+        "step_ms": step_time * 1e3, "samples_s": batch_size / step_time,
+        "step_GFLOPs": train_flops / 1e9, "GFLOP_s": achieved, "peak_GFLOP_s": peak,
+        "MFU": achieved / peak, "peak_mem_GiB": peak_mem,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The table: rows in their own processes, printed
+# ---------------------------------------------------------------------------------------------
+
+BENCH_COLUMNS = [("model", "{:<16}"), ("config", "{:<12}"), ("params_M", "{:>8.2f}"),
+                 ("trainable_M", "{:>8.2f}"), ("fwd_GFLOPs", "{:>9.2f}"), ("fwd_ms_b1", "{:>9.1f}"),
+                 ("batch", "{:>5}"), ("step_ms", "{:>9.1f}"), ("samples_s", "{:>8.2f}"),
+                 ("GFLOP_s", "{:>8.1f}"), ("peak_GFLOP_s", "{:>8.1f}"), ("MFU", "{:>6.1%}"),
+                 ("peak_mem_GiB", "{:>7.2f}")]
+BENCH_HEADERS = ["model", "config", "params M", "train M", "fwd GFLOP", "fwd ms b1", "batch",
+                 "step ms", "sample/s", "GFLOP/s", "peak", "MFU", "mem GiB"]
+
+
+def print_bench(rows: list[dict]) -> None:
+    widths = [len(fmt.format(rows[0][k])) if rows else 8 for k, fmt in BENCH_COLUMNS]
+    print(" ".join(h.rjust(w) if i > 1 else h.ljust(w)
+                   for i, (h, w) in enumerate(zip(BENCH_HEADERS, widths))))
+    for r in rows:
+        print(" ".join(fmt.format(r[k]) for k, fmt in BENCH_COLUMNS))
+    if rows:
+        r = rows[0]
+        print(f"device {r['device']}, amp {r['amp']}, {r['threads']} threads; medians over repeats "
+              "after warm-up; peak = measured matmul GFLOP/s in the same run; mem = "
+              + ("peak allocated" if r["device"].startswith("cuda") else "peak process RSS"))
+
+
+def run_benchmark(args, script: str) -> list[dict]:
+    """The rows `args` asks for. Several rows run one process each (`script --row-json -`, the
+    command line that called this), so that each row's peak memory is its own."""
+    names = train.MODELS if args.model == "all" else [args.model]
+    names = [n for n in names if importlib.util.find_spec(n) is not None]
+    device = torch.device(args.device)
+    rows = []
+    for name in names:
+        module = train.load_model_module(name)
+        configs = [args.config] if args.config in module.CONFIGS else []
+        for config in configs:
+            batch = args.batch_size or (8 if config == "tiny" else 1)
+            variants = [False]
+            if args.freeze_encoders and hasattr(module.MODEL, "frozen_parts"):
+                variants.append(True)
+            for cached in variants:
+                if len(names) > 1 or len(variants) > 1:  # one process per row: clean peak memory
+                    cmd = [sys.executable, script, "--benchmark",
+                           "--model", name, "--config", config, "--device", args.device,
+                           "--batch-size", str(batch), "--amp", args.amp, "--warmup",
+                           str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-"]
+                    cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    if res.returncode:
+                        raise RuntimeError(f"benchmark of {name}/{config} failed:\n"
+                                           f"{res.stderr[-3000:]}")
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                else:
+                    rows.append(bench_model(name, config, device, batch, args.amp, args.warmup,
+                                            args.repeats, args.freeze_encoders, cached))
+    return rows
+
+
+def benchmark_command(args, script: str) -> dict:
+    """`eval.py --benchmark`: one row as JSON in this process (`--row-json`, how run_benchmark
+    calls `script`), or the whole table, printed and written to --json."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    if args.row_json:
+        train.flush_denormals()  # as training does
+        row = bench_model(args.model, args.config, torch.device(args.device), args.batch_size,
+                          args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached)
+        print(json.dumps(row))
+        return row
+    rows = run_benchmark(args, script)
+    print_bench(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return {"rows": rows}
