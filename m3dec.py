@@ -49,7 +49,9 @@ Interpretations (where the paper is silent or contradicts itself):
 - BERT reads 20 tokens, [CLS] and [SEP] included, so that about 15 words fit after WordPiece
   splits them (the paper counts 15 words, 20 for G-Ref).
 - Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
-  swapped (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true.
+  swapped (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true;
+  `best.pt` is the epoch of best val mIoU (the paper does not say how it chose), so its val
+  numbers are optimistic.
 """
 
 from __future__ import annotations

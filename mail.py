@@ -53,7 +53,8 @@ Interpretations (where the paper is silent or contradicts itself):
   exclusion; the whole network is fine-tuned, as the paper does (`freeze_encoders` freezes ViLT).
 - Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
   swapped (`hflip`), because they steady small-batch runs and enlarge small datasets without
-  making a sentence false (clip_grad=0, hflip=False give the paper's recipe).
+  making a sentence false (clip_grad=0, hflip=False give the paper's recipe); `best.pt` is the
+  epoch of best val mIoU (the paper does not say how it chose), so its val numbers are optimistic.
 
 What each loss trains (rho = argmax is not differentiable, and the paper gives no relaxation):
 - lambda L_select (Eq. 7) is the score MLP's only gradient; through f_k it also trains the
