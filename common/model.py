@@ -173,9 +173,12 @@ class CacheableEncoders:
                 if getattr(getattr(self, f"{part}_encoder"), "frozen", False)}
 
     def encode_image(self, image: Tensor) -> dict[str, Tensor]:
+        """Abstract: the frozen image encoder's features, by name (a model using the cache
+        defines it; MARIS: F_v1..F_v3)."""
         raise NotImplementedError
 
     def encode_text(self, text: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
+        """Abstract: the frozen text encoder's features, by name (MARIS: F_l)."""
         raise NotImplementedError
 
     def encoded(self, image: Tensor, text: Tensor, text_mask: Tensor,
