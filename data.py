@@ -245,6 +245,10 @@ class ReferDataset(Dataset):
         """Sample i's sentence, without reading its image."""
         return self.samples[i][2]
 
+    def image_key(self, i: int) -> str:
+        """Sample i's `image_key`, without reading anything."""
+        return f"coco/{self.samples[i][0]}"
+
     def image_path(self, image_id: int) -> str:
         name = (self.images.get(image_id, {}).get("file_name")
                 or f"COCO_train2014_{image_id:012d}.jpg")
@@ -255,7 +259,7 @@ class ReferDataset(Dataset):
         info = self.images[image_id]
         h, w = info["height"], info["width"]
         sample = dict(sentence=sentence, target_index=-1, image_id=image_id,
-                      image_key=f"coco/{image_id}")
+                      image_key=self.image_key(i))
         if self.with_images:
             path = self.image_path(image_id)
             image = load_image(path, exif=False)  # the stored orientation, which polygons use
@@ -356,6 +360,10 @@ class ShapesDataset(Dataset):
         """Sample i's sentence, without rendering its image."""
         return self._scene(i)[3]
 
+    def image_key(self, i: int) -> str:
+        """Sample i's `image_key`, without rendering it."""
+        return f"shapes/{self.split}/{self.seed}/{self.size}/{i}"
+
     def __getitem__(self, i: int) -> dict:
         if i in self._memo:
             return dict(self._memo[i])
@@ -363,7 +371,7 @@ class ShapesDataset(Dataset):
         image, instances = self._render(objects, rng)
         sample = dict(image=image, sentence=sentence, mask=instances[target], instances=instances,
                       sentence_type=sentence_type, target_index=target, image_id=i,
-                      image_key=f"shapes/{self.split}/{self.seed}/{self.size}/{i}")
+                      image_key=self.image_key(i))
         if not self.with_instances:  # the target's own copy: the memo keeps no other mask
             sample.update(mask=instances[target].copy(), target_index=-1)
             del sample["instances"]

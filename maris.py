@@ -188,7 +188,8 @@ class MARIS(RISModel, CacheableEncoders):
     """MARIS (Fig. 3). forward(image, text, text_mask, target=None) -> dict.
 
     Arguments:
-      image (B, 3, H, W) normalised with SAM's statistics, H = W = cfg.image_size;
+      image (B, 3, H, W) normalised with SAM's statistics, H = W = cfg.image_size (None when
+        image_feats are given);
       text (B, L) CLIP token ids; text_mask (B, L) True on real tokens;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss (Eq. 9);
       image_feats / text_feats: precomputed encode_image / encode_text outputs (common.cache).
@@ -231,11 +232,11 @@ class MARIS(RISModel, CacheableEncoders):
         """F_l (B, L, C'): CLIP's per-token features."""
         return {"f_l": self.text_encoder(text, text_mask)[0]}
 
-    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
+    def forward(self, image: Tensor | None, text: Tensor, text_mask: Tensor,
                 image_mask: Tensor | None = None,
                 target: Tensor | None = None, image_feats: dict[str, Tensor] | None = None,
                 text_feats: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        B, _, H, W = image.shape
+        B, H, W = text.shape[0], self.cfg.image_size, self.cfg.image_size  # SAM's square canvas
         # 1. frozen encoders (or their cached features): F_v1, F_v2, F_v3 (B, h, w, C), F_l
         image_feats, text_feats = self.encoded(image, text, text_mask, image_feats, text_feats)
         f_l = text_feats["f_l"]  # (B, L, C')

@@ -741,10 +741,13 @@ def make_train_loader(train_set: data.PreparedDataset, sampler: TrainSampler, ba
                       **loader_options(workers, cuda))
 
 
-def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int):
-    """A loader over one evaluation split, sharded across ranks without repeats. Its collate
-    function is a functools.partial, which pickles: workers can start under spawn/forkserver."""
-    base = data.build_dataset(args.dataset, split,
+def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size: int,
+                     images: bool = True):
+    """A loader over one evaluation split, sharded across ranks without repeats (images=False:
+    samples without their images, for a model whose image features all come from the cache).
+    Its collate function is a functools.partial, which pickles: workers can start under
+    spawn/forkserver."""
+    base = data.build_dataset(args.dataset, split, images=images,
                               **dataset_kwargs(args, split, candidate_source(args, model),
                                                 getattr(model, "cfg", None)))
     prep = data.Preprocess(model.input_spec, model.tokenizer,
@@ -976,6 +979,7 @@ def main(argv=None) -> dict:
     run.build_optimiser()  # the paper's optimiser and schedule; restored when resuming
     run.announce()
     while run.step < run.total_steps and run.epoch < run.epochs:
+        run.stop_reading_cached_images()  # once the feature cache holds every image
         run.train_epoch()
         run.validate_and_checkpoint()
     return run.finish()
@@ -1069,9 +1073,10 @@ class Run:
         the number of steps, and the feature cache."""
         args, raw, plan = self.args, self.raw, self.plan
         self.augment = self.settings["augment"]
-        prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=self.augment,
-                               candidates="cand_masks" in raw.input_names)
-        self.train_set = data.PreparedDataset(self.base, prep, seed=args.seed, skip_bad=True)
+        self.prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=self.augment,
+                                    candidates="cand_masks" in raw.input_names)
+        self.train_set = data.PreparedDataset(self.base, self.prep, seed=args.seed,
+                                              skip_bad=True)
         # One shuffled order per epoch, split across ranks: a step's samples depend only on
         # the global batch, which is what lets a resumed run continue mid-epoch exactly.
         self.sampler = TrainSampler(len(self.train_set), self.rank, self.world, args.seed)
@@ -1103,6 +1108,45 @@ class Run:
             if self.is_main:
                 print(f"feature cache for the frozen {' and '.join(self.cache.parts)} "
                       f"encoder(s): {', '.join(self.cache.dirs.values())}", flush=True)
+
+    def stop_reading_cached_images(self) -> None:
+        """With the feature cache, once it holds the frozen image encoder's features of every
+        image of the training (or validation) split, that split's loader reads no more images:
+        decoding and resizing a photo costs more than reading its cached features, and the
+        features were what the model used anyway. Called before each epoch; every rank decides
+        together (a rank without images cannot compute a missing entry)."""
+        if self.cache is None or "image" not in self.cache.parts:
+            return
+        args, raw = self.args, self.raw
+        splits = [("train", self.train_set.base)]
+        if self.val_loader is not None:
+            splits.append(("val", self.val_loader.dataset.base))
+        for split, base in splits:
+            if not getattr(base, "with_images", True):
+                continue  # already reading without images
+            held = self.cache.holds("image", {base.image_key(i) for i in range(len(base))})
+            if self.world > 1:
+                flag = torch.tensor(int(held), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                held = bool(flag.item())
+            if not held:
+                continue
+            if split == "train":
+                base = data.build_dataset(args.dataset, "train", images=False,
+                                          **dataset_kwargs(args, "train", self.candidates,
+                                                           self.cfg))
+                self.train_set = data.PreparedDataset(base, self.prep, seed=args.seed,
+                                                      skip_bad=True)
+                self.loader = make_train_loader(self.train_set, self.sampler,
+                                                self.plan.per_process, raw.tokenizer.pad_id,
+                                                args.workers, self.device.type == "cuda",
+                                                args.seed)
+            else:
+                self.val_loader = make_eval_loader(args, "val", raw, self.rank, self.world,
+                                                   self.val_loader.batch_size, images=False)
+            if self.is_main:
+                print(f"the feature cache holds every {split} image: reading the {split} split "
+                      "without its images from now on", flush=True)
 
     def build_optimiser(self) -> None:
         """The paper's optimiser and schedule, as the model declares them; when resuming,

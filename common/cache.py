@@ -12,6 +12,7 @@ temporary name and renamed, so a run killed mid-write leaves no half entry (it i
 an unreadable entry is recomputed too. The fingerprint hashes everything the features depend on:
 the encoder's weights, the model config fields that shape the encoder, the preprocessing
 (InputSpec: size, resize, mean/std) and, for text, the tokenizer. Entries are loaded memory-mapped.
+Once every image of a split is cached (`holds`), train.py reads that split without its images.
 """
 
 from __future__ import annotations
@@ -89,8 +90,16 @@ class FeatureCache:
                     for k, v in feats.items()}, tmp)
         os.replace(tmp, path)
 
+    def _path(self, part: str, key: str) -> str:
+        return os.path.join(self.dirs[part], _safe_key(key) + ".pt")
+
+    def holds(self, part: str, keys) -> bool:
+        """Whether the cache has an entry for every key (e.g. every image of a dataset): a
+        loader may then stop reading those images."""
+        return all(os.path.isfile(self._path(part, k)) for k in keys)
+
     def _lookup(self, part: str, keys: list[str], compute) -> list[dict[str, Tensor]]:
-        paths = [os.path.join(self.dirs[part], _safe_key(k) + ".pt") for k in keys]
+        paths = [self._path(part, k) for k in keys]
         entries = [self._load(p) for p in paths]
         todo = [i for i, e in enumerate(entries) if e is None]
         self.hits += len(keys) - len(todo)
@@ -109,8 +118,16 @@ class FeatureCache:
         device = batch["text"].device
         out = {}
         if "image" in self.parts:
-            entries = self._lookup("image", batch["image_key"],
-                                   lambda idx: model.encode_image(batch["image"][idx]))
+            def encode(idx):
+                if batch.get("image") is None:  # read without images: the cache must hold all
+                    missing = [batch["image_key"][i] for i in idx]
+                    raise RuntimeError(
+                        f"the feature cache has no entry for {missing} (removed or unreadable) "
+                        "and the batch was read without its images; run again (entries are "
+                        f"recomputed from the images) or delete the cache folder {self.dirs}")
+                return model.encode_image(batch["image"][idx])
+
+            entries = self._lookup("image", batch["image_key"], encode)
             out["image_feats"] = {k: torch.stack([e[k] for e in entries]).to(device, torch.float32)
                                   for k in entries[0]}
         if "text" in self.parts:

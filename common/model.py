@@ -106,7 +106,8 @@ class RISModel(nn.Module):
 
     def inputs_from(self, batch: dict) -> dict:
         """The batch entries `forward` takes (see `input_names`)."""
-        inputs = {k: batch[k] for k in self.input_names}
+        # a batch read without its images (every image feature cached) passes image=None
+        inputs = {k: batch.get(k) if k == "image" else batch[k] for k in self.input_names}
         if "image_mask" in batch:
             inputs["image_mask"] = batch["image_mask"]
         return inputs
@@ -186,6 +187,8 @@ class CacheableEncoders:
                 text_feats: dict[str, Tensor] | None) -> tuple[dict, dict]:
         """The encoders' features: the cached ones where given, computed now otherwise."""
         if image_feats is None:
+            if image is None:
+                raise ValueError(f"{type(self).__name__}: no image and no image_feats")
             image_feats = self.encode_image(image)
         if text_feats is None:
             text_feats = self.encode_text(text, text_mask)

@@ -101,3 +101,72 @@ def test_cacheable_encoders_contract():
     assert torch.equal(image_feats["pooled"], model.encode_image(image)["pooled"])
     _, text_feats = model.encoded(image, text, text_mask, None, None)
     assert torch.equal(text_feats["words"], model.text_encoder(text))
+
+
+def _losses(run_dir) -> list:
+    import json
+
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [(r["step"], r.get("loss"), r.get("val", {}).get("mIoU"))
+                for r in map(json.loads, f)]
+
+
+def test_a_fully_cached_split_is_read_without_its_images(tmp_path, monkeypatch):
+    """Once every image of a split is cached, the loader stops shipping images, and the run is
+    the same run: identical losses and val metrics to one that keeps reading them."""
+    seen = []  # (epoch, "image" in batch) for every training batch
+    forward_loss, evaluate = train.forward_loss, train.evaluate
+
+    def spy_forward(model, raw, batch, *a, **k):
+        seen.append(("train", "image" in batch))
+        return forward_loss(model, raw, batch, *a, **k)
+
+    def spy_evaluate(model, loader, *a, **k):
+        seen.append(("val", loader.dataset.base.with_images))
+        return evaluate(model, loader, *a, **k)
+
+    monkeypatch.setattr(train, "forward_loss", spy_forward)
+    monkeypatch.setattr(train, "evaluate", spy_evaluate)
+    args = ["--model", "maris", "--freeze-encoders", "--no-augment", "--shapes-train-size", "8",
+            "--batch-size", "4", "--shapes-eval-size", "4", "--epochs", "3", "--workers", "0",
+            "--log-every", "1"]
+    train.main(args + ["--cache-features", str(tmp_path / "c1"), "--out", str(tmp_path / "a")])
+    # epoch 0 fills the cache (2 steps, then val); epochs 1 and 2 read no image
+    assert seen == [("train", True)] * 2 + [("val", True)] + [("train", False)] * 2 + \
+        [("val", False)] + [("train", False)] * 2 + [("val", False)]
+    seen.clear()
+    monkeypatch.setattr(train.Run, "stop_reading_cached_images", lambda self: None)
+    train.main(args + ["--cache-features", str(tmp_path / "c2"), "--out", str(tmp_path / "b")])
+    assert all(with_images for _, with_images in seen)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_a_missing_entry_without_the_image_is_a_clear_error(frozen, tmp_path):
+    batch = make_batch(frozen, n=2)
+    cache = FeatureCache(str(tmp_path), frozen)
+    assert not cache.holds("image", batch["image_key"])
+    cache.features(frozen, batch)
+    assert cache.holds("image", batch["image_key"])
+    os.remove(cache._path("image", batch["image_key"][1]))
+    del batch["image"]
+    with pytest.raises(RuntimeError, match="read without its images"):
+        cache.features(frozen, batch)
+
+
+@pytest.mark.slow
+def test_two_processes_switch_to_cached_features_together(tmp_path):
+    """Under DDP each rank caches its share; both stop reading images in the same epoch."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "train.py"), "--model", "maris", "--freeze-encoders",
+           "--no-augment", "--cache-features", str(tmp_path / "c"), "--shapes-train-size", "16",
+           "--batch-size", "4", "--shapes-eval-size", "8", "--epochs", "2", "--workers", "0",
+           "--out", str(tmp_path / "r")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "holds every train image" in res.stdout and "holds every val image" in res.stdout
+    assert train.load_checkpoint(str(tmp_path / "r" / "last.pt"))["epoch"] == 2
