@@ -10,7 +10,8 @@ A raw sample (what a dataset's __getitem__ returns) is a dict:
                detector's or a proposals file's masks
   target_index int, index of the referred object in `instances` (-1 if absent or no instances)
   image_id     int
-  image_key    str, names the image and how it was generated (the feature cache's key)
+  image_key    str, names the image and how it was generated (the feature cache's key; a
+               prepared sample flipped by augmentation adds "|hflip")
   image_hw     (H, W), only in a sample read without its image (build_dataset's images=False:
                a run whose frozen image encoder's features all come from common.cache)
 A prepared sample (Preprocess) holds tensors at the model's input resolution, the image still
@@ -571,7 +572,9 @@ class Preprocess:
         image, sentence, mask = sample.get("image"), sample["sentence"], sample["mask"]
         instances = sample.get("instances")
         orig_hw = image_hw(sample)
+        key = sample.get("image_key", "")
         if self.augment and rng is not None and rng.random() < 0.5:
+            key = f"{key}|hflip" if key else key  # another image now (frozen features differ)
             mask, sentence = mask[:, ::-1], flip_sentence(sentence)
             image = image[:, ::-1] if image is not None else None
             instances = instances[:, :, ::-1] if instances is not None else None
@@ -583,7 +586,7 @@ class Preprocess:
                    canvas_hw=self.spec.canvas_hw(*orig_hw), orig_hw=orig_hw, sentence=sentence,
                    image_id=sample.get("image_id", -1), target_index=sample.get("target_index", -1),
                    sentence_type=sample.get("sentence_type", ""),
-                   image_key=sample.get("image_key", ""))
+                   image_key=key)
         if image is not None:  # read without its image: sizes only (image_hw)
             out["image"], _ = resize_image(image, self.spec)
         if self.candidates:  # no instances: one empty candidate (MaIL then has no mask tokens)

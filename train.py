@@ -25,7 +25,7 @@ it with the list of differences, unless `--resume-override FIELD[,FIELD]` names 
 overrides: the optimiser keeps its moments, its hyper-parameters and the learning-rate schedule
 become those a fresh run with the new settings would have (`configure_optimizers(new lr, new
 total steps)`), continued at the checkpoint's step. Position in the epoch: the samples a step
-uses depend only on the global batch (rank r takes every world-th index of one shuffled order),
+uses depend only on the global batch (ranks split one shuffled order, see `TrainSampler`),
 so with an equal global batch the run continues mid-epoch exactly whatever world size x batch x
 accumulation make it; with another global batch the current epoch restarts from its beginning
 (its first samples are seen twice).
@@ -117,6 +117,10 @@ def parse_args(argv=None):
                    help="micro-batches per optimiser step (gradient accumulation; default 1)")
     g.add_argument("--global-batch", type=int, default=None,
                    help="world x batch x accum, exactly (see plan_batches)")
+    g.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
+                   help="form batches of K sentences of each image (default 1: any sentences, "
+                        "the papers' sampling); a frozen image encoder then runs once per image "
+                        "of a batch (see TrainSampler)")
     g.add_argument("--lr", type=float, default=None, help="default: the config's")
     g.add_argument("--clip-grad", type=float, default=None,
                    help="max gradient norm, 0: off (default: the config's clip_grad)")
@@ -372,7 +376,7 @@ def run_settings(args, cfg, plan: BatchPlan, candidates: str | None) -> dict:
     checkpoint records them and a resumed run must match them (see `check_resume`)."""
     return dict(config=args.config, lr=args.lr or cfg.lr, epochs=args.epochs or cfg.epochs,
                 max_steps=args.max_steps, batch_size=plan.per_process, accum_steps=plan.accum,
-                world_size=plan.world,
+                world_size=plan.world, sentences_per_image=args.sentences_per_image,
                 clip_grad=args.clip_grad if args.clip_grad is not None else cfg.clip_grad,
                 augment=cfg.hflip and not args.no_augment, amp=args.amp, seed=args.seed,
                 dataset=args.dataset, split_by=args.split_by,
@@ -687,28 +691,63 @@ def dataset_kwargs(args, split: str, candidates: str | None, cfg) -> dict:
 
 
 class TrainSampler(Sampler):
-    """Shuffles with (seed, epoch), gives rank r the r-th of every `world` indices (dropping the
-    remainder so that ranks take equal steps) and can start part-way into an epoch (resume).
+    """Shuffles with (seed, epoch), splits the order across ranks (dropping the remainder so
+    that ranks take equal steps) and can start part-way into an epoch (resume).
+
+    Default (k = 1): one random permutation; rank r takes every world-th index of it.
+    Grouped (k > 1, `image_keys` gives each sample's image): each image's sentences, shuffled,
+    are cut into units of up to k; the units are shuffled and laid end to end, and rank r takes
+    every world-th chunk of `batch` consecutive indices, so a micro-batch keeps its units
+    together (b/k images of k sentences each where the data allows). A frozen image encoder
+    then runs once per distinct image (`frozen_features`).
+
+    Either way a global micro-batch (world x batch samples) is one contiguous window of the
+    epoch's order, which depends on (seed, epoch, k) alone: a resumed run with the same global
+    batch continues exactly, whatever world size x batch x accumulation make it.
 
     Yields (epoch, index) keys for `EpochKeyed`: the epoch travels with each index, so that
     persistent loader workers, which never see `set_epoch` on their copy of the dataset, still
     augment each epoch differently."""
 
-    def __init__(self, n: int, rank: int, world: int, seed: int):
-        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+    def __init__(self, n: int, rank: int, world: int, seed: int,
+                 image_keys: list[str] | None = None, k: int = 1, batch: int = 1):
+        if k < 1:
+            raise ValueError(f"--sentences-per-image must be >= 1, got {k}")
+        if k > 1 and image_keys is None:
+            raise ValueError("--sentences-per-image needs each sample's image (image_key)")
+        self.n, self.rank, self.world, self.seed, self.k = n, rank, world, seed, k
+        self.chunk = batch if k > 1 else 1  # consecutive indices a rank takes at a time
         self.epoch, self.start = 0, 0
+        self.by_image: list[list[int]] = []  # sample indices of each image, in dataset order
+        if k > 1:
+            first: dict[str, int] = {}
+            for i, key in enumerate(image_keys):
+                if key not in first:
+                    first[key] = len(self.by_image)
+                    self.by_image.append([])
+                self.by_image[first[key]].append(i)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self):
+    def order(self) -> list[int]:
+        """The epoch's order of every sample index."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        mine = perm[: len(self) * self.world][self.rank :: self.world]
+        if self.k == 1:
+            return torch.randperm(self.n, generator=g).tolist()
+        units = []
+        for idx in self.by_image:
+            shuffled = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            units += [shuffled[s : s + self.k] for s in range(0, len(shuffled), self.k)]
+        return [i for u in torch.randperm(len(units), generator=g).tolist() for i in units[u]]
+
+    def __iter__(self):
+        order, c, w = self.order(), self.chunk, self.world
+        mine = [order[j] for j in range(len(self) * w) if (j // c) % w == self.rank]
         return iter([(self.epoch, i) for i in mine[self.start :]])
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return self.n // (self.world * self.chunk) * self.chunk
 
 
 class EpochKeyed(Dataset):
@@ -762,12 +801,25 @@ def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size:
 # One optimiser step from N micro-batches
 # ---------------------------------------------------------------------------------------------
 
+def frozen_features(raw, batch: dict, cache=None) -> dict:
+    """Features of frozen encoders that the forward should not compute itself: from the feature
+    cache (common.cache); else, when samples of the batch share an image (equal `image_key`, see
+    TrainSampler's k), a frozen image encoder's, computed once per distinct image."""
+    if cache is not None:
+        return cache.features(raw, batch)
+    keys = batch.get("image_key")
+    if (batch.get("image") is None or not keys or len(set(keys)) == len(keys)
+            or "image" not in getattr(raw, "frozen_parts", set)()):
+        return {}
+    return {"image_feats": raw.encode_distinct_images(batch["image"], keys)}
+
+
 def forward_loss(model, raw, batch: dict, device, amp: str, cache=None) -> tuple[dict, dict]:
     """Move a batch to the device (data.to_device: every tensor, uint8 images normalised there)
     and run the model with its target: (batch on the device, outputs with "loss")."""
     batch = data.to_device(batch, device, raw.input_spec)
     with autocast(device, amp):
-        feats = cache.features(raw, batch) if cache is not None else {}
+        feats = frozen_features(raw, batch, cache)
         out = model(**raw.inputs_from(batch), **feats, target=batch["mask"])
     return batch, out
 
@@ -833,7 +885,7 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
     for batch in bar:
         batch = data.to_device(batch, device, raw.input_spec)
         with autocast(device, amp):
-            feats = cache.features(raw, batch) if cache is not None else {}
+            feats = frozen_features(raw, batch, cache)
             out = raw(**raw.inputs_from(batch), **feats)
         logits = out["mask_logits"].float()  # (B, 1, H, W), fp32 whatever the autocast dtype
         ious = []
@@ -1079,7 +1131,10 @@ class Run:
                                               skip_bad=True)
         # One shuffled order per epoch, split across ranks: a step's samples depend only on
         # the global batch, which is what lets a resumed run continue mid-epoch exactly.
-        self.sampler = TrainSampler(len(self.train_set), self.rank, self.world, args.seed)
+        k = args.sentences_per_image
+        keys = [self.base.image_key(i) for i in range(len(self.base))] if k > 1 else None
+        self.sampler = TrainSampler(len(self.train_set), self.rank, self.world, args.seed,
+                                    image_keys=keys, k=k, batch=plan.per_process)
         self.loader = make_train_loader(self.train_set, self.sampler, plan.per_process,
                                         raw.tokenizer.pad_id, args.workers,
                                         self.device.type == "cuda", args.seed)
@@ -1212,6 +1267,8 @@ class Run:
               f"{plan.per_process} x {plan.accum} accumulation (config: {cfg.batch_size}); "
               f"{self.total_steps} steps; amp={args.amp}; clip_grad={settings['clip_grad']}; "
               f"augment={self.augment}; device={self.device}"
+              + (f"; {args.sentences_per_image} sentences per image"
+                 if args.sentences_per_image > 1 else "")
               + (f"; resumed at step {self.step}" if self.ckpt else ""), flush=True)
         note = paper_batch_note(cfg, plan)
         if note:  # a smaller batch changes the optimisation, not only the speed

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,7 +166,8 @@ class CacheableEncoders:
       encode_text(text (B, L), text_mask (B, L)) -> dict of (B, L, ...) tensors (token axis 2nd),
 
     and its forward takes `image_feats=None, text_feats=None` (those dicts, cached) and gets its
-    features through `encoded`. Only the parts named by `frozen_parts` are ever cached.
+    features through `encoded`. Only the parts named by `frozen_parts` are ever cached or shared
+    between the samples of a batch that show one image (`encode_distinct_images`).
     """
 
     def frozen_parts(self) -> set[str]:
@@ -181,6 +183,18 @@ class CacheableEncoders:
     def encode_text(self, text: Tensor, text_mask: Tensor) -> dict[str, Tensor]:
         """Abstract: the frozen text encoder's features, by name (MARIS: F_l)."""
         raise NotImplementedError
+
+    def encode_distinct_images(self, image: Tensor, keys: list[str]) -> dict[str, Tensor]:
+        """encode_image for a batch whose samples may show the same image (equal keys, e.g.
+        several sentences of one image): each distinct image is encoded once and its features
+        are indexed for every sample that shows it. Exact: a frozen encoder's features do not
+        depend on the rest of the batch."""
+        distinct = list(dict.fromkeys(keys))  # in order of first appearance
+        slot = {k: j for j, k in enumerate(distinct)}
+        with torch.no_grad():
+            feats = self.encode_image(image[[keys.index(k) for k in distinct]])
+        index = torch.tensor([slot[k] for k in keys], device=image.device)
+        return {name: f[index] for name, f in feats.items()}
 
     def encoded(self, image: Tensor, text: Tensor, text_mask: Tensor,
                 image_feats: dict[str, Tensor] | None,
