@@ -148,6 +148,9 @@ def parse_args(argv=None):
                    help="no training augmentation (the config's hflip)")
     g.add_argument("--cache-features", default=None, metavar="DIR",
                    help="keep frozen encoders' features on disk and train from them (see README)")
+    g.add_argument("--cache-storage", choices=("fp16", "bf16", "int8"), default="fp16",
+                   help="how cached features are stored (int8: per-channel scales, half the "
+                        "disk; see README)")
     g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     return p.parse_args(argv)
 
@@ -382,7 +385,8 @@ def run_settings(args, cfg, plan: BatchPlan, candidates: str | None) -> dict:
                 dataset=args.dataset, split_by=args.split_by,
                 shapes_train_size=args.shapes_train_size,
                 shapes_image_size=args.shapes_image_size, data_seed=args.data_seed,
-                candidates=data.candidate_label(candidates) if candidates else None)
+                candidates=data.candidate_label(candidates) if candidates else None,
+                feature_cache=args.cache_storage if args.cache_features else None)
 
 
 def config_differences(ckpt: dict, module, args) -> dict:
@@ -1159,7 +1163,7 @@ class Run:
                                  "stale; add --no-augment")
             from common.cache import FeatureCache
 
-            self.cache = FeatureCache(args.cache_features, raw)
+            self.cache = FeatureCache(args.cache_features, raw, args.cache_storage)
             if self.is_main:
                 print(f"feature cache for the frozen {' and '.join(self.cache.parts)} "
                       f"encoder(s): {', '.join(self.cache.dirs.values())}", flush=True)

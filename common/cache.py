@@ -1,5 +1,6 @@
 """Frozen-encoder feature cache: compute a frozen encoder's features once per image (and once per
-sentence), keep them on disk in fp16, and train or evaluate the rest of the model from them.
+sentence), keep them on disk (fp16 by default; bf16, or int8 with one scale per channel, half the
+size, see `STORAGE`), and train or evaluate the rest of the model from them.
 
 A model supports the cache when it follows the contract of `common.model.CacheableEncoders`:
   frozen_parts() -> set of "image" / "text" whose encoders are frozen,
@@ -7,11 +8,12 @@ A model supports the cache when it follows the contract of `common.model.Cacheab
   (B, L, ...) tensors (token axis second), and
   forward(..., image_feats=None, text_feats=None) that uses them instead of the encoders.
 
-Layout: ROOT/<part>/<fingerprint>/<key>.pt, one torch file per image or sentence, written to a
-temporary name and renamed, so a run killed mid-write leaves no half entry (it is recomputed);
-an unreadable entry is recomputed too. The fingerprint hashes everything the features depend on:
-the encoder's weights, the model config fields that shape the encoder, the preprocessing
-(InputSpec: size, resize, mean/std) and, for text, the tokenizer. Entries are loaded memory-mapped.
+Layout: ROOT/<part>/<fingerprint>[-bf16|-int8]/<key>.pt, one torch file per image or sentence,
+written to a temporary name and renamed, so a run killed mid-write leaves no half entry (it is
+recomputed); an unreadable entry is recomputed too. The fingerprint hashes everything the features
+depend on: the encoder's weights, the model config fields that shape the encoder, the
+preprocessing (InputSpec: size, resize, mean/std) and, for text, the tokenizer. Entries are
+loaded memory-mapped.
 Once every image of a split is cached (`holds`), train.py reads that split without its images.
 """
 
@@ -53,6 +55,29 @@ def fingerprint(model, part: str) -> str:
     ).hexdigest()[:16]
 
 
+STORAGE = ("fp16", "bf16", "int8")  # how an entry's tensors are kept on disk
+
+
+def pack(t: Tensor, storage: str) -> Tensor | dict[str, Tensor]:
+    """A feature tensor (..., C) as stored: fp16 / bf16, or int8 with one symmetric scale per
+    channel (the last axis; the scale is rounded to fp16 before quantising, so that `unpack`
+    inverts exactly what was rounded)."""
+    t = t.detach().to("cpu", torch.float32)
+    if storage == "int8":
+        dims = tuple(range(t.dim() - 1))
+        scale = (t.abs().amax(dim=dims, keepdim=True) / 127).clamp_min(1e-8).half()
+        return {"q": torch.round(t / scale.float()).clamp(-127, 127).to(torch.int8),
+                "scale": scale}
+    return t.to(torch.float16 if storage == "fp16" else torch.bfloat16).contiguous()
+
+
+def unpack(stored: Tensor | dict[str, Tensor]) -> Tensor:
+    """A stored tensor back in fp32."""
+    if isinstance(stored, dict):
+        return stored["q"].float() * stored["scale"].float()
+    return stored.float()
+
+
 def _safe_key(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
@@ -60,7 +85,7 @@ def _safe_key(key: str) -> str:
 class FeatureCache:
     """Caches the features of a model's frozen encoders (see module docstring)."""
 
-    def __init__(self, root: str, model):
+    def __init__(self, root: str, model, storage: str = "fp16"):
         missing = [f for f in ("frozen_parts", "encode_image", "encode_text")
                    if not hasattr(model, f)]
         if missing:
@@ -71,7 +96,12 @@ class FeatureCache:
             raise ValueError(
                 f"{type(model).__name__}: no encoder is frozen, so its features change during "
                 "training and cannot be cached; give pretrained weights or --freeze-encoders")
-        self.dirs = {p: os.path.join(root, p, fingerprint(model, p)) for p in self.parts}
+        if storage not in STORAGE:
+            raise ValueError(f"cache storage {storage!r}: one of {STORAGE}")
+        self.storage = storage
+        suffix = "" if storage == "fp16" else f"-{storage}"  # fp16: the folders of older caches
+        self.dirs = {p: os.path.join(root, p, fingerprint(model, p) + suffix)
+                     for p in self.parts}
         for d in self.dirs.values():
             os.makedirs(d, exist_ok=True)
         self.hits = self.misses = 0
@@ -86,8 +116,7 @@ class FeatureCache:
 
     def _store(self, path: str, feats: dict[str, Tensor]) -> None:
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save({k: v.detach().to("cpu", torch.float16).contiguous()
-                    for k, v in feats.items()}, tmp)
+        torch.save(feats, tmp)
         os.replace(tmp, path)
 
     def _path(self, part: str, key: str) -> str:
@@ -108,9 +137,8 @@ class FeatureCache:
             with torch.no_grad():
                 fresh = compute(todo)
             for j, i in enumerate(todo):
-                entry = {k: v[j] for k, v in fresh.items()}
-                self._store(paths[i], entry)
-                entries[i] = {k: v.to(torch.float16) for k, v in entry.items()}  # as if read back
+                entries[i] = {k: pack(v[j], self.storage) for k, v in fresh.items()}
+                self._store(paths[i], entries[i])  # used as stored, as if read back
         return entries
 
     def features(self, model, batch: dict) -> dict[str, dict[str, Tensor]]:
@@ -128,7 +156,7 @@ class FeatureCache:
                 return model.encode_image(batch["image"][idx])
 
             entries = self._lookup("image", batch["image_key"], encode)
-            out["image_feats"] = {k: torch.stack([e[k] for e in entries]).to(device, torch.float32)
+            out["image_feats"] = {k: torch.stack([unpack(e[k]) for e in entries]).to(device)
                                   for k in entries[0]}
         if "text" in self.parts:
             lengths = batch["text_mask"].sum(1).tolist()
@@ -144,7 +172,7 @@ class FeatureCache:
             for k in entries[0]:
                 rows = []
                 for e, n in zip(entries, lengths):
-                    v = e[k][:n].float()  # the sentence's own tokens; padding is zeros
+                    v = unpack(e[k])[:n]  # the sentence's own tokens; padding is zeros
                     rows.append(torch.cat([v, v.new_zeros(L - n, *v.shape[1:])]))
                 text_feats[k] = torch.stack(rows).to(device)
             out["text_feats"] = text_feats

@@ -170,3 +170,38 @@ def test_two_processes_switch_to_cached_features_together(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "holds every train image" in res.stdout and "holds every val image" in res.stdout
     assert train.load_checkpoint(str(tmp_path / "r" / "last.pt"))["epoch"] == 2
+
+
+@pytest.mark.parametrize("storage, bound", [("fp16", 2**-11), ("bf16", 2**-8), ("int8", None)])
+def test_stored_features_round_trip_within_their_format(storage, bound):
+    """pack/unpack: fp16/bf16 round to their mantissa; int8 errs by at most half a step of its
+    channel's scale (largest |value| of the channel / 127)."""
+    from common.cache import pack, unpack
+
+    x = torch.randn(6, 5, 8) * torch.logspace(-2, 2, 8)  # channels of very different ranges
+    back = unpack(pack(x, storage))
+    assert back.dtype == torch.float32 and back.shape == x.shape
+    if bound is not None:
+        assert ((back - x).abs() <= bound * x.abs() + 2**-25).all()  # + fp16's subnormal step
+    else:
+        step = x.abs().amax(dim=(0, 1)) / 127
+        assert ((back - x).abs() <= step * 0.5 * 1.002).all()  # the fp16-rounded scale
+        assert pack(x, storage)["q"].dtype == torch.int8
+
+
+def test_int8_storage_halves_the_cache_and_keeps_the_loss(frozen, tmp_path):
+    batch = make_batch(frozen, n=2, split="train")
+    losses, sizes = {}, {}
+    for storage in ("fp16", "int8"):
+        cache = FeatureCache(str(tmp_path), frozen, storage)
+        for _ in range(2):  # computed, then read back: the same numbers
+            out = frozen(**frozen.inputs_from(batch), **cache.features(frozen, batch),
+                         target=batch["mask"])
+            losses.setdefault(storage, []).append(out["loss"].item())
+        sizes[storage] = sum(os.path.getsize(os.path.join(cache.dirs["image"], f))
+                             for f in os.listdir(cache.dirs["image"]))
+    assert losses["int8"][0] == losses["int8"][1] and losses["fp16"][0] == losses["fp16"][1]
+    assert losses["int8"][0] == pytest.approx(losses["fp16"][0], rel=2e-2)
+    assert sizes["int8"] < 0.6 * sizes["fp16"]
+    with pytest.raises(ValueError, match="storage"):
+        FeatureCache(str(tmp_path), frozen, "fp8")
