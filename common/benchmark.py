@@ -102,9 +102,19 @@ def bench_batch(model, n: int, device) -> dict:
     return data.to_device(data.collate(items, model.tokenizer.pad_id), device, spec)
 
 
+def repeat_images(batch: dict, k: int) -> dict:
+    """A batch in which each sample of `batch` appears k times in a row: k sentences of each
+    image, as `--sentences-per-image k` batches them (the same key: one encoder pass)."""
+    rows = torch.arange(len(batch["text"])).repeat_interleave(k)
+    return {key: v[rows.to(v.device)] if torch.is_tensor(v) and v.dim() else
+            [v[i] for i in rows] if isinstance(v, list) else v for key, v in batch.items()}
+
+
 def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
-                warmup: int, repeats: int, freeze: bool, cached: bool) -> dict:
-    """One row of the benchmark table (see README, "Reading the benchmark")."""
+                warmup: int, repeats: int, freeze: bool, cached: bool,
+                per_image: int = 1) -> dict:
+    """One row of the benchmark table (see README, "Reading the benchmark"). per_image k > 1:
+    the step's batch holds k sentences of each of batch_size / k images (grouped encoding)."""
     module = train.load_model_module(name)
     cfg = module.CONFIGS[config]
     if freeze:
@@ -116,7 +126,13 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
         warnings.simplefilter("ignore")
         model = module.MODEL(cfg).to(device)
     total, trainable = count_parameters(model)
-    one, batch = bench_batch(model, 1, device), bench_batch(model, batch_size, device)
+    one = bench_batch(model, 1, device)
+    if per_image > 1:
+        if batch_size % per_image:
+            raise ValueError(f"batch {batch_size} is not a multiple of {per_image} per image")
+        batch = repeat_images(bench_batch(model, batch_size // per_image, device), per_image)
+    else:
+        batch = bench_batch(model, batch_size, device)
     feats = {}
     if cached:  # the step trains from stored encoder features (common.cache) instead
         with torch.no_grad():
@@ -138,8 +154,9 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with train.autocast(device, amp):
-            loss = model(**model.inputs_from(batch), **feats, target=batch["mask"])["loss"]
+        with train.autocast(device, amp):  # grouped: one encoder pass per distinct image
+            shared = feats or train.frozen_features(model, batch)
+            loss = model(**model.inputs_from(batch), **shared, target=batch["mask"])["loss"]
         loss.backward()
         optimizer.step()
 
@@ -152,7 +169,8 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     achieved = train_flops / step_time / 1e9
     return {
-        "model": name + (" (cached)" if cached else ""), "config": config,
+        "model": name + (" (cached)" if cached else f" ({per_image}/image)" if per_image > 1
+                         else ""), "config": config,
         "device": str(device), "amp": amp, "threads": torch.get_num_threads(),
         "params_M": total / 1e6, "trainable_M": trainable / 1e6,
         "fwd_GFLOPs": fwd_flops / 1e9, "fwd_ms_b1": latency * 1e3, "batch": batch_size,
@@ -200,16 +218,20 @@ def run_benchmark(args, script: str) -> list[dict]:
         configs = [args.config] if args.config in module.CONFIGS else []
         for config in configs:
             batch = args.batch_size or (8 if config == "tiny" else 1)
-            variants = [False]
+            # (cached, sentences per image): recomputed encoders, then from the cache, then
+            # grouped, where the model's encoders can be frozen
+            k = getattr(args, "sentences_per_image", 1)
+            variants = [(False, 1)]
             if args.freeze_encoders and hasattr(module.MODEL, "frozen_parts"):
-                variants.append(True)
-            for cached in variants:
+                variants += [(True, 1)] + [(False, k)] * (k > 1)
+            for cached, per_image in variants:
                 if len(names) > 1 or len(variants) > 1:  # one process per row: clean peak memory
                     cmd = [sys.executable, script, "--benchmark",
                            "--model", name, "--config", config, "--device", args.device,
                            "--batch-size", str(batch), "--amp", args.amp, "--warmup",
                            str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-"]
                     cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
+                    cmd += ["--sentences-per-image", str(per_image)]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     if res.returncode:
                         raise RuntimeError(f"benchmark of {name}/{config} failed:\n"
@@ -217,7 +239,8 @@ def run_benchmark(args, script: str) -> list[dict]:
                     rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 else:
                     rows.append(bench_model(name, config, device, batch, args.amp, args.warmup,
-                                            args.repeats, args.freeze_encoders, cached))
+                                            args.repeats, args.freeze_encoders, cached,
+                                            per_image))
     return rows
 
 
@@ -229,7 +252,8 @@ def benchmark_command(args, script: str) -> dict:
     if args.row_json:
         train.flush_denormals()  # as training does
         row = bench_model(args.model, args.config, torch.device(args.device), args.batch_size,
-                          args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached)
+                          args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached,
+                          getattr(args, "sentences_per_image", 1))
         print(json.dumps(row))
         return row
     rows = run_benchmark(args, script)

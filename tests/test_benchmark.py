@@ -33,3 +33,17 @@ def test_sdpa_and_explicit_attention_count_the_same_flops(backward, masked):
         n_fused, n_plain = count_flops(fused), count_flops(plain)
     forward = 2 * (2 * 2 * 4 * 50 * 50 * 16)  # two (50 x 16) @ (16 x 50)-sized matmuls
     assert n_plain >= forward and n_fused == n_plain
+
+
+def test_grouped_rows_count_one_encoder_pass_per_image():
+    """`--sentences-per-image 2`: the step's FLOPs drop by the encoder passes it shares."""
+    from common.benchmark import bench_model
+
+    row = lambda k: bench_model("maris", "tiny", torch.device("cpu"), 4, "none", 0, 1,
+                                freeze=True, cached=False, per_image=k)
+    plain, grouped, cached = row(1), row(2), bench_model(
+        "maris", "tiny", torch.device("cpu"), 4, "none", 0, 1, freeze=True, cached=True)
+    assert grouped["model"] == "maris (2/image)" and plain["model"] == "maris"
+    encoder = plain["step_GFLOPs"] - cached["step_GFLOPs"]  # 4 image and 4 text encodings
+    assert encoder > 0
+    assert grouped["step_GFLOPs"] < plain["step_GFLOPs"] - 0.3 * encoder
