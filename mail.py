@@ -63,6 +63,20 @@ What each loss trains (rho = argmax is not differentiable, and the paper gives n
   Only the selected F_M^rho reaches the head (early in training an arbitrary candidate's); the
   other candidates reach these losses only through attention, and neither reaches the MLP.
 - Padded candidates, words and pixels get no gradient.
+
+Ablations (Sec. 4.3): config fields, defaults the full model; `ABLATIONS` names the rows.
+- Tab. 2: `encoder_modality` "image+language" (variant 1, "MaIL w/o mask modality", Fig. 4b) is
+  ViLT as pretrained, no mask tokens, no t_M; `decoder_modality` "image" (variants 1, 3) drops
+  F_M from Eq. 8, and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
+- Tab. 3: `mask_selection` "mean" and "maximum" pool F_M^k (zero outside its valid area, as
+  F_M^rho is there) over the valid candidates, unscored; "weighted_sum" weighs them by
+  softmax(s_k) ("normalizes the learned scores") and keeps L_select.
+- `select_weight` 0, "w/o select loss" (in no table): no L_select, so the score MLP learns only
+  through "weighted_sum" (argmax passes no gradient).
+- Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
+  candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
+  Variant 6 (no multi-modal pre-training) is `--random-init`: random weights, as the paper does
+  not say what replaced ViLT's.
 """
 
 from __future__ import annotations
@@ -87,6 +101,10 @@ IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss 
 # finite, as -inf * 0 is NaN in the BCE, and representable in fp16/bf16
 PAD_LOGIT = -1e4
 VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
+# the ablation fields' values (Tab. 2's modalities, Tab. 3's strategies), the full model's first
+CHOICES = {"encoder_modality": ("image+mask+language", "image+language"),
+           "decoder_modality": ("image+mask", "image", "mask"),
+           "mask_selection": ("adaptive_select", "mean", "maximum", "weighted_sum")}
 
 
 @dataclass
@@ -97,7 +115,11 @@ class MaILConfig:
     max_tokens: int = 15  # 15 tokens for RefCOCO/RefCOCO+, 20 for G-Ref (Sec. 4.1)
     reduction: int = 3  # r: the two 1x1 convs divide the channels by r (Sec. 4.1)
     head_dim: int = 256  # width of the upsampling blocks (not given; SETR-PUP's [40])
-    select_weight: float = 0.1  # lambda of L_select (Sec. 4.1)
+    select_weight: float = 0.1  # lambda of L_select (Sec. 4.1); 0 = "w/o select loss"
+    # ablations (Sec. 4.3, module docstring): the defaults are the full model (Tab. 2 variant 5)
+    encoder_modality: str = "image+mask+language"  # Tab. 2; or "image+language" (variant 1)
+    decoder_modality: str = "image+mask"  # Tab. 2; or "image" (variants 1, 3), "mask" (4)
+    mask_selection: str = "adaptive_select"  # Tab. 3; or "mean", "maximum", "weighted_sum"
     vocab: str | None = None  # WordPiece vocab.txt; None: text_weights, the ViLT folder's, or BPE
     image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
     text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
@@ -134,6 +156,18 @@ CONFIGS = {
                        lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
 }
 
+# The paper's ablation rows (Sec. 4.3, RefCOCO+ val) as config overrides of the full model. Tab. 2
+# variant 2 is not built and variant 6 is `--random-init` (module docstring).
+ABLATIONS: dict[str, dict[str, object]] = {
+    "w/o mask modality": {"encoder_modality": "image+language", "decoder_modality": "image"},
+    "decoder image only": {"decoder_modality": "image"},  # Tab. 2 variant 3
+    "decoder mask only": {"decoder_modality": "mask"},  # Tab. 2 variant 4
+    "selection mean": {"mask_selection": "mean"},  # Tab. 3
+    "selection maximum": {"mask_selection": "maximum"},
+    "selection weighted sum": {"mask_selection": "weighted_sum"},
+    "w/o select loss": {"select_weight": 0.0},  # in no table of the paper
+}
+
 
 class MaskEmbedding(nn.Module):
     """Mask tokens v_M (Sec. 3.2, Eq. 3-4): patches of each candidate's valid area, projected."""
@@ -164,24 +198,30 @@ class MaskEmbedding(nn.Module):
 
 
 class TrimodalEncoder(nn.Module):
-    """Mask-Image-Language trimodal transformer encoder (Sec. 3.2, Eq. 3-5)."""
+    """Mask-Image-Language trimodal transformer encoder (Sec. 3.2, Eq. 3-5); without
+    `mask_modality`, ViLT's image-language encoder (Tab. 2 variant 1), which returns no F_M."""
 
-    def __init__(self, vilt: ViLTEncoder, pretrained: bool):
+    def __init__(self, vilt: ViLTEncoder, pretrained: bool, mask_modality: bool = True):
         super().__init__()
         self.vilt = vilt
-        self.mask_embed = MaskEmbedding(vilt.dim, vilt.patch_size,
-                                        vilt.patch_embed if pretrained else None)
-        # t_M, the new modality type, starts as ViLT's image type t_I
-        self.mask_type = nn.Parameter(vilt.type_embed.weight[1].detach().clone()[None, None])
+        self.mask_embed = self.mask_type = None
+        if mask_modality:
+            self.mask_embed = MaskEmbedding(vilt.dim, vilt.patch_size,
+                                            vilt.patch_embed if pretrained else None)
+            # t_M, the new modality type, starts as ViLT's image type t_I
+            self.mask_type = nn.Parameter(vilt.type_embed.weight[1].detach().clone()[None, None])
 
     def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, cand_masks: Tensor,
-                cand_valid: Tensor, image_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                cand_valid: Tensor, image_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         # v_I + t_I: [class; patches] (B, 1 + N, d) and their positions (B, N, d)
         img, img_keep, pos = self.vilt.embed_image(image, image_mask)
         B, P = image.shape[0], self.vilt.patch_size
         h, w = image.shape[-2] // P, image.shape[-1] // P
         # v_L + t_L: (B, L, d)
         words = self.vilt.embed_text(text)
+        if self.mask_embed is None:  # Tab. 2 variant 1: z^0 = [v_I + t_I; v_L + t_L]
+            z = self.vilt(torch.cat([img, words], 1), torch.cat([img_keep, text_mask], 1))
+            return z[:, 1 : 1 + h * w].transpose(1, 2).unflatten(2, (h, w)), None  # F_I
         # v_M + t_M: every candidate's patches with the position of the same image patch
         masks, area = self.mask_embed(cand_masks, cand_valid)  # (B, K, N, d), (B, K, h, w)
         K = masks.shape[1]
@@ -215,6 +255,14 @@ def masked_average_pool(f_i: Tensor, cand_masks: Tensor, patch_size: int) -> Ten
     share = F.avg_pool2d(m.flatten(0, 1), patch_size).unflatten(0, m.shape[:2])  # (B, K, h, w)
     total = torch.einsum("bkhw,bdhw->bkd", share, f_i)
     return total / share.sum((-2, -1)).clamp(min=1e-6)[..., None]
+
+
+def pool_mask_features(f_m: Tensor, cand_valid: Tensor, how: str) -> Tensor:
+    """Tab. 3's "Mean" and "Maximum": the mask features F_M^k (B, K, d, h, w), zero outside each
+    valid area, pooled over the valid candidates (B, K). Returns (B, d, h, w)."""
+    if how == "maximum":
+        return f_m.masked_fill(~cand_valid[:, :, None, None, None], float("-inf")).amax(1)
+    return f_m.sum(1) / cand_valid.sum(1).clamp(min=1)[:, None, None, None]  # padding is zero
 
 
 def best_candidate(cand_masks: Tensor, cand_valid: Tensor, target: Tensor) -> Tensor:
@@ -297,13 +345,19 @@ class MaIL(RISModel):
       cand_masks (B, K, H, W) bool candidate instance masks, cand_valid (B, K) False on padding;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
     Returns: mask_logits (B, 1, H, W), mask_scores (B, K) (-inf on padded candidates), selected
-      (B,) = rho, cand_masks, and with a target: loss, loss_focal, loss_dice, loss_select.
+      (B,) = rho, cand_masks, and with a target: loss, loss_focal, loss_dice, loss_select (the
+      ablations without scores or select loss leave out what they lack).
     """
 
     input_names = ("image", "text", "text_mask", "cand_masks", "cand_valid")
 
     def __init__(self, cfg: MaILConfig):
         super().__init__()
+        for field, choices in CHOICES.items():  # Tab. 2 variant 2 is not built (docstring)
+            if getattr(cfg, field) not in choices:
+                raise ValueError(f"{field}={getattr(cfg, field)!r}: choose from {choices}")
+        if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
+            raise ValueError("a decoder of mask features needs them from the encoder")
         # WordPiece from `vocab`, `text_weights` or the ViLT folder; none at all: open_clip's BPE
         vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)
         self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
@@ -316,16 +370,21 @@ class MaIL(RISModel):
         else:
             self.input_spec = InputSpec(cfg.image_size, "shorter", max_size=cfg.max_size,
                                         pad_multiple=P, mean=VILT_MEAN, std=VILT_STD)
-        self.encoder = TrimodalEncoder(vilt, pretrained=cfg.image_weights is not None)
+        self.encoder = TrimodalEncoder(vilt, pretrained=cfg.image_weights is not None,
+                                       mask_modality="mask" in cfg.encoder_modality)
         if cfg.freeze_encoders:
             freeze(self.encoder.vilt)
-        self.score = MLP(d, d, 1, num_layers=2)  # s_k = MLP(f_k), Eq. (6)
-        self.reduce_i = nn.Conv2d(d, d // cfg.reduction, 1)  # the two 1x1 convs (Sec. 3.3)
-        self.reduce_m = nn.Conv2d(d, d // cfg.reduction, 1)
+        # the decoder parts the ablation keeps (Tab. 2's decoder modality, Tab. 3's strategy)
+        image_in, mask_in = "image" in cfg.decoder_modality, "mask" in cfg.decoder_modality
+        scored = mask_in and cfg.mask_selection in ("adaptive_select", "weighted_sum")
+        self.score = MLP(d, d, 1, num_layers=2) if scored else None  # s_k = MLP(f_k), Eq. (6)
+        r = d // cfg.reduction  # the two 1x1 convs (Sec. 3.3)
+        self.reduce_i = nn.Conv2d(d, r, 1) if image_in else None
+        self.reduce_m = nn.Conv2d(d, r, 1) if mask_in else None
         num_blocks = P.bit_length() - 1  # log2(P) blocks recover the input resolution
         if 2**num_blocks != P:
             raise ValueError(f"patch size {P} is not a power of two")
-        self.head = SegmentationHead(2 * (d // cfg.reduction) + 2, cfg.head_dim, num_blocks)
+        self.head = SegmentationHead((image_in + mask_in) * r + 2, cfg.head_dim, num_blocks)
 
     def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, cand_masks: Tensor,
                 cand_valid: Tensor, image_mask: Tensor | None = None,
@@ -339,39 +398,56 @@ class MaIL(RISModel):
         # the ViLT setting pads each batch: every image's own patches (B, h, w), None otherwise
         padded = image_mask is not None and self.cfg.max_size is not None
         real = real_patches(image_mask, P, h, w) if padded else None
-        # 2. adaptive mask selection (Eq. 6): aligned features f_k, scores s_k, rho = argmax
-        f_k = masked_average_pool(f_i, cand_masks, P)  # (B, K, d)
-        scores = self.score(f_k)[..., 0].masked_fill(~cand_valid, float("-inf"))  # (B, K)
-        rho = scores.argmax(1)  # (B,)
-        f_m_rho = f_m[torch.arange(B, device=rho.device), rho]  # F_M^rho (B, d, h, w)
-        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs; O spans
-        # each image's own patch grid
+        # 2. adaptive mask selection (Eq. 6): F_M^rho (B, d, h, w), scores s_k (B, K), rho (B,)
+        f_m_rho, scores, rho = self.select(f_i, f_m, cand_masks, cand_valid)
+        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs (the ones
+        # Tab. 2's decoder modality keeps); O spans each image's own patch grid
         coords = (coord_map(B, h, w, device=f_i.device, dtype=f_i.dtype) if real is None
                   else patch_coord_map(real, f_i.dtype))  # O (B, 2, h, w)
-        f_hat = torch.cat([self.reduce_i(f_i), self.reduce_m(f_m_rho), coords], 1)
+        parts = [(self.reduce_i, f_i), (self.reduce_m, f_m_rho)]
+        f_hat = torch.cat([reduce(x) for reduce, x in parts if reduce is not None] + [coords], 1)
         # 4. segmentation head: log2(P) upsampling blocks back to the input resolution
         logits = self.head(f_hat, real)  # (B, 1, h*P, w*P)
         if logits.shape[-2:] != (H, W):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         if padded:  # pixels outside the image: background, and no loss gradient
             logits = logits.masked_fill(~image_mask[:, None], PAD_LOGIT)
-        out = {"mask_logits": logits, "mask_scores": scores, "selected": rho,
-               "cand_masks": cand_masks}
+        out = {"mask_logits": logits, "cand_masks": cand_masks}
+        if scores is not None:
+            out["mask_scores"], out["selected"] = scores, rho
         if image_mask is not None:
             out["image_mask"] = image_mask
         if target is not None:
             # focal + dice + lambda * L_select (Sec. 3.3, Eq. 7)
-            alpha = best_candidate(cand_masks, cand_valid, target)
-            has_alpha = (alpha != IGNORE)[:, None]
             out["loss_focal"] = sigmoid_focal_loss(logits, target)
             out["loss_dice"] = dice_loss(logits, target)
-            # rows without a target are ignored, yet kept finite so that no NaN reaches a
-            # gradient; a batch with no target at all gives 0
-            out["loss_select"] = torch.nan_to_num(select_loss(
-                scores.masked_fill(~has_alpha, 0.0), cand_valid | ~has_alpha, alpha))
-            out["loss"] = (out["loss_focal"] + out["loss_dice"]
-                           + self.cfg.select_weight * out["loss_select"])
+            out["loss"] = out["loss_focal"] + out["loss_dice"]
+            if scores is not None and self.cfg.select_weight > 0:
+                alpha = best_candidate(cand_masks, cand_valid, target)
+                has_alpha = (alpha != IGNORE)[:, None]
+                # rows without a target are ignored, yet kept finite so that no NaN reaches a
+                # gradient; a batch with no target at all gives 0
+                out["loss_select"] = torch.nan_to_num(select_loss(
+                    scores.masked_fill(~has_alpha, 0.0), cand_valid | ~has_alpha, alpha))
+                out["loss"] = out["loss"] + self.cfg.select_weight * out["loss_select"]
         return out
+
+    def select(self, f_i: Tensor, f_m: Tensor | None, cand_masks: Tensor, cand_valid: Tensor
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Eq. (6), or the ablation's replacement: the mask feature the decoder takes (B, d, h,
+        w), the scores s_k (B, K) (-inf on padding) and rho (B,), each None where it has none."""
+        how = self.cfg.mask_selection
+        if self.reduce_m is None:  # Tab. 2: the decoder takes F_I alone, nothing is selected
+            return None, None, None
+        if how in ("mean", "maximum"):  # Tab. 3: every candidate, unscored
+            return pool_mask_features(f_m, cand_valid, how), None, None
+        # aligned features f_k = AVG(F_I * m_k) (B, K, d), scores s_k = MLP(f_k), rho = argmax
+        f_k = masked_average_pool(f_i, cand_masks, self.encoder.vilt.patch_size)
+        scores = self.score(f_k)[..., 0].masked_fill(~cand_valid, float("-inf"))  # (B, K)
+        rho = scores.argmax(1)
+        if how == "weighted_sum":  # Tab. 3: sum_k softmax(s)_k F_M^k
+            return torch.einsum("bk,bkdhw->bdhw", scores.softmax(1), f_m), scores, rho
+        return f_m[torch.arange(len(rho), device=rho.device), rho], scores, rho  # F_M^rho
 
     def configure_optimizers(self, lr: float, total_steps: int):
         """AdamW, linear warm-up over 10% of the steps, then linear decay to zero (Sec. 4.1)."""
@@ -381,7 +457,9 @@ class MaIL(RISModel):
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
         """Fig. 5: the candidate masks with their scores (and softmax share), best first; the
-        selected one is marked."""
+        selected one is marked; none for an ablation without scores."""
+        if "mask_scores" not in out:
+            return []
         scores, masks = out["mask_scores"][i].float(), out["cand_masks"][i]
         if "image_mask" in out:  # crop the padding, so panels align with the image
             real = out["image_mask"][i]
@@ -391,7 +469,8 @@ class MaIL(RISModel):
         for k in scores.argsort(descending=True)[:VIS_MAX_CANDIDATES].tolist():
             if torch.isinf(scores[k]):
                 break  # padded candidates
-            mark = "  SELECTED" if k == int(out["selected"][i]) else ""
+            selected = k == int(out["selected"][i]) and self.cfg.mask_selection == "adaptive_select"
+            mark = "  SELECTED" if selected else ""
             panels.append((f"mask {k}: s={scores[k]:.2f} p={probs[k]:.2f}{mark}",
                            masks[k].float()))
         return panels

@@ -3,7 +3,8 @@ each loss trains, padded candidates, mask-token valid areas, the ViLT encoder ag
 transformers' ViltModel, loading a ViLT folder written by save_pretrained, the ViLT (384/640)
 input setting and its batch-independent output, the K bound, candidate files and the
 visualisation panels. The shared contract checks are in test_models.py; the candidate sources
-(simulated detector, Mask R-CNN writer) in test_proposals.py."""
+(simulated detector, Mask R-CNN writer) in test_proposals.py; the ablation switches (Sec. 4.3) in
+test_ablation_mail.py."""
 
 import dataclasses
 import json
