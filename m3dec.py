@@ -1,57 +1,68 @@
 """M3Dec: Multi-Modal Mutual Attention and Iterative Interaction for Referring Image Segmentation.
 Liu, Ding, Zhang, Jiang. IEEE Transactions on Image Processing 32, 2023; arXiv:2305.15302.
 
-A backbone gives the image feature F_vis, a language encoder the word features F_t and a sentence
-feature F_t'; a transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder
-(M3Dec) queries F_enc with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one
-word-pixel attention matrix along both axes, attends vision per word and language per pixel, and
-fuses the two. Iterative Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language
-features between decoder layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder
-output to reconstruct the language features. A Mask Decoder uses the decoder output as 1x1
-dynamic kernels over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5). Two settings (Table
-IV): "paper-cnn" Darknet-53 + bi-GRU over GloVe at 416 px, "paper-swin" Swin-B + BERT at 480 px.
+A backbone gives F_vis, a language encoder the word features F_t and a sentence feature F_t'; a
+transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder (M3Dec) queries F_enc
+with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one word-pixel attention matrix
+along both axes, attends vision per word and language per pixel, and fuses the two. Iterative
+Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language features between decoder
+layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder output to reconstruct the
+language features. A Mask Decoder uses the decoder output as 1x1 dynamic kernels over F_enc.
+Loss: BCE + 0.1 x reconstruction MSE (Eq. 5). Settings (Table IV): "paper-cnn" Darknet-53 +
+bi-GRU over GloVe at 416 px, "paper-swin" Swin-B + BERT at 480 px.
 
 Shapes: B batch, C width (256), h w the stride-16 feature map, N = h*w, L words (tokens), H W input.
 
+Ablations (Sec. IV-B): `dec_layers`, `shared_attention`, `attention`, `imi`, `lfr`, `mask_decoder`,
+defaults "Ours"; `ABLATIONS` maps each table row to its overrides. Not built, as the paper gives
+too little: Table III's "VLT [11]" Mask Decoder (it "utilizes only the output of the decoder",
+which in VLT comes from query generation and balance modules M3Dec has not) and the VAL-only
+transformer of Sec. IV-B (it "fails to converge"; no number).
+
 Interpretations (where the paper is silent or contradicts itself):
-- F_vis at stride 16, as in VLT (same authors and Darknet setting), since the paper gives no
-  stride: the stride-32 map upsampled, joined to the stride-16 one, 1x1 conv + BN + ReLU to C.
-- Text encoder: a GRU as in Table IV (the text says LSTM), directions summed and F_t' = their
-  final states as in VLT; BERT gives F_t = its last layer's tokens and F_t' = [CLS], each by one
-  linear layer to C, the usual way to read words and a sentence from BERT.
-- GRU words: those seen at least `vocab_min_count` (2) times in training, kept in the config so
-  that a checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
+- F_vis at stride 16 as in VLT (same authors and setting), as no stride is given: the stride-32
+  map upsampled, joined to the stride-16 one, 1x1 conv + BN + ReLU to C.
+- Text: a GRU as in Table IV (the text says LSTM), directions summed, F_t' = their final states
+  as in VLT; BERT: F_t = its last layer, F_t' = [CLS], each by a linear layer to C (the usual way).
+- GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
+  checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
+- BERT reads 20 tokens with [CLS] and [SEP], so that about 15 words fit after WordPiece (the
+  paper counts 15 words, 20 for G-Ref).
 - Transformer encoder: DETR's post-norm layers (FFN 2048, dropout 0.1); the 2-D sine encoding is
   added once to its input, so that F_enc carries position into M3Att and the Mask Decoder.
-- M3Att is single-head, as Eq. (1) scales by 1/sqrt(C) (the 8 heads are the self- and
-  cross-attention's); its output layer maps HW -> C, so it is built for one `image_size`.
-- The "independent" A_mut (Table I, `shared_attention=False`) of Eq. (2b) comes from two extra
-  key projections, the "two extra linear project layers" of Sec. IV-B.
+- M3Att is single-head, as Eq. (1) scales by 1/sqrt(C) (the 8 heads are the other attentions');
+  its output layer maps HW -> C, so it is built for one `image_size`.
+- Independent A_mut (Table I): Eq. (2b)'s from two more key layers, Sec. IV-B's "two extra linear
+  project layers".
 - M3Dec layer (Fig. 3c): self-attention, M3Att, cross-attention (query F_q, key and value the
-  multi-modal feature), FFN, each with residual and LayerNorm, as a standard decoder layer.
-- "All linear and conv layers are followed by BN and ReLU unless noted" (Sec. IV-A) applies where
-  no activation is stated (F_vis projection, M3Att's output, IMI's F_l^n, LFR's first two layers,
-  the Mask Decoder's convs but the logits); attention, FFNs and Eq. (3)-(4) keep their own.
-- Padded words are left out of the softmaxes of Eq. (2b) and (3) and of the statistics of BN on
-  words (`common.layers.TokenBatchNorm`), so that padding cannot change an output.
-- IMI (Eq. 3) as written: no 1/sqrt(C), softmax over the words of F_l^n, w_ci starting at 1 (a
-  plain residual sum); one block between each two successive decoder layers.
-- LFR (Eq. 4): e is the fixed 1-D sine/cosine encoding; its means run over the real words (and
-  F_t'); F_proj is not detached, as the paper trains W_proj through L_rec alone.
-- Mask Decoder (Fig. 6): the N_t maps are zero-padded to `max_len` channels so that the first
-  conv has a fixed input; three 2x bilinear upsamplings give stride 2, then a resize to H x W.
+  multi-modal feature), FFN, each with residual and LayerNorm, as in a standard decoder layer.
+- Generic (LAV only), Tables I-II: that layer without M3Att, F_enc the cross-attention's key and
+  value, as the paper says ("word features serve as the query ... vision features serve as key
+  and value ... similar as ... VLT").
+- Table I's rows keep IMI and LFR, as its shared 3-layer row is "Ours" (67.88).
+- IMI* (Table II #3): F'_dec^n = BN(F_dec^n + w_ci F_t), as F_i^n is "replaced with F_t".
+- Concate (Table III): F_dec summed over the words, tiled and concatenated to F_enc before the
+  convs, the plainest reading of "sum and concatenate them with the transformer encoder output".
+- "Followed by BN and ReLU unless noted" (Sec. IV-A) holds where no activation is stated: the
+  F_vis projection, M3Att's output, IMI's F_l^n, LFR's first two layers, the Mask Decoder's convs
+  but the logits; attention, FFNs and Eq. (3)-(4) keep their own.
+- Padded words enter no softmax of Eq. (2b)-(3) and no BN statistics (`TokenBatchNorm`), so that
+  padding cannot change an output.
+- IMI (Eq. 3) as written: no 1/sqrt(C), softmax over the words of F_l^n; w_ci starts at 1 (a
+  plain residual sum).
+- LFR (Eq. 4): e is the fixed sine/cosine encoding; its means run over the real words (and F_t');
+  F_proj is not detached, as the paper trains W_proj through L_rec alone.
+- Mask Decoder (Fig. 6): the N_t maps are zero-padded to `max_len` channels, for a fixed first
+  conv; three 2x bilinear upsamplings give stride 2, then a resize to H x W.
 - The logits' bias starts at the log-odds of p = 0.05 (RetinaNet's prior), as a referred object
   covers a few percent of the image.
+- Step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45 of 50); pretrained encoders
+  at 0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
 - The public yolov3.weights saw RefCOCO's val/test images (COCO train2014), unlike the paper's
   backbone, so numbers with them are optimistic.
-- Step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45 of 50); pretrained
-  encoders at 0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
-- BERT reads 20 tokens, [CLS] and [SEP] included, so that about 15 words fit after WordPiece
-  splits them (the paper counts 15 words, 20 for G-Ref).
-- Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
-  swapped (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true;
-  `best.pt` is the epoch of best val mIoU (the paper does not say how it chose), so its val
-  numbers are optimistic.
+- Ours, not the paper's: gradient clipping (`clip_grad`) and flips with "left"/"right" swapped
+  (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true;
+  `best.pt` is the epoch of best val mIoU (the paper does not say), so its val numbers flatter.
 """
 
 from __future__ import annotations
@@ -109,7 +120,12 @@ class M3DecConfig:
     enc_layers: int = 2  # N_enc, "2 encoder layers" (Sec. IV-A)
     dec_layers: int = 3  # N_dec, Table I: 3 layers
     mask_dim: int = 512  # "512 for the mask decoder" (Sec. IV-A)
+    # ablations (Sec. IV-B, Tables I-III; see ABLATIONS); each default is "Ours"
     shared_attention: bool = True  # Table I: shared (default) or independent A_mut
+    attention: str = "m3att"  # Table I-II: "m3att" (M3Att) or "generic" (LAV only)
+    imi: str = "iterative"  # Table II: "iterative" (IMI), "same" (IMI*: F_t each time), "off"
+    lfr: bool = True  # Table II: False removes LFR and its loss L_rec
+    mask_decoder: str = "kernels"  # Table III: "kernels" (Ours) or "concat" ("Concate")
     dropout: float = 0.1  # not given
     w_mask: float = 1.0  # Eq. (5), Sec. IV-A
     w_rec: float = 0.1  # Eq. (5), Sec. IV-A
@@ -147,6 +163,20 @@ CONFIGS = {
                         dropout=0.0, lr=1e-3, encoder_lr_scale=1.0, epochs=12, batch_size=16),
 }
 CONFIGS["paper"] = CONFIGS["paper-cnn"]
+
+# The paper's ablation rows (RefCOCO val, Sec. IV-B) as overrides of any config. "ours" is Table I
+# shared x3, Table II #4 and Table III "Ours"; Table II's baseline has neither IMI nor LFR.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "ours": {},
+    **{f"I shared x{n}": {"dec_layers": n} for n in (1, 2, 4)},
+    **{f"I independent x{n}": {"shared_attention": False, "dec_layers": n} for n in (1, 2, 3, 4)},
+    **{f"I generic x{n}": {"attention": "generic", "dec_layers": n} for n in (1, 2, 3, 4)},
+    "II #0 baseline (generic LAV)": {"attention": "generic", "imi": "off", "lfr": False},
+    "II #1 baseline (M3Att)": {"imi": "off", "lfr": False},
+    "II #2 baseline + IMI": {"lfr": False},
+    "II #3 baseline + IMI*": {"imi": "same", "lfr": False},
+    "III concate": {"mask_decoder": "concat"},
+}
 
 
 def prepare_config(cfg: M3DecConfig, train_sentences) -> M3DecConfig:
@@ -195,8 +225,7 @@ class MutualAttention(nn.Module):
         super().__init__()
         self.to_lk, self.to_lv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_L^k, F_L^v
         self.to_vk, self.to_vv = nn.Linear(dim, dim), nn.Linear(dim, dim)  # F_V^k, F_V^v
-        # independent setting (Table I, Sec. IV-B): "two extra linear project layers", whose
-        # keys give the A_mut of Eq. (2b)
+        # independent A_mut (Table I): "two extra linear project layers" give Eq. (2b)'s
         self.shared = shared
         if not shared:
             self.to_lk2, self.to_vk2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -209,10 +238,8 @@ class MutualAttention(nn.Module):
         # Eq. (1): A_mut = F_L^k (F_V^k)^T / sqrt(C)  (B, L, N)
         a_mut = torch.einsum("blc,bnc->bln", self.to_lk(lang), self.to_vk(vis)) * self.scale
         # the A_mut of Eq. (2b): the same matrix (shared) or one from two extra keys (independent)
-        a_mut_2b = a_mut
-        if not self.shared:
-            a_mut_2b = torch.einsum("blc,bnc->bln", self.to_lk2(lang), self.to_vk2(vis))
-            a_mut_2b = a_mut_2b * self.scale
+        a_mut_2b = a_mut if self.shared else torch.einsum(
+            "blc,bnc->bln", self.to_lk2(lang), self.to_vk2(vis)) * self.scale
         # Eq. (2a): softmax over the pixels, LAV F_V^a = softmax(A_mut) F_V^v  (B, L, C)
         attn_v = torch.softmax(a_mut, dim=2)
         f_va = attn_v @ self.to_vv(vis)
@@ -226,47 +253,54 @@ class MutualAttention(nn.Module):
 
 
 class M3DecLayer(nn.Module):
-    """One Multi-Modal Mutual Decoder layer (Sec. III-A, Fig. 3c)."""
+    """One Multi-Modal Mutual Decoder layer (Sec. III-A, Fig. 3c); mutual=False: "Generic"."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, num_pixels: int, shared: bool,
-                 dropout: float):
+                 dropout: float, mutual: bool = True):
         super().__init__()
         self.self_attn = Attention(dim, heads, dropout=dropout)
-        self.mutual = MutualAttention(dim, num_pixels, shared)
+        self.mutual = MutualAttention(dim, num_pixels, shared) if mutual else None
         self.cross_attn = Attention(dim, heads, dropout=dropout)
         self.ffn = feed_forward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, query: Tensor, f_enc: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, f_enc: Tensor, text_mask: Tensor
+                ) -> tuple[Tensor, Tensor | None]:
         # query (B, L, C): F_t in the first layer, the previous layer's output after it
         # multi-head self-attention on the query input gives F_q
         f_q = self.norm1(query + self.drop(self.self_attn(query, query, query, key_mask=text_mask)))
-        # M3Att fuses F_q with F_enc into a multi-modal feature (B, L, C)
-        f_mm, attn = self.mutual(f_q, f_enc, text_mask)
+        if self.mutual is None:  # generic attention: F_q attends to the pixels of F_enc (LAV)
+            f_mm, attn, kv_mask = f_enc, None, None
+        else:  # M3Att fuses F_q with F_enc into a multi-modal feature (B, L, C)
+            (f_mm, attn), kv_mask = self.mutual(f_q, f_enc, text_mask), text_mask
         # cross-attention: F_q queries again, the multi-modal feature is the value (and key)
-        x = self.norm2(f_q + self.drop(self.cross_attn(f_q, f_mm, f_mm, key_mask=text_mask)))
+        x = self.norm2(f_q + self.drop(self.cross_attn(f_q, f_mm, f_mm, key_mask=kv_mask)))
         return self.norm3(x + self.drop(self.ffn(x))), attn  # F_dec^n (B, L, C), (B, L, N)
 
 
 class IMIBlock(nn.Module):
-    """Iterative Multi-Modal Interaction block (Sec. III-B, Eq. 3, Fig. 4)."""
+    """Iterative Multi-Modal Interaction (Sec. III-B, Eq. 3, Fig. 4); transform=False: IMI*."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, transform: bool = True):
         super().__init__()
-        self.to_lang = nn.Linear(dim, dim)  # F_l^{n-1} -> F_l^n
-        self.lang_norm = TokenBatchNorm(dim)
-        self.w_a = nn.Linear(dim, dim)  # W_a^n
-        self.w_l = nn.Linear(dim, dim)  # W'_l^n
+        self.transform = transform
+        if transform:
+            self.to_lang = nn.Linear(dim, dim)  # F_l^{n-1} -> F_l^n
+            self.lang_norm = TokenBatchNorm(dim)
+            self.w_a = nn.Linear(dim, dim)  # W_a^n
+            self.w_l = nn.Linear(dim, dim)  # W'_l^n
         self.w_ci = nn.Parameter(torch.tensor(1.0))  # learnable scalar w_ci^n
         self.norm = TokenBatchNorm(dim)
 
     def forward(self, f_dec: Tensor, f_l: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        f_l = F.relu(self.lang_norm(self.to_lang(f_l), text_mask))  # F_l^n  (B, L, C)
-        # Eq. (3): A_l^n = softmax(ReLU[F_dec^n W_a^n] (F_l^n)^T), over the real words of F_l^n
-        logits = torch.einsum("bic,bjc->bij", F.relu(self.w_a(f_dec)), f_l)  # (B, L, L)
-        attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
-        f_i = attn @ F.relu(self.w_l(f_l))  # F_i^n = A_l^n F'_l^n, F'_l^n = ReLU[F_l^n W'_l^n]
+        f_i = f_l  # IMI* (Table II #3): F_t, the same for every layer
+        if self.transform:
+            f_l = F.relu(self.lang_norm(self.to_lang(f_l), text_mask))  # F_l^n  (B, L, C)
+            # Eq. (3): A_l^n = softmax(ReLU[F_dec^n W_a^n] (F_l^n)^T), over the real words
+            logits = torch.einsum("bic,bjc->bij", F.relu(self.w_a(f_dec)), f_l)  # (B, L, L)
+            attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
+            f_i = attn @ F.relu(self.w_l(f_l))  # F_i^n = A_l^n F'_l^n, F'_l^n = ReLU[F_l^n W'_l^n]
         f_dec = self.norm(f_dec + self.w_ci * f_i, text_mask)  # F'_dec^n = BN(F_dec^n + w_ci F_i^n)
         return f_dec, f_l
 
@@ -296,18 +330,20 @@ class LanguageReconstruction(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """Mask Decoder (Sec. III-D, Fig. 6): F_dec as 1x1 dynamic kernels over F_enc, four convs."""
+    """Mask Decoder (Sec. III-D, Fig. 6): F_dec as 1x1 dynamic kernels over F_enc, four convs;
+    concat=True: Table III's "Concate" (see Interpretations)."""
 
-    def __init__(self, dim: int, heads: int, max_len: int, mask_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, max_len: int, mask_dim: int, dropout: float,
+                 concat: bool = False):
         super().__init__()
         self.self_attn = Attention(dim, heads, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
-        self.max_len = max_len
+        self.max_len, self.concat = max_len, concat
         conv = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False),
                                           nn.BatchNorm2d(b), nn.ReLU())
         up = lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.convs = nn.Sequential(conv(max_len, mask_dim), up(), conv(mask_dim, mask_dim), up(),
-                                   conv(mask_dim, mask_dim), up(),
+        self.convs = nn.Sequential(conv(2 * dim if concat else max_len, mask_dim), up(),
+                                   conv(mask_dim, mask_dim), up(), conv(mask_dim, mask_dim), up(),
                                    nn.Conv2d(mask_dim, 1, 3, padding=1))  # the logits
         # start at the log-odds of a small object (see Interpretations), not at p = 0.5
         nn.init.constant_(self.convs[-1].bias, -math.log((1 - FOREGROUND_PRIOR) / FOREGROUND_PRIOR))
@@ -319,8 +355,11 @@ class MaskDecoder(nn.Module):
             raise ValueError(f"{L} words exceed max_len={self.max_len}")
         kernels = self.norm(f_dec + self.self_attn(f_dec, f_dec, f_dec, key_mask=text_mask))
         kernels = kernels * text_mask[..., None]  # a padded word's map is zero
-        maps = torch.einsum("blc,bchw->blhw", kernels, f_enc)  # N_t maps (B, L, h, w)
-        maps = F.pad(maps, (0, 0, 0, 0, 0, self.max_len - L))  # (B, max_len, h, w)
+        if self.concat:  # the words summed, tiled and joined to F_enc  (B, 2C, h, w)
+            maps = torch.cat([f_enc, kernels.sum(1)[:, :, None, None].expand_as(f_enc)], 1)
+        else:
+            maps = torch.einsum("blc,bchw->blhw", kernels, f_enc)  # N_t maps (B, L, h, w)
+            maps = F.pad(maps, (0, 0, 0, 0, 0, self.max_len - L))  # (B, max_len, h, w)
         return self.convs(maps)  # (B, 1, 8h, 8w)
 
 
@@ -331,8 +370,9 @@ class M3Dec(RISModel):
       image (B, 3, H, W) as input_spec says, H = W = cfg.image_size; text (B, L) word (GRU) or
       WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) in {0, 1}.
     Returns: mask_logits (B, 1, H, W); mutual_attn (B, L, N), the last M3Att's softmax over the
-      pixels (Eq. 2a); word_ids, word_mask (the inputs, to title visualisations); with a target:
-      lang_rec, lang_proj (B, C) (F_rec, F_proj) and loss, loss_mask, loss_rec (Eq. 5).
+      pixels (Eq. 2a; not with attention="generic"); word_ids, word_mask (the inputs, to title
+      visualisations); with a target: loss, loss_mask and, with LFR, lang_rec, lang_proj (B, C)
+      (F_rec, F_proj) and loss_rec (Eq. 5).
     """
 
     def __init__(self, cfg: M3DecConfig):
@@ -343,6 +383,11 @@ class M3Dec(RISModel):
         if cfg.image_encoder not in IMAGE_ENCODERS or cfg.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, "
                              f"text_encoder one of {TEXT_ENCODERS}")
+        for field, choices in (("attention", ("m3att", "generic")),
+                               ("imi", ("iterative", "same", "off")),
+                               ("mask_decoder", ("kernels", "concat"))):
+            if getattr(cfg, field) not in choices:
+                raise ValueError(f"{field} must be one of {choices}, not {getattr(cfg, field)!r}")
         C = cfg.dim
         self.grid = cfg.image_size // FEATURE_STRIDE  # h = w
         # image encoder and F_vis (Sec. III); pixels as its weights expect (Darknet: [0, 1])
@@ -375,11 +420,13 @@ class M3Dec(RISModel):
         self.encoder = nn.ModuleList(EncoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                      for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            M3DecLayer(C, cfg.heads, cfg.ffn_dim, N, cfg.shared_attention, cfg.dropout)
-            for _ in range(cfg.dec_layers))
-        self.imi = nn.ModuleList(IMIBlock(C) for _ in range(cfg.dec_layers - 1))
-        self.lfr = LanguageReconstruction(C)
-        self.mask_decoder = MaskDecoder(C, cfg.heads, cfg.max_len, cfg.mask_dim, cfg.dropout)
+            M3DecLayer(C, cfg.heads, cfg.ffn_dim, N, cfg.shared_attention, cfg.dropout,
+                       mutual=cfg.attention == "m3att") for _ in range(cfg.dec_layers))
+        n_imi = 0 if cfg.imi == "off" else cfg.dec_layers - 1
+        self.imi = nn.ModuleList(IMIBlock(C, cfg.imi == "iterative") for _ in range(n_imi))
+        self.lfr = LanguageReconstruction(C) if cfg.lfr else None
+        self.mask_decoder = MaskDecoder(C, cfg.heads, cfg.max_len, cfg.mask_dim, cfg.dropout,
+                                        concat=cfg.mask_decoder == "concat")
 
     def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
                 image_mask: Tensor | None = None, target: Tensor | None = None
@@ -405,13 +452,17 @@ class M3Dec(RISModel):
         # 4. Mask Decoder (Sec. III-D) at stride 2, resized to the input
         logits = self.mask_decoder(f_dec, f_enc.transpose(1, 2).unflatten(2, (h, w)), text_mask)
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        out = {"mask_logits": logits, "mutual_attn": attn, "word_ids": text, "word_mask": text_mask}
+        out = {"mask_logits": logits, "word_ids": text, "word_mask": text_mask}
+        if attn is not None:  # the generic (LAV only) layer has no M3Att
+            out["mutual_attn"] = attn
         if target is not None:
-            # 5. LFR (Sec. III-C), training only, and the loss of Eq. (5)
-            out["lang_rec"], out["lang_proj"] = self.lfr(f_dec, words, sentence, text_mask)
+            # 5. the loss of Eq. (5), with LFR (Sec. III-C, training only)
             out["loss_mask"] = bce_loss(logits, target)
-            out["loss_rec"] = reconstruction_loss(out["lang_rec"], out["lang_proj"])
-            out["loss"] = self.cfg.w_mask * out["loss_mask"] + self.cfg.w_rec * out["loss_rec"]
+            out["loss"] = self.cfg.w_mask * out["loss_mask"]
+            if self.lfr is not None:
+                out["lang_rec"], out["lang_proj"] = self.lfr(f_dec, words, sentence, text_mask)
+                out["loss_rec"] = reconstruction_loss(out["lang_rec"], out["lang_proj"])
+                out["loss"] = out["loss"] + self.cfg.w_rec * out["loss_rec"]
         return out
 
     def pretrained_parts(self) -> list[nn.Module]:
@@ -431,6 +482,8 @@ class M3Dec(RISModel):
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
         """The last M3Att's attention of each word over the image (Eq. 2a), one panel per word."""
+        if "mutual_attn" not in out:  # the generic (LAV only) ablation has no M3Att
+            return []
         panels, names = [], self.tokenizer.token_names
         ids = out["word_ids"][i][out["word_mask"][i]].tolist()
         for k, token in enumerate(ids):
