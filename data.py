@@ -739,7 +739,7 @@ no proposals were given. Either
   - pass --candidates PROPOSALS.json, a file in the COCO results format (data.CANDIDATES_FORMAT;
     detectron2's coco_instances_results.json works, and data.encode_candidates writes entries
     from your own detector's masks), e.g. made by a torchvision Mask R-CNN loaded from a local
-    weights file: python -m common.proposals --help (a COCO-trained detector has seen RefCOCO's
+    weights file: python -m common.detector --help (a COCO-trained detector has seen RefCOCO's
     val/test images, which are COCO train2014 images; the paper's saw only the train split); or
   - pass --oracle-candidates to use the annotated instances. They contain the referred object's
     exact mask, so the result is an oracle (upper bound), not comparable with the paper's."""

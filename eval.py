@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint, visualise its predictions, or predict one image + sentence.
+"""Evaluate a checkpoint (or compare several), visualise its predictions, or predict one image +
+sentence.
 
   python eval.py --checkpoint runs/maris-tiny-shapes/best.pt                   # val split
   python eval.py --checkpoint C --dataset refcoco --data-root D --split val testA testB \
 --json m.json
   torchrun --nproc_per_node=2 eval.py --checkpoint C                         # same numbers, faster
+  python eval.py --checkpoint runs/a/best.pt=base runs/b/best.pt=no-maa        # comparison table
   python eval.py --checkpoint C --save-vis vis/ --num-vis 16                  # overlays
   python eval.py --checkpoint C --image photo.jpg --text "the dog on the left" --save-mask dog.png
   python eval.py --checkpoint C --export weights.pt       # a self-contained, weights-only file
@@ -12,15 +14,30 @@
 Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution,
 in fp32 whatever --amp the model runs under: mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of
 samples. Data flags default to the ones the checkpoint was trained with, the candidate source of
-a model that takes candidate masks (MaIL) included. --json writes one layout:
+a model that takes candidate masks (MaIL) included. --json writes, for one checkpoint, one
+layout whatever the splits:
   {"model": NAME, "config": CONFIG, "checkpoint": PATH, "dataset": NAME,
    "candidates": "simulated" | "oracle" | PROPOSALS FILE NAME | null,
    "splits": {SPLIT: {"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "n"}}}
+
+Several checkpoints (--checkpoint A.pt B.pt ..., each optionally PATH=LABEL; the default label
+is the checkpoint's folder and file name, runs/a/best.pt -> a/best.pt) are evaluated one after
+the other on the same data, each exactly as it would be alone (its own candidate source, its
+training run's data flags, which must then agree across checkpoints), and printed as one
+comparison table per split: a row per checkpoint with its label, model, config, candidate
+source ("oracle (upper bound)" for an oracle), the metrics, on the synthetic data the mIoU of
+each sentence type (attribute, position, relation), and "changes": the config fields its
+training run set with --set or --freeze-encoders to values other than its named config's.
+--json then writes {"checkpoints": [ONE OBJECT PER CHECKPOINT]}, each object the layout above
+plus "label", "changes" {FIELD: VALUE} and, on the synthetic data, "by_type" {TYPE: metrics}
+in each split. --image, --save-mask, --save-vis and --export take one checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import sys
@@ -175,7 +192,9 @@ RENAMED = {"--out": "--save-mask"}  # eval.py flags renamed so that a flag means
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", nargs="+", default=None, metavar="CKPT[=LABEL]",
+                   help="a checkpoint written by train.py; several: a comparison table (labels "
+                        "optional, see above)")
     p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (or: all)")
     p.add_argument("--json", default=None,
                    help="write the metrics here (layout in the description above)")
@@ -192,6 +211,8 @@ def parse_args(argv=None):
                         "process's own GPU)")
     p.add_argument("--cache-features", default=None, metavar="DIR",
                    help="read/write frozen encoders' features here (as train.py --cache-features)")
+    p.add_argument("--cache-storage", choices=("fp16", "bf16", "int8"), default=None,
+                   help="how the cache stores features (default: as the training run did)")
     p.add_argument("--image", default=None, help="predict on this image (with --text)")
     p.add_argument("--text", default=None, help="the referring expression for --image")
     p.add_argument("--save-mask", default=None, metavar="PNG",
@@ -219,6 +240,9 @@ def parse_args(argv=None):
     g.add_argument("--freeze-encoders", action="store_true",
                    help="freeze encoders (the paper's MARIS setting) and add a row training "
                         "from cached features")
+    g.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
+                   help="with --freeze-encoders, add a row whose batch holds K sentences of each "
+                        "image (train.py --sentences-per-image: one encoder pass per image)")
     g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -229,7 +253,28 @@ def parse_args(argv=None):
         p.error("--image and --text go together")
     if args.plot is None and not args.benchmark and args.checkpoint is None:
         p.error("--checkpoint is needed (except with --benchmark or --plot)")
+    args.runs = [split_label(c) for c in args.checkpoint or []]
+    if len(args.runs) > 1:
+        single = [flag for flag, value in (("--image", args.image), ("--save-mask", args.save_mask),
+                                           ("--save-vis", args.save_vis),
+                                           ("--export", args.export)) if value is not None]
+        if single:
+            p.error(f"{', '.join(single)} take(s) one checkpoint, not {len(args.runs)}")
+        labels = [label for _, label in args.runs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            p.error(f"several checkpoints labelled {twice}: name them, --checkpoint PATH=LABEL")
     return args
+
+
+def split_label(entry: str) -> tuple[str, str]:
+    """--checkpoint's PATH[=LABEL] as (path, label); without a label, the checkpoint's folder
+    and file name. An existing file whose name holds "=" is a path."""
+    path, label = entry, None
+    if not os.path.isfile(entry) and "=" in entry:
+        path, label = entry.rsplit("=", 1)
+    folder = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    return path, label or os.path.join(folder, os.path.basename(path))
 
 
 def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
@@ -323,86 +368,155 @@ def run_tool(args) -> dict:
         train.plot_log(args.plot, png)
         print(f"curves of {args.plot} -> {png}")
         return {"plot": png}
-    train.export_checkpoint(args.checkpoint, args.export)
-    print(f"{args.checkpoint} -> {args.export} (self-contained, weights only)")
+    path = args.runs[0][0]
+    train.export_checkpoint(path, args.export)
+    print(f"{path} -> {args.export} (self-contained, weights only)")
     return {"export": args.export}
 
 
+DATA_FLAGS = ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
+              "shapes_image_size", "data_seed")  # what a checkpoint's training run decides
+
+
 def main(argv=None) -> dict:
+    """Returns {SPLIT: metrics} for one checkpoint, {"checkpoints": [row, ...]} for several
+    (each row as `evaluate_checkpoint` returns it)."""
     args = parse_args(argv)
     if args.plot is not None or args.export is not None:
         return run_tool(args)
     if args.benchmark:  # common.benchmark; several rows rerun this script, one per process
         return benchmark_command(args, os.path.abspath(__file__))
-    ckpt = train.load_checkpoint(args.checkpoint)
     rank, world, rank_device = train.setup_distributed()
     device = pick_device(args.device, rank_device, world)
-    model, module, cfg = train.build_model_from_checkpoint(ckpt, device)
-    model.eval()
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if args.image is not None:
+        model, _, _ = train.build_model_from_checkpoint(train.load_checkpoint(args.runs[0][0]),
+                                                        device)
         if rank == 0:
-            run_predict(args, model, device)
+            run_predict(args, model.eval(), device)
         return {}
 
-    # data flags the user did not give come from the training run
-    trained = ckpt.get("args", {})
-    defaults = vars(parse_args(["--checkpoint", args.checkpoint]))
-    for key in ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
-                "shapes_image_size", "data_seed"):
-        if getattr(args, key) == defaults[key] and trained.get(key) is not None:
-            setattr(args, key, trained[key])
-    source = resolve_candidates(args, trained, model)
-    if args.workers is None:
-        args.workers = 0
-    args.seed = trained.get("seed", 0)
-    splits = args.split
-    if splits == ["all"]:
-        split_by = args.split_by or data.DEFAULT_SPLIT_BY.get(args.dataset)
-        splits = [s for s in data.SPLITS.get((args.dataset, split_by), ("train", "val", "test"))
-                  if s != "train"]
-    if rank == 0 and source is not None:
-        print(f"candidate masks: {describe_candidates(source)}", flush=True)
-
-    cache = None
-    if args.cache_features:
-        from common.cache import FeatureCache
-
-        cache = FeatureCache(args.cache_features, model)
-    results = {}
-    for split in splits:
-        loader = train.make_eval_loader(args, split, model, rank, world, args.batch_size or 8)
-        on_batch = None
-        if args.save_vis:
-            os.makedirs(args.save_vis, exist_ok=True)
-            on_batch = make_visualiser(args, split, model, loader.dataset)
-        # train.evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
-        results[split] = train.evaluate(model, loader, device, args.amp, on_batch, cache)
+    rows = []
+    for path, label in args.runs:  # one at a time: a model's memory is freed before the next
+        rows.append(evaluate_checkpoint(args, path, label, rank, world, device,
+                                        same_data=rows[0]["data"] if rows else None))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if rank == 0:
-        title = f"{ckpt['model_name']} ({args.checkpoint}) on {args.dataset}"
-        if source is not None:
-            title += f", candidates: {candidate_title(source)}"
-        print_table(results, title)
+        if len(rows) == 1:
+            row = rows[0]
+            title = f"{row['model']} ({row['checkpoint']}) on {row['dataset']}"
+            if row["source"] is not None:
+                title += f", candidates: {candidate_title(row['source'])}"
+            print_table(row["results"], title)
+        else:
+            print_comparison(rows)
         if args.json:
+            report = (json_report(rows[0], alone=True) if len(rows) == 1
+                      else {"checkpoints": [json_report(row) for row in rows]})
             with open(args.json, "w") as f:
-                json.dump(json_report(ckpt, args, source, results), f, indent=1)
+                json.dump(report, f, indent=1)
     if world > 1:
         dist.destroy_process_group()
-    return results
+    return rows[0]["results"] if len(rows) == 1 else {"checkpoints": rows}
 
 
-def json_report(ckpt: dict, args, source: str | None, results: dict) -> dict:
-    """--json's one layout, whatever the number of splits (see the module docstring); the
-    synthetic data's per-type rows are printed, not written."""
-    return {
-        "model": ckpt["model_name"],
-        "config": ckpt.get("args", {}).get("config"),
-        "checkpoint": args.checkpoint,
-        "dataset": args.dataset,
-        "candidates": None if source is None else data.candidate_label(source),
-        "splits": {split: {k: v for k, v in m.items() if k != "by_type"}
-                   for split, m in results.items()},
+def data_args(args, trained: dict) -> argparse.Namespace:
+    """A copy of the command line's args whose data flags the user did not give come from the
+    training run (`trained`, the checkpoint's args)."""
+    run = argparse.Namespace(**vars(args))
+    defaults = vars(parse_args(["--checkpoint", "unused.pt"]))
+    for key in DATA_FLAGS:
+        if getattr(args, key) == defaults[key] and trained.get(key) is not None:
+            setattr(run, key, trained[key])
+    if run.workers is None:
+        run.workers = 0
+    run.seed = trained.get("seed", 0)
+    return run
+
+
+def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, device,
+                        same_data: dict | None = None) -> dict:
+    """One checkpoint on every split, as eval.py evaluates it alone. Returns the row {"label",
+    "checkpoint", "model", "config", "dataset", "source" (data.candidate_source or None),
+    "changes", "data" (its resolved DATA_FLAGS), "results" {SPLIT: metrics}}. `same_data`:
+    another row's "data", which this checkpoint's must equal (a comparison on the same data)."""
+    ckpt = train.load_checkpoint(path)
+    trained = ckpt.get("args", {})
+    run = data_args(args, trained)
+    resolved = {key: getattr(run, key) for key in DATA_FLAGS}
+    if same_data is not None and resolved != same_data:
+        differ = {k: (same_data[k], v) for k, v in resolved.items() if same_data[k] != v}
+        raise ValueError(f"{path} was trained on other data than the first checkpoint "
+                         f"(flag: (first, this) {differ}); give these flags on the command "
+                         "line so that every checkpoint is evaluated on the same data")
+    model, module, _ = train.build_model_from_checkpoint(ckpt, device)
+    model.eval()
+    source = resolve_candidates(run, trained, model)
+    splits = run.split
+    if splits == ["all"]:
+        split_by = run.split_by or data.DEFAULT_SPLIT_BY.get(run.dataset)
+        splits = [s for s in data.SPLITS.get((run.dataset, split_by), ("train", "val", "test"))
+                  if s != "train"]
+    if rank == 0 and source is not None:
+        who = f"{label}: " if len(args.runs) > 1 else ""
+        print(f"{who}candidate masks: {describe_candidates(source)}", flush=True)
+
+    cache = None
+    if run.cache_features:
+        from common.cache import FeatureCache
+
+        cache = FeatureCache(run.cache_features, model,
+                             run.cache_storage or trained.get("cache_storage", "fp16"))
+    results = {}
+    for split in splits:
+        loader = train.make_eval_loader(run, split, model, rank, world, run.batch_size or 8)
+        on_batch = None
+        if run.save_vis:
+            os.makedirs(run.save_vis, exist_ok=True)
+            on_batch = make_visualiser(run, split, model, loader.dataset)
+        # train.evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
+        results[split] = train.evaluate(model, loader, device, run.amp, on_batch, cache)
+    return dict(label=label, checkpoint=path, model=ckpt["model_name"],
+                config=trained.get("config"), dataset=run.dataset, source=source,
+                changes=config_changes(ckpt, module), data=resolved, results=results)
+
+
+def config_changes(ckpt: dict, module) -> dict:
+    """The config fields the training run set (--set, --freeze-encoders) to values other than
+    its named config's, with the checkpoint's values: what tells ablation runs of one model and
+    config apart. Fields a run fills from its data or weight files (a word vocabulary, weight
+    paths) are not changes of the config, so only the fields named on its command line count."""
+    trained = ckpt.get("args", {})
+    named = module.CONFIGS.get(trained.get("config"))
+    if named is None:
+        return {}
+    fields = [item.partition("=")[0] for item in trained.get("set") or []]
+    if trained.get("freeze_encoders"):
+        fields.append("freeze_encoders")
+    declared = dataclasses.asdict(named)
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # tuples may come back as lists
+    return {k: ckpt["config"][k] for k in dict.fromkeys(fields)
+            if k in ckpt["config"] and as_list(ckpt["config"][k]) != as_list(declared.get(k))}
+
+
+def json_report(row: dict, alone: bool = False) -> dict:
+    """--json's layout for one checkpoint (see the module docstring): alone, exactly the one
+    layout, the synthetic data's per-type rows printed, not written; in a comparison, also its
+    label, its config changes and the per-type metrics."""
+    report = {
+        "model": row["model"],
+        "config": row["config"],
+        "checkpoint": row["checkpoint"],
+        "dataset": row["dataset"],
+        "candidates": None if row["source"] is None else data.candidate_label(row["source"]),
+        "splits": {split: {k: v for k, v in m.items() if not alone or k != "by_type"}
+                   for split, m in row["results"].items()},
     }
+    if not alone:
+        report = {"label": row["label"], **report, "changes": row["changes"]}
+    return report
 
 
 def make_visualiser(args, split: str, model, dataset):
@@ -433,6 +547,34 @@ def print_table(results: dict, title: str) -> None:
         row(split, m)
         for stype, mt in m.get("by_type", {}).items():  # the synthetic data's sentence types
             row("  " + stype, mt)
+    sys.stdout.flush()
+
+
+def print_comparison(rows: list[dict]) -> None:
+    """One table per split, a row per checkpoint (module docstring); on the synthetic data the
+    per-type columns are each sentence type's mIoU."""
+    metrics = ["mIoU", "oIoU"] + [f"Pr@{t}" for t in THRESHOLDS]
+    text = lambda row: [row["label"], row["model"], str(row["config"]),
+                        "-" if row["source"] is None else candidate_title(row["source"])]
+    width = [max(len(h), *(len(text(r)[k]) for r in rows)) + 2
+             for k, h in enumerate(("checkpoint", "model", "config", "candidates"))]
+    for split in rows[0]["results"]:
+        types = [t for t in data.SENTENCE_TYPES
+                 if any(t in r["results"][split].get("by_type", {}) for r in rows)]
+        print(f"{split} on {rows[0]['dataset']}" + (" (sentence types: mIoU)" if types else ""))
+        head = ["checkpoint", "model", "config", "candidates"]
+        print("".join(f"{h:<{w}}" for h, w in zip(head, width))
+              + "".join(f"{c:>9}" for c in metrics) + "".join(f"{t:>10}" for t in types)
+              + f"{'n':>8}  changes")
+        for row in rows:
+            m = row["results"][split]
+            by_type = m.get("by_type", {})
+            changes = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "-"
+            print("".join(f"{t:<{w}}" for t, w in zip(text(row), width))
+                  + "".join(f"{100 * m[c]:>9.2f}" for c in metrics)
+                  + "".join(f"{100 * by_type[t]['mIoU']:>10.2f}" if t in by_type else f"{'-':>10}"
+                            for t in types)
+                  + f"{m['n']:>8}  {changes}")
     sys.stdout.flush()
 
 

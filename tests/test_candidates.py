@@ -99,7 +99,7 @@ def test_candidate_source_and_label():
     assert data.candidate_source("refcoco", "p/props.json") == "p/props.json"
     with pytest.raises(ValueError, match="--oracle-candidates") as err:
         data.candidate_source("refcoco")
-    assert "python -m common.proposals" in str(err.value) and "refcoco" in str(err.value)
+    assert "python -m common.detector" in str(err.value) and "refcoco" in str(err.value)
     with pytest.raises(ValueError, match="exclude each other"):
         data.candidate_source("shapes", "p.json", oracle=True)
     assert [data.candidate_label(s) for s in ("oracle", "simulated", "/runs/a/props.json")] == \

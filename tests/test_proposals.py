@@ -1,10 +1,13 @@
-"""Candidate masks that come from a detector (common.proposals): the simulated detector of the
-synthetic data, its dataset wrapper and recall, and the Mask R-CNN proposals writer."""
+"""Candidate masks that come from a detector: the simulated detector of the synthetic data, its
+dataset wrapper and recall (common.proposals), and the Mask R-CNN proposals writer
+(common.detector)."""
 
 import dataclasses
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 from PIL import Image
 
 import data
-from common import proposals
+from common import detector
 from common.proposals import (
     DEFAULT_NOISE,
     ProposalNoise,
@@ -152,7 +155,23 @@ def test_default_noise_recall_is_a_plausible_detectors(shapes):
     assert proposal_recall(shapes, n=20)["recall@0.9"] == 1.0
 
 
-# --- Mask R-CNN proposals for REFER data ------------------------------------------------------
+# --- Mask R-CNN proposals for REFER data (common.detector) ------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_old_command_names_the_new_one():
+    res = subprocess.run([sys.executable, "-m", "common.proposals", "--dataset", "refcoco"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "python -m common.detector" in res.stderr
+
+
+def test_maskrcnn_weights_are_local_and_the_arch_known(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        detector.load_maskrcnn(str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown arch"):
+        detector.load_maskrcnn(str(tmp_path / "missing.pth"), arch="maskrcnn_resnet101")
+
 
 def _write_refer(root):
     """A small REFER-format refcoco (as tests/test_data.py builds one): three images, one of
@@ -184,16 +203,16 @@ def test_maskrcnn_writer_covers_every_image_of_the_split(tmp_path, capsys):
 
     _write_refer(tmp_path)
     torch.manual_seed(0)
-    detector = torchvision.models.detection.maskrcnn_resnet50_fpn(
+    maskrcnn = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=2)  # random weights
     weights = tmp_path / "maskrcnn.pth"
-    torch.save(detector.state_dict(), weights)
+    torch.save(maskrcnn.state_dict(), weights)
     out = tmp_path / "proposals.json"
     # two classes: a random detector's scores are ~1/2, not ~1/91, so some pass min_score
-    summary = proposals.main(["--dataset", "refcoco", "--data-root", str(tmp_path), "--split",
-                              "val", "--weights", str(weights), "--num-classes", "2",
-                              "--min-score", "0.0", "--max-per-image", "3", "--min-size", "64",
-                              "--recall", "--out", str(out)])
+    summary = detector.main(["--dataset", "refcoco", "--data-root", str(tmp_path), "--split",
+                             "val", "--weights", str(weights), "--num-classes", "2",
+                             "--min-score", "0.0", "--max-per-image", "3", "--min-size", "64",
+                             "--recall", "--out", str(out)])
     assert summary["images"] == 2 and "wrote" in capsys.readouterr().out
     cands = data.load_candidates(str(out))
     assert sorted(cands) == [3, 5]  # every image of val once, none of train
@@ -202,6 +221,6 @@ def test_maskrcnn_writer_covers_every_image_of_the_split(tmp_path, capsys):
     assert masks.shape[1:] == (40, 56)
     assert summary["recall"]["n"] == 3  # three val sentences, two images
     with pytest.raises(ValueError, match="num_classes=91"):
-        proposals.load_maskrcnn(str(weights))  # COCO's class count does not fit
+        detector.load_maskrcnn(str(weights))  # COCO's class count does not fit
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        proposals.load_maskrcnn(str(tmp_path / "missing.pth"))
+        detector.load_maskrcnn(str(tmp_path / "missing.pth"))
