@@ -22,7 +22,8 @@ Interpretations (where the paper is silent or contradicts itself):
   sigmoid relevance says "more relevant than not".
 - Language-Guided Attention (Eq. 5, "A^T"): the softmax of the same masked affinity along the
   pixel axis, not the transpose of A, because the text says this branch "weights different image
-  regions for each word" (a distribution over regions). Eq. 3 has no 1/sqrt(D), nor do we.
+  regions for each word" (a distribution over regions); `a_transpose="literal"` uses the
+  transpose of A as Eq. 5 writes it. Eq. 3 has no 1/sqrt(D), nor do we.
 - Width after Feature Enhancement is not given: D = 256 (config `dim`) from the FE MLPs onward,
   as SAM's own mask decoder.
 - The MLP of Eq. 1-2 is two linear layers with GELU (width D), the smallest MLP; CBA is a 3x3
@@ -53,6 +54,36 @@ Interpretations (where the paper is silent or contradicts itself):
   test splits, or `last.pt`).
 - Padding: SAM pads the image bottom-right with zeros (after normalisation) and ignores the
   padding mask; so do we, to see the features SAM was trained to give.
+- "w/o FE" (Tab. 2, 5 #1): F_v = F_v3 W (one linear layer C -> D), the least that brings the deep
+  feature alone to the width the rest of the model takes.
+- "w/o MA" (Tab. 2 #2): the decoder takes F_lav = F_v and F_val = F_l W (one linear layer C' ->
+  D), W_l of Eq. 3 without any attention, for the same reason.
+- "w/o DE" (Tab. 2 #3, "we use the SAM's decoder"): segment-anything's MaskDecoder and
+  TwoWayTransformer as SAM builds them (depth 2, MLP 8 x width, 4 mask tokens, IoU head) at
+  width D, randomly initialised like our decoder; F_lav is its image embedding with SAM's random
+  Fourier position encoding, F_val's real words are its sparse prompt tokens (the paper: "prompt
+  tokens containing output tokens and linguistic features"), no dense prompt (zeros, no mask
+  input), one sample at a time (SAM's decoder repeats the image once per prompt set), and
+  its single-mask output (mask token 0) is the mask. The IoU head and the three other
+  hypernetwork MLPs never reach the loss: frozen, so that every trainable parameter gets a
+  gradient (DDP requires it).
+- "w/ TOI-A" (Tab. 4 #9, SAM's token-to-image attention: "we insert this layer into each block
+  of our decoder"): after Eq. 7, F_c = MHCA(F_c, F_lav, F_lav) + F_c, where SAM's block has it
+  (after the token self-attention, before the image-to-token attention), an MHCA like the
+  block's others.
+- "w/o ELP" (Tab. 4 #10, "similar to VLT, we multiply F_val with F_lav to obtain the input
+  feature of the Mask Decoder"): F_lav is multiplied elementwise by F_val averaged over the real
+  words (the product of an N x D and an L x D feature that keeps F_lav's shape with no new
+  weights), and F_c = [F_m] alone, so the decoder sees no words.
+
+Ablations (Tab. 2-5, RefCOCO val): `ABLATIONS` maps each row to the config fields that build it;
+the default config is the full model (#4). Not built, because the paper gives too little:
+#5-#7 of Tab. 3 (ReSTR's transformer encoder, VLT's spatial dynamic fusion, BRINet's
+bidirectional cross-modal module in place of MA: other papers' modules, each named in one
+sentence here; the paper calls SDF "equivalent to using only Visual-Guided Attention", but the
+row measures VLT's module), and #11 of Tab. 5 (ViT-DET's multi-scale features from the last
+layer: the paper does not say how the several scales replace the single-scale F_v the rest of
+MARIS takes).
 """
 
 from __future__ import annotations
@@ -61,11 +92,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import Tensor, nn
 
 from common import optim
 from common.encoders import CLIPTextEncoder, SAMImageEncoder
-from common.layers import MLP, Attention, safe_softmax
+from common.layers import MLP, Attention, masked_mean, safe_softmax
 from common.losses import dice_loss, sigmoid_focal_loss
 from common.model import CacheableEncoders, InputSpec, RISModel, freeze_encoders
 from common.tokenizers import ClipTokenizer
@@ -96,6 +129,14 @@ class MARISConfig:
     batch_size: int = 32
     clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
     hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
+    # ablations (Tab. 2-5; defaults = the full model, "Ours" #4; see ABLATIONS, Interpretations)
+    feature_enhancement: bool = True  # Eq. 1-2; False: "w/o FE", F_v3 alone (Tab. 2, 5 #1)
+    mutual_aware_attention: bool = True  # Eq. 3-5; False: "w/o MA" (Tab. 2 #2)
+    # tau = 0 keeps every pair (sigmoid >= 0): "w/o attn. mask" (Tab. 3 #8)
+    a_transpose: str = "pixel_softmax"  # "A^T" of Eq. 5: "pixel_softmax" | "literal"
+    mask_decoder: str = "maris"  # "maris" (Eq. 6-8) | "sam": SAM's decoder, "w/o DE" (Tab. 2 #3)
+    toi_attention: bool = False  # True: SAM's token-to-image attn. in each block (Tab. 4 #9)
+    explicit_linguistic_guidance: bool = True  # F_val in the decoder; False: "w/o ELP" (Tab. 4 #10)
 
 
 # The encoder files each paper config starts from: train.py refuses to start a paper config
@@ -115,6 +156,18 @@ CONFIGS = {
     # start has random relevances and tau 0.5 would mask half of the pairs from the first step
     "tiny": MARISConfig(sam_arch="tiny", image_size=96, clip_arch="tiny", dim=64, heads=4, tau=0.1,
                         lr=1e-3, warmup=0.03, epochs=11, batch_size=16),
+}
+
+# The ablation rows of Tab. 2-5 (RefCOCO val) this file builds: row -> config overrides
+# (train.py --set FIELD=VALUE) on any config. Rows not built: see the module docstring.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "w/o FE": {"feature_enhancement": False},  # Tab. 2 #1 = Tab. 5 #1
+    "w/o MA": {"mutual_aware_attention": False},  # Tab. 2 #2
+    "w/o DE": {"mask_decoder": "sam"},  # Tab. 2 #3: SAM's decoder
+    "w/o attn. mask": {"tau": 0.0},  # Tab. 3 #8
+    "w/ TOI-A": {"toi_attention": True},  # Tab. 4 #9
+    "w/o ELP": {"explicit_linguistic_guidance": False},  # Tab. 4 #10
+    "Ours": {},  # #4, every table's reference row: the full model
 }
 
 
@@ -143,12 +196,15 @@ class FeatureEnhancement(nn.Module):
 class MutualAwareAttention(nn.Module):
     """Mutual-Aware Attention block (Sec. Mutual-Aware Attention, Eq. 3-5, Fig. 4)."""
 
-    def __init__(self, vis_dim: int, text_dim: int, dim: int, tau: float):
+    def __init__(self, vis_dim: int, text_dim: int, dim: int, tau: float,
+                 a_transpose: str = "pixel_softmax"):
         super().__init__()
+        if a_transpose not in ("pixel_softmax", "literal"):
+            raise ValueError(f'a_transpose={a_transpose!r}: "pixel_softmax" or "literal"')
         self.w_v = nn.Linear(vis_dim, dim, bias=False)  # W_v
         self.w_l = nn.Linear(text_dim, dim, bias=False)  # W_l
         self.norm_v, self.norm_l = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.tau = tau
+        self.tau, self.a_transpose = tau, a_transpose
 
     def forward(self, f_v: Tensor, f_l: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """F_v (B, N, C_v), F_l (B, L, C_l), text_mask (B, L) -> F_lav (B, N, D), F_val (B, L, D),
@@ -159,7 +215,10 @@ class MutualAwareAttention(nn.Module):
         keep = (torch.sigmoid(affinity) >= self.tau) & text_mask[:, None, :]
         logits = affinity.masked_fill(~keep, float("-inf"))  # Z_v Z_l^T + M
         attn = safe_softmax(logits, dim=2)  # A: each pixel's weights over words (B, N, L), Fig. 4a
-        attn_t = safe_softmax(logits, dim=1)  # "A^T": each word's weights over pixels, Fig. 4b
+        if self.a_transpose == "literal":  # A^T as Eq. (5) writes it: A's weights, transposed
+            attn_t = attn
+        else:  # "A^T": each word's weights over pixels, a softmax over pixels, Fig. 4b
+            attn_t = safe_softmax(logits, dim=1)
         # Eq. (5): F_lav = LN(A Z_l + Z_v), F_val = LN(A^T Z_v + Z_l)
         f_lav = self.norm_v(torch.einsum("bnl,bld->bnd", attn, z_l) + z_v)  # (B, N, D)
         f_val = self.norm_l(torch.einsum("bnl,bnd->bld", attn_t, z_v) + z_l)  # (B, L, D)
@@ -169,19 +228,53 @@ class MutualAwareAttention(nn.Module):
 class DecoderBlock(nn.Module):
     """One Mask Decoder block (Sec. Mask Decoder, Eq. 6-8)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, toi_attention: bool = False):
         super().__init__()
         self.self_attn_v = Attention(dim, heads)  # MHSA of Eq. (6)
         self.self_attn_c = Attention(dim, heads)  # MHSA of Eq. (7)
         self.cross_attn = Attention(dim, heads)  # MHCA of Eq. (8)
+        # "w/ TOI-A" (Tab. 4 #9): SAM's token-to-image attention, tokens reading the pixels
+        self.token_to_image = Attention(dim, heads) if toi_attention else None
 
     def forward(self, f_lav: Tensor, f_c: Tensor, c_mask: Tensor) -> tuple[Tensor, Tensor]:
         """F_lav (B, N, D), F_c = [F_m, F_val] (B, 1 + L, D), c_mask (B, 1 + L) True on real
         tokens -> the evolved F̄_lav (B, N, D) and F̂_c (B, 1 + L, D), the next block's inputs."""
         f_lav = self.self_attn_v(f_lav, f_lav, f_lav) + f_lav  # Eq. (6): F̂_lav
         f_c = self.self_attn_c(f_c, f_c, f_c, key_mask=c_mask) + f_c  # Eq. (7): F̂_c
+        if self.token_to_image is not None:  # TOI-A, where SAM's block has it
+            f_c = self.token_to_image(f_c, f_lav, f_lav) + f_c
         f_lav = self.cross_attn(f_lav, f_c, f_c, key_mask=c_mask) + f_lav  # Eq. (8): F̄_lav
         return f_lav, f_c
+
+
+class SAMDecoder(nn.Module):
+    """SAM's own mask decoder in place of the proposed one: "w/o DE" (Tab. 2 #3)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        # segment-anything's MaskDecoder as build_sam.py builds it, at width D
+        self.decoder = MaskDecoder(
+            transformer_dim=dim, num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=8 * dim,
+                                          num_heads=heads))
+        self.pe = PositionEmbeddingRandom(dim // 2)  # SAM's image position encoding (a buffer)
+        # only the single-mask output (mask token 0) reaches the loss (Interpretations)
+        mlps = self.decoder.output_hypernetworks_mlps
+        for unused in (self.decoder.iou_prediction_head, *mlps[1:]):
+            unused.requires_grad_(False)
+
+    def forward(self, f_lav: Tensor, f_val: Tensor, text_mask: Tensor, h: int, w: int) -> Tensor:
+        """F_lav (B, N, D), F_val (B, L, D), text_mask (B, L) -> mask logits (B, 1, 4h, 4w)."""
+        image = f_lav.transpose(1, 2).unflatten(2, (h, w))  # image embedding (B, D, h, w)
+        image_pe = self.pe((h, w))[None]  # (1, D, h, w)
+        no_mask = image.new_zeros(1, image.shape[1], 1, 1)  # dense prompt: no mask input
+        # one sample at a time: SAM's decoder repeats the image for each prompt set, and its
+        # attention has no key mask, so only the real words are given as prompt tokens
+        masks = [self.decoder(image_embeddings=image[b:b + 1], image_pe=image_pe,
+                              sparse_prompt_embeddings=f_val[b:b + 1, text_mask[b]],
+                              dense_prompt_embeddings=no_mask, multimask_output=False)[0]
+                 for b in range(image.shape[0])]
+        return torch.cat(masks)
 
 
 class MARIS(RISModel, CacheableEncoders):
@@ -193,8 +286,8 @@ class MARIS(RISModel, CacheableEncoders):
       text (B, L) CLIP token ids; text_mask (B, L) True on real tokens;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss (Eq. 9);
       image_feats / text_feats: precomputed encode_image / encode_text outputs (common.cache).
-    Returns: mask_logits (B, 1, H, W), attn (B, h*w, L) (A of Eq. 3, the last block's), and with
-      a target: loss, loss_focal, loss_dice.
+    Returns: mask_logits (B, 1, H, W), attn (B, h*w, L) (A of Eq. 3, the last block's; none
+      without MA), and with a target: loss, loss_focal, loss_dice.
     """
 
     def __init__(self, cfg: MARISConfig):
@@ -209,12 +302,28 @@ class MARIS(RISModel, CacheableEncoders):
         freeze_encoders("MARIS", {"image": (self.image_encoder, cfg.image_weights),
                                   "text": (self.text_encoder, cfg.text_weights)},
                         cfg.freeze_encoders)
-        D = cfg.dim
-        self.enhance = FeatureEnhancement(self.image_encoder.dim, D)
-        text_dims = [self.text_encoder.out_dim] + [D] * (cfg.num_ma_blocks - 1)
-        self.mutual = nn.ModuleList(MutualAwareAttention(D, t, D, cfg.tau) for t in text_dims)
+        if cfg.mask_decoder not in ("maris", "sam"):
+            raise ValueError(f'mask_decoder={cfg.mask_decoder!r}: "maris" or "sam"')
+        if cfg.mask_decoder == "sam" and (cfg.toi_attention
+                                          or not cfg.explicit_linguistic_guidance):
+            raise ValueError("toi_attention / explicit_linguistic_guidance change the proposed "
+                             'decoder (Tab. 4): they need mask_decoder="maris"')
+        D, C, C_l = cfg.dim, self.image_encoder.dim, self.text_encoder.out_dim
+        if cfg.feature_enhancement:
+            self.enhance = FeatureEnhancement(C, D)
+        else:  # "w/o FE": the deep feature alone, brought to D
+            self.project_v3 = nn.Linear(C, D)
+        if cfg.mutual_aware_attention:
+            text_dims = [C_l] + [D] * (cfg.num_ma_blocks - 1)
+            self.mutual = nn.ModuleList(MutualAwareAttention(D, t, D, cfg.tau, cfg.a_transpose)
+                                        for t in text_dims)
+        else:  # "w/o MA": the words brought to D, no attention
+            self.project_l = nn.Linear(C_l, D)
+        if cfg.mask_decoder == "sam":  # "w/o DE"
+            self.sam_decoder = SAMDecoder(D, cfg.heads)
+            return
         self.query = nn.Parameter(torch.randn(1, 1, D) * 0.02)  # F_m, random initialisation
-        self.decoder = nn.ModuleList(DecoderBlock(D, cfg.heads)
+        self.decoder = nn.ModuleList(DecoderBlock(D, cfg.heads, cfg.toi_attention)
                                      for _ in range(cfg.num_decoder_blocks))
         up = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False),
                                         nn.BatchNorm2d(b), nn.GELU(),
@@ -236,36 +345,58 @@ class MARIS(RISModel, CacheableEncoders):
                 image_mask: Tensor | None = None,
                 target: Tensor | None = None, image_feats: dict[str, Tensor] | None = None,
                 text_feats: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        B, H, W = text.shape[0], self.cfg.image_size, self.cfg.image_size  # SAM's square canvas
+        H = W = self.cfg.image_size  # SAM's square canvas (image may be None: cached features)
         # 1. frozen encoders (or their cached features): F_v1, F_v2, F_v3 (B, h, w, C), F_l
         image_feats, text_feats = self.encoded(image, text, text_mask, image_feats, text_feats)
         f_l = text_feats["f_l"]  # (B, L, C')
         # 2. Feature Enhancement (Eq. 1-2): F_v (B, D, h, w)
-        f_v = self.enhance(image_feats["f_v1"], image_feats["f_v2"], image_feats["f_v3"])
+        if self.cfg.feature_enhancement:
+            f_v = self.enhance(image_feats["f_v1"], image_feats["f_v2"], image_feats["f_v3"])
+        else:  # "w/o FE" (Tab. 2, 5 #1): F_v3 W
+            f_v = self.project_v3(image_feats["f_v3"]).permute(0, 3, 1, 2)
         h, w = f_v.shape[-2:]
         # 3. Mutual-Aware Attention blocks (Eq. 3-5), each on the previous block's F_lav, F_val
         vis, words = f_v.flatten(2).transpose(1, 2), f_l  # F_v (B, N, D), F_l (B, L, C')
-        for block in self.mutual:
-            vis, words, attn = block(vis, words, text_mask)
+        if self.cfg.mutual_aware_attention:
+            for block in self.mutual:
+                vis, words, attn = block(vis, words, text_mask)
+        else:  # "w/o MA" (Tab. 2 #2): F_lav = F_v, F_val = F_l W
+            words, attn = self.project_l(words), None
         f_lav, f_val = vis, words  # (B, N, D), (B, L, D); attn: A (B, N, L) of the last block
-        # 4. Mask Decoder (Eq. 6-8): F_c = [F_m, F_val]; the query token is never padding
-        f_c = torch.cat([self.query.expand(B, -1, -1), f_val], 1)  # (B, 1 + L, D)
-        c_mask = torch.cat([text_mask.new_ones(B, 1), text_mask], 1)  # (B, 1 + L)
-        for block in self.decoder:
-            f_lav, f_c = block(f_lav, f_c, c_mask)
-        # 5. upsample F̄_lav (two conv + 2x blocks), MLP on F̂_m, and their product (Sec. Mask
-        #    Decoder, last paragraph)
-        vis = self.upsample(f_lav.transpose(1, 2).unflatten(2, (h, w)))  # (B, u2, 4h, 4w)
-        query = self.query_mlp(f_c[:, 0])  # MLP(F̂_m) (B, u2)
-        logits = torch.einsum("bc,bchw->bhw", query, vis)[:, None]  # (B, 1, 4h, 4w)
+        # 4.-5. Mask Decoder (Eq. 6-8), or SAM's for "w/o DE" (Tab. 2 #3): (B, 1, 4h, 4w)
+        if self.cfg.mask_decoder == "sam":
+            logits = self.sam_decoder(f_lav, f_val, text_mask, h, w)
+        else:
+            logits = self.decode(f_lav, f_val, text_mask, h, w)
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        out = {"mask_logits": logits, "attn": attn}
+        out = {"mask_logits": logits}
+        if attn is not None:
+            out["attn"] = attn
         if target is not None:
             # Eq. (9): L = L_focal + L_dice
             out["loss_focal"] = sigmoid_focal_loss(logits, target)
             out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss_focal"] + out["loss_dice"]
         return out
+
+    def decode(self, f_lav: Tensor, f_val: Tensor, text_mask: Tensor, h: int, w: int) -> Tensor:
+        """The proposed Mask Decoder (Sec. Mask Decoder): F_lav (B, N, D), F_val (B, L, D),
+        text_mask (B, L) -> mask logits (B, 1, 4h, 4w)."""
+        B = f_lav.shape[0]
+        query = self.query.expand(B, -1, -1)  # F_m (B, 1, D), never padding
+        if self.cfg.explicit_linguistic_guidance:  # 4. F_c = [F_m, F_val] (Eq. 7)
+            f_c = torch.cat([query, f_val], 1)  # (B, 1 + L, D)
+            c_mask = torch.cat([text_mask.new_ones(B, 1), text_mask], 1)  # (B, 1 + L)
+        else:  # "w/o ELP" (Tab. 4 #10): F_val multiplied into F_lav, as VLT; F_c = [F_m]
+            f_lav = f_lav * masked_mean(f_val, text_mask)[:, None]  # (B, N, D)
+            f_c, c_mask = query, text_mask.new_ones(B, 1)
+        for block in self.decoder:  # Eq. (6)-(8)
+            f_lav, f_c = block(f_lav, f_c, c_mask)
+        # 5. upsample F̄_lav (two conv + 2x blocks), MLP on F̂_m, and their product (Sec. Mask
+        #    Decoder, last paragraph)
+        vis = self.upsample(f_lav.transpose(1, 2).unflatten(2, (h, w)))  # (B, u2, 4h, 4w)
+        query = self.query_mlp(f_c[:, 0])  # MLP(F̂_m) (B, u2)
+        return torch.einsum("bc,bchw->bhw", query, vis)[:, None]  # (B, 1, 4h, 4w)
 
     def configure_optimizers(self, lr: float, total_steps: int):
         """AdamW with warm-up and polynomial decay (our recipe: see Interpretations)."""
@@ -276,6 +407,8 @@ class MARIS(RISModel, CacheableEncoders):
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
         """Vision-Guided Attention, as Fig. 5(a): each pixel's weight (A) on its most-attended
         word."""
+        if "attn" not in out:  # "w/o MA": there is no A
+            return []
         attn = out["attn"][i]  # A (N, L)
         side = int(attn.shape[0] ** 0.5)
         return [("vision-guided (Fig. 5a): max over words",
