@@ -177,3 +177,68 @@ class FeatureCache:
                 text_feats[k] = torch.stack(rows).to(device)
             out["text_feats"] = text_feats
         return out
+
+
+@torch.no_grad()
+def storage_error(model, batch: dict, storages=STORAGE) -> dict[str, dict[str, float]]:
+    """What storing the frozen encoders' features changes, for each storage: the features'
+    relative L2 error, the loss's relative change and the share of pixels whose predicted mask
+    flips, against fp32 features, on `batch` (the model in eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    feats = {"image_feats": model.encode_image(batch["image"]),
+             "text_feats": model.encode_text(batch["text"], batch["text_mask"])}
+    ref = model(**model.inputs_from(batch), **feats, target=batch["mask"])
+    report = {}
+    for storage in storages:
+        stored = {part: {k: torch.stack([unpack(pack(x, storage)) for x in v]).to(v.device)
+                         for k, v in f.items()} for part, f in feats.items()}
+        out = model(**model.inputs_from(batch), **stored, target=batch["mask"])
+        report[storage] = {
+            "feature_rel_error": max(((stored["image_feats"][k] - v).norm() / v.norm()).item()
+                                     for k, v in feats["image_feats"].items()),
+            "loss_rel_change": abs(out["loss"].item() / ref["loss"].item() - 1),
+            "pixels_flipped": ((out["mask_logits"] > 0) != (ref["mask_logits"] > 0))
+            .float().mean().item()}
+    model.train(was_training)
+    return report
+
+
+def main(argv=None) -> dict:
+    """python -m common.cache --model maris --config paper-vit-b [--image-weights F
+    --text-weights F]: storage_error on a batch of synthetic images at the model's input size
+    (random encoders unless weight files are given: then the numbers are your encoder's)."""
+    import argparse
+    import dataclasses
+    import warnings
+
+    import train
+    from common.benchmark import bench_batch
+    from common.encoders import quiet_random_init
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default="maris")
+    p.add_argument("--config", default="paper-vit-b")
+    p.add_argument("--image-weights", default=None)
+    p.add_argument("--text-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=2)
+    args = p.parse_args(argv)
+    module = train.load_model_module(args.model)
+    cfg = dataclasses.replace(module.CONFIGS[args.config], freeze_encoders=True,
+                              image_weights=args.image_weights, text_weights=args.text_weights)
+    torch.manual_seed(0)
+    with quiet_random_init(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = module.MODEL(cfg)
+    report = storage_error(model, bench_batch(model, args.batch_size, torch.device("cpu")))
+    weights = "given weights" if args.image_weights else "random encoders"
+    print(f"{args.model}/{args.config} ({weights}), {args.batch_size} synthetic images; "
+          "against fp32 features:")
+    for storage, r in report.items():
+        print(f"  {storage}: feature rel. L2 error {r['feature_rel_error']:.1e}, loss rel. change "
+              f"{r['loss_rel_change']:.1e}, pixels flipped {r['pixels_flipped']:.2%}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -205,3 +205,15 @@ def test_int8_storage_halves_the_cache_and_keeps_the_loss(frozen, tmp_path):
     assert sizes["int8"] < 0.6 * sizes["fp16"]
     with pytest.raises(ValueError, match="storage"):
         FeatureCache(str(tmp_path), frozen, "fp8")
+
+
+def test_storage_error_orders_the_formats_by_precision(frozen):
+    """common.cache.storage_error (python -m common.cache): fp16 keeps more than bf16 and int8."""
+    from common.cache import storage_error
+
+    frozen.train()
+    report = storage_error(frozen, make_batch(frozen, n=2))
+    errors = [report[s]["feature_rel_error"] for s in ("fp16", "bf16", "int8")]
+    assert 0 < errors[0] < errors[1] and errors[0] < errors[2] < 0.05
+    assert all(0 <= r["pixels_flipped"] < 0.5 for r in report.values())
+    assert frozen.training  # measured in eval mode, then put back
