@@ -56,6 +56,16 @@ Interpretations (where the paper is silent or contradicts itself):
 - Eq. 15's "multi-head self-attention layer" keeps its residual connection (as the decoder's
   Eq. 11 does), because without it every output is an average over all the queries, which
   washes out what tells them apart.
+- Ablations (Sec. 4.4, Tables 2-4; ABLATIONS): w/o MMP, the S_q-weighted sum of the queries
+  goes through the same projector (Eq. 14) as one query, while the decoder still attends to all
+  N_q queries, because the paper "still generated multiple queries but only obtained one mask";
+  w/o MQE, the masks are added with no weight (a sum, not a mean), as "directly adding multiple
+  masks without any scores" says; w/o f_vg, Eq. (8) is gone and F_t (width C_t) takes F_tv's
+  place in Eq. (9-10), so W_a and W_tv read C_t, and F_vg is not built. w/o MMP together with
+  w/o MQE is refused: the paper weights the queries by the estimator and gives no other rule.
+  Without Eq. (14)'s sigma (kernel_relu=False) the projector is linear in F_qn and the scores
+  sum to 1, so w/o MMP computes exactly the full model's y: Table 3's rows differ from Table
+  2's only with kernel_relu=True (or with a non-linearity the paper does not write).
 - Eq. 16 sums mask logits, and "cross-entropy loss" is binary cross-entropy on the sum upsampled
   bilinearly to the input size, because the mask is binary.
 - Encoders are fine-tuned with the same learning rate (`freeze_encoders=True` freezes them),
@@ -97,12 +107,16 @@ class MMNetConfig:
     image_size: int = 480  # "Input images are resized to 480 x 480" (Sec. 4.1)
     max_tokens: int = 17  # SOS/EOS included: 17 for RefCOCO(+), 22 for G-Ref (Sec. 4.1)
     dim: int = 512  # C: "the hidden layer size in all heads is set to 512" (Sec. 4.1)
-    num_queries: int = 24  # N_q, best in Table 2
+    num_queries: int = 24  # N_q, best in Table 2, whose rows are N_q = 1, 2, 4, 8, 16, 24, 32
     heads: int = 8  # "Each Transformer block has 8 heads" (Sec. 4.1)
     ffn_dim: int = 2048  # "the feed-forward hidden dimension is set to 2048" (Sec. 4.1)
     decoder_layers: int = 3  # not given; CRIS, the base, uses 3
     dropout: float = 0.1  # not given; CRIS's decoder
     kernel_relu: bool = False  # Eq. (14)'s sigma on the dynamic kernel (see Interpretations)
+    # Sec. 4.4's ablations (Tables 2-4; ABLATIONS lists the rows), the full model by default
+    multi_mask_projector: bool = True  # MMP, Table 3: False = one mask from the S_q-weighted query
+    query_estimator: bool = True  # MQE, Table 4: False = the masks added without any scores
+    global_visual_feature: bool = True  # f_vg, Table 4: False = Eq. (8) removed, F_t used directly
     image_weights: str | None = None  # open_clip / OpenAI CLIP file for the image tower
     text_weights: str | None = None  # the same file (or another CLIP) for the text tower
     freeze_encoders: bool = False  # the paper fine-tunes (see Interpretations)
@@ -126,6 +140,8 @@ PAPER_WEIGHTS = {
                     "text_weights": _CLIP.format("RN101", "RN101")},
     "paper-vit-l": {"image_weights": _CLIP.format("ViT-L/14", "ViT-L-14"),
                     "text_weights": _CLIP.format("ViT-L/14", "ViT-L-14")},
+    "paper-rn50": {"image_weights": _CLIP.format("RN50", "RN50"),
+                   "text_weights": _CLIP.format("RN50", "RN50")},
 }
 
 CONFIGS = {
@@ -133,6 +149,9 @@ CONFIGS = {
     "paper-rn101": MMNetConfig(image_arch="RN101-quickgelu", text_arch="RN101-quickgelu"),
     "paper-vit-l": MMNetConfig(image_arch="ViT-L-14-quickgelu",
                                 text_arch="ViT-L-14-quickgelu"),
+    # the ablation setting (Sec. 4.4): "we use ResNet50 as the vision backbone and the epoch is
+    # set to 50", evaluated on RefCOCO+ testA; the text tower of the same CLIP (as Sec. 3.1)
+    "paper-rn50": MMNetConfig(image_arch="RN50-quickgelu", text_arch="RN50-quickgelu", epochs=50),
     # CPU-sized, same code paths, trained from scratch on the synthetic data (README): a small
     # CLIP ViT (6 blocks, patch 8) and text tower, 96 px (12x12 grid; the tower's 16x16 position
     # table is resized, as the paper's 224-px CLIP is for 480 px), C = 64, 12 queries, 2 layers
@@ -143,6 +162,19 @@ CONFIGS = {
     "tiny-rn": MMNetConfig(image_arch="tiny-rn", text_arch="tiny", image_size=128, dim=64,
                            num_queries=24, heads=4, ffn_dim=256, dropout=0.0, lr=1e-3,
                            warmup=0.03, epochs=8, batch_size=16),
+}
+
+# Sec. 4.4's ablation rows (Tables 2-4) as config overrides, each applied to a config by itself
+# (`train.py --set field=value`). The paper's ablation runs use paper-rn50 and RefCOCO+ testA;
+# the full model of Tables 3 and 4 is Table 2's N_q = 24 row, so every row there pins N_q.
+ABLATIONS: dict[str, dict[str, object]] = {
+    **{f"N_q={n}": {"num_queries": n} for n in (32, 24, 16, 8, 4, 2, 1)},  # Table 2
+    **{f"N_q={n} w/o MMP": {"num_queries": n, "multi_mask_projector": False}
+       for n in (24, 16, 8)},  # Table 3 (its rows with MMP are Table 2's)
+    "w/o f_vg": {"num_queries": 24, "global_visual_feature": False},  # Table 4
+    "w/o MQE": {"num_queries": 24, "query_estimator": False},
+    "w/o f_vg, w/o MQE": {"num_queries": 24, "global_visual_feature": False,
+                          "query_estimator": False},
 }
 
 
@@ -172,21 +204,23 @@ class VisualProjection(nn.Module):
     maps share one patch grid: F_v2 is repeated to twice it and F_v4 learned at half of it, the
     ResNet's relative strides (see Interpretations); a ResNet's are 1x1 convs at its own grids."""
 
-    def __init__(self, dims: dict[str, int], dim: int, vit: bool):
+    def __init__(self, dims: dict[str, int], dim: int, vit: bool, global_feature: bool = True):
         super().__init__()
         self.v2, self.v3 = (nn.Conv2d(dims[k], dim, 1) for k in ("x2", "x3"))
         # ViT: half the patch grid by a learned 2x2 stride-2 conv, a real downsampling
         self.v4 = nn.Conv2d(dims["z"], dim, 2, stride=2) if vit else nn.Conv2d(dims["z"], dim, 1)
-        self.vg = nn.Linear(dims["z"], dim)
+        self.vg = nn.Linear(dims["z"], dim) if global_feature else None  # none w/o f_vg (Table 4)
         self.vit = vit
 
-    def forward(self, x2: Tensor, x3: Tensor, z: Tensor, z_bar: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, x2: Tensor, x3: Tensor, z: Tensor,
+                z_bar: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         # ViT: x2, x3, z all (B, D, h, w) -> F_v2 (B, C, 2h, 2w), F_v3 (B, C, h, w),
         # F_v4 (B, C, h/2, w/2); ResNet: each at its own stage grid
         f_v2, f_v3, f_v4 = self.v2(x2), self.v3(x3), self.v4(z)
         if self.vit:  # repeated, no new information: the neck's 2x2 Avg gives back f_v2 exactly
             f_v2 = F.interpolate(f_v2, scale_factor=2, mode="nearest")
-        return f_v2, f_v3, f_v4, self.vg(z_bar)  # F_vg (B, C)
+        f_vg = None if self.vg is None else self.vg(z_bar)  # F_vg (B, C)
+        return f_v2, f_v3, f_v4, f_vg
 
 
 class FusionNeck(nn.Module):
@@ -221,23 +255,31 @@ class FusionNeck(nn.Module):
 
 
 class MultiQueryGenerator(nn.Module):
-    """Multi-Query Generator (Sec. 3.2, Eq. 6-10): N_q word attentions, each a query."""
+    """Multi-Query Generator (Sec. 3.2, Eq. 6-10): N_q word attentions, each a query. Without
+    `global_visual` (Table 4, w/o f_vg) Eq. (8) is removed and Eq. (9-10) read F_t itself."""
 
-    def __init__(self, dim: int, word_dim: int, num_queries: int, num_pixels: int):
+    def __init__(self, dim: int, word_dim: int, num_queries: int, num_pixels: int,
+                 global_visual: bool = True):
         super().__init__()
         self.dense = FusionNeck(dim)  # Eq. (6)
         self.to_queries = nn.Sequential(conv_bn_relu(dim, dim, 3), conv_bn_relu(dim, dim, 3),
                                         nn.Conv2d(dim, num_queries, 1))  # Eq. (7)
-        self.w_t, self.w_vg = linear_relu(word_dim, dim), linear_relu(dim, dim)  # Eq. (8)
-        self.w_vd, self.w_a = linear_relu(num_pixels, dim), linear_relu(dim, dim)  # Eq. (9)
-        self.w_tv = linear_relu(dim, dim)  # Eq. (10)
+        self.global_visual = global_visual
+        if global_visual:
+            self.w_t, self.w_vg = linear_relu(word_dim, dim), linear_relu(dim, dim)  # Eq. (8)
+        tv_dim = dim if global_visual else word_dim  # width of F_tv, or of F_t in its place
+        self.w_vd, self.w_a = linear_relu(num_pixels, dim), linear_relu(tv_dim, dim)  # Eq. (9)
+        self.w_tv = linear_relu(tv_dim, dim)  # Eq. (10)
 
-    def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor, f_vg: Tensor, words: Tensor,
-                text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """F_v2, F_v3, F_v4 as in FusionNeck, F_vg (B, C), F_t (B, L, C_t), text_mask (B, L) ->
-        F_q (B, Q, C) and the word attention a (B, Q, L) of Eq. (9)."""
+    def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor, f_vg: Tensor | None,
+                words: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """F_v2, F_v3, F_v4 as in FusionNeck, F_vg (B, C) (None w/o f_vg), F_t (B, L, C_t),
+        text_mask (B, L) -> F_q (B, Q, C) and the word attention a (B, Q, L) of Eq. (9)."""
         f_vd = self.to_queries(self.dense(f_v2, f_v3, f_v4)).flatten(2)  # Eq. (7): F_vd (B, Q, N)
-        f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :]  # Eq. (8): F_tv (B, L, C)
+        if self.global_visual:
+            f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :]  # Eq. (8): F_tv (B, L, C)
+        else:  # Table 4, w/o f_vg: "we directly use textual features F_t", (B, L, C_t)
+            f_tv = words
         # Eq. (9): a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the real words
         logits = torch.einsum("bqc,blc->bql", self.w_vd(f_vd), self.w_a(f_tv))  # (B, Q, L)
         attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
@@ -311,8 +353,8 @@ class MMNet(RISModel):
       text (B, L) CLIP token ids with SOT/EOT; text_mask (B, L) True on real tokens;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
     Returns: mask_logits (B, 1, H, W) (Eq. 16, upsampled), query_masks (B, Q, 4h, 4w) mask logits
-      of every query (Eq. 14), query_scores (B, Q) (Eq. 15), word_attn (B, Q, L) (Eq. 9), and
-      with a target: loss, loss_bce.
+      of every query (Eq. 14; (B, 1, 4h, 4w) w/o MMP), query_scores (B, Q) (Eq. 15; all 1 w/o
+      MQE), word_attn (B, Q, L) (Eq. 9), and with a target: loss, loss_bce.
     """
 
     def __init__(self, cfg: MMNetConfig):
@@ -335,15 +377,19 @@ class MMNet(RISModel):
             raise ValueError(f"image_size {cfg.image_size}: a CLIP ResNet needs a multiple of 32")
         side = cfg.image_size // enc.x3_stride  # h = w of the x3 grid
         C = cfg.dim
-        self.project = VisualProjection(enc.dims, C, enc.is_vit)
+        if not (cfg.multi_mask_projector or cfg.query_estimator):
+            raise ValueError("MMNet without the Multi-Mask Projector weights the queries by the "
+                             "Multi-Query Estimator's scores (Table 3): it needs query_estimator")
+        self.project = VisualProjection(enc.dims, C, enc.is_vit, cfg.global_visual_feature)
         self.neck = FusionNeck(C, text_dim=self.text_encoder.out_dim)
         self.generator = MultiQueryGenerator(C, self.text_encoder.width, cfg.num_queries,
-                                             num_pixels=side * side)
+                                             num_pixels=side * side,
+                                             global_visual=cfg.global_visual_feature)
         self.decoder = nn.ModuleList(DecoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                      for _ in range(cfg.decoder_layers))
         self.decoder_norm = nn.LayerNorm(C)
         self.projector = MultiMaskProjector(C, kernel_relu=cfg.kernel_relu)
-        self.estimator = MultiQueryEstimator(C, cfg.heads)
+        self.estimator = MultiQueryEstimator(C, cfg.heads) if cfg.query_estimator else None
 
     def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
                 image_mask: Tensor | None = None,
@@ -366,11 +412,15 @@ class MMNet(RISModel):
         for layer in self.decoder:
             f_s = layer(f_s, f_q, vis_pos, query_pos)
         f_s = self.decoder_norm(f_s).transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
-        # 5. Multi-Mask Projector (Eq. 14): one mask per query
-        masks = self.projector(f_s, f_q)  # (B, Q, 4h, 4w)
-        # 6. Multi-Query Estimator (Eq. 15) and the weighted sum of the masks (Eq. 16)
-        scores = self.estimator(f_q)  # S_q (B, Q)
-        y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # (B, 1, 4h, 4w)
+        # 5. Multi-Query Estimator (Eq. 15); without it (Table 4) every mask counts once
+        scores = self.estimator(f_q) if self.estimator is not None else f_q.new_ones(f_q.shape[:2])
+        # 6. Multi-Mask Projector (Eq. 14), one mask per query, and their weighted sum (Eq. 16)
+        if self.cfg.multi_mask_projector:
+            masks = self.projector(f_s, f_q)  # (B, Q, 4h, 4w)
+            y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # (B, 1, 4h, 4w)
+        else:  # Table 3 w/o MMP: the S_q-weighted sum of the queries, then a single mask
+            f_q_bar = torch.einsum("bq,bqc->bc", scores, f_q)[:, None]  # (B, 1, C)
+            y = masks = self.projector(f_s, f_q_bar)  # (B, 1, 4h, 4w)
         logits = F.interpolate(y, size=(H, W), mode="bilinear", align_corners=False)
         out = {"mask_logits": logits, "query_masks": masks, "query_scores": scores,
                "word_attn": word_attn}
@@ -388,10 +438,13 @@ class MMNet(RISModel):
         """Fig. 2 and 5: every query's mask with its score (highest first), and their weighted
         sum (Eq. 16)."""
         scores, masks = out["query_scores"][i], out["query_masks"][i]  # (Q,), (Q, 4h, 4w)
+        if not self.cfg.multi_mask_projector:  # Table 3, w/o MMP: one mask, nothing to weight
+            return [("mask of the score-weighted query (w/o MMP)", masks[0].sigmoid())]
         panels = [(f"query {n}: score {scores[n]:.3f}", masks[n].sigmoid())
                   for n in scores.argsort(descending=True).tolist()]
         weighted = torch.einsum("q,qhw->hw", scores, masks).sigmoid()
-        return panels + [("weighted sum of masks (Eq. 16)", weighted)]
+        name = "weighted sum" if self.estimator is not None else "sum (w/o MQE)"
+        return panels + [(f"{name} of masks (Eq. 16)", weighted)]
 
 
 MODEL = MMNet

@@ -277,3 +277,25 @@ def test_tokenizer_and_input_spec_follow_the_paper():
     tok = build("mmnet").tokenizer
     ids, truncated = tok("the man in the red shirt standing on the far left next to the tall lamp")
     assert len(ids) == 17 and truncated and ids[0] == tok.sot_id and ids[-1] == tok.eot_id
+
+
+def test_decoder_attention_is_softmax_qk_over_sqrt_d_times_v():
+    """Eq. (12): the decoder's self- and cross-attention in eval mode (dropout off) equal the
+    explicit formula, with the parameter names checkpoints hold; in training, dropout acts."""
+    torch.manual_seed(0)
+    C, heads = 16, 4
+    layer = mmnet.DecoderLayer(C, heads, ffn_dim=32, dropout=0.5)
+    vis, queries = torch.randn(2, 9, C), torch.randn(2, 5, C)
+    for attn, kv in ((layer.self_attn, vis), (layer.cross_attn, queries)):
+        assert sorted(k for k in attn.state_dict()) == sorted(
+            f"{n}.{p}" for n in ("to_q", "to_k", "to_v", "to_out") for p in ("weight", "bias"))
+        split = lambda x: x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split(attn.to_q(vis)), split(attn.to_k(kv)), split(attn.to_v(kv))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // heads), dim=-1)
+        ref = attn.to_out((weights @ v).transpose(1, 2).flatten(2))
+        layer.eval()
+        with torch.no_grad():
+            assert (attn(vis, kv, kv) - ref).abs().max() < 1e-5
+        layer.train()
+        with torch.no_grad():
+            assert not torch.allclose(attn(vis, kv, kv), ref, atol=1e-3)  # attention dropout
