@@ -1,0 +1,38 @@
+"""The ablation runner (common.ablations) trains the full model and each ABLATIONS row with the
+same seed and steps, and compares them in one table."""
+
+import json
+
+import train
+from common import ablations
+
+
+def test_every_model_lists_its_paper_ablations_as_settable_rows():
+    for name in train.MODELS:
+        table = ablations.rows(name)
+        assert table["full"] == {} and len(table) > 1, name
+        for label, overrides in table.items():
+            sets = [f"{k}={v}" for k, v in overrides.items()]
+            args = train.parse_args(["--model", name] + [f"--set={s}" for s in sets])
+            cfg = train.build_config(train.load_model_module(name), args)
+            assert all(str(getattr(cfg, k)) == str(v) for k, v in overrides.items()), label
+    assert ablations.slug("w/o IMI") == "wo-imi"
+    assert ablations.slug("II #3 baseline + IMI*") == "ii-3-baseline-imi"
+    assert list(ablations.rows("m3dec", only="^III")) == ["full", "III concate"]
+
+
+def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch):
+    module = train.load_model_module("maris")
+    label, overrides = next(iter(module.ABLATIONS.items()))
+    monkeypatch.setattr(ablations, "rows", lambda name, only: {"full": {}, label: overrides})
+    argv = ["--model", "maris", "--max-steps", "1", "--out", str(tmp_path), "--",
+            "--shapes-train-size", "8", "--batch-size", "4", "--shapes-eval-size", "4"]
+    report, = ablations.main(argv)
+    with open(report) as f:
+        rows = json.load(f)["checkpoints"]
+    assert [r["label"] for r in rows] == ["full", label]
+    assert all(r["splits"]["val"]["n"] == 4 for r in rows)
+    ran = []
+    monkeypatch.setattr(ablations, "run", lambda cmd: ran.append(cmd[1]))
+    ablations.main(argv)  # both rows trained to the step: only the comparison runs again
+    assert ran == ["eval.py"]
