@@ -63,3 +63,31 @@ def ref(ref_id: int, ann_id: int, image_id: int, split: str, *sentences: str) ->
             "category_id": 1, "sent_ids": list(range(len(sentences))), "file_name": "x.jpg",
             "sentences": [{"sent_id": k, "sent": s, "raw": s, "tokens": []}
                           for k, s in enumerate(sentences)]}
+
+
+def vilt_padded_outputs(ours, theirs, vocab: int, words: int, real_words: int,
+                        hw: tuple[int, int], real_hw: tuple[int, int], low_id: int = 1):
+    """Our ViLTEncoder and transformers' ViltModel on one padded batch of two samples (the
+    second with `real_words` words and a `real_hw` image in an `hw` canvas): returns (ours,
+    theirs) last hidden states (2, 1 + words + N, d) and our kept-patch mask (2, 1 + N). ViltModel
+    reorders its patch tokens: compare the first 1 + words tokens in place, patches as sets."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(low_id, vocab, (2, words), generator=gen)
+    text_mask = torch.ones(2, words, dtype=torch.bool)
+    text_mask[1, real_words:] = False
+    image = torch.randn(2, 3, *hw, generator=gen)
+    image_mask = torch.ones(2, *hw, dtype=torch.bool)
+    image_mask[1, real_hw[0]:], image_mask[1, :, real_hw[1]:] = False, False
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=text_mask.long(), pixel_values=image,
+                      pixel_mask=image_mask.long()).last_hidden_state
+        img, keep, _ = ours.embed_image(image, image_mask)
+        got = ours(torch.cat([ours.embed_text(ids), img], 1), torch.cat([text_mask, keep], 1))
+    return got, want, keep
+
+
+def nearest_patch_tokens(got, want, keep, b: int, words: int):
+    """Sample b's real patch tokens of ours (n, d) and, for each, the nearest of ViltModel's."""
+    real = got[b, 1 + words:][keep[b, 1:]]
+    dist = torch.cdist(real, want[b, 1 + words:], compute_mode="donot_use_mm_for_euclid_dist")
+    return real, want[b, 1 + words:][dist.argmin(1)]

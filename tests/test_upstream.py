@@ -18,6 +18,7 @@ import warnings
 import open_clip
 import pytest
 import torch
+from helpers import nearest_patch_tokens, vilt_padded_outputs
 from torch import Tensor, nn
 from weights import (
     darknet_convs,
@@ -388,23 +389,10 @@ def test_vilt_b32_tokens_match_transformers(tmp_path, capsys):
     enc = ViLTEncoder("vilt-b32", str(tmp_path), vocab_size=30522).eval()
     n = len(ref.state_dict()) - len([k for k in ref.state_dict() if k.startswith("pooler.")])
     assert load_line(capsys) == f"loaded {tmp_path}: {n}/{n} tensors into ViLT vilt-b32 transformer"
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 30522, (2, 15), generator=gen)
-    text_mask = torch.ones(2, 15, dtype=torch.bool)
-    text_mask[1, 9:] = False
-    image = torch.randn(2, 3, 384, 576, generator=gen)
-    image_mask = torch.ones(2, 384, 576, dtype=torch.bool)
-    image_mask[1, 320:], image_mask[1, :, 416:] = False, False  # 10 x 13 real patches
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=text_mask.long(), pixel_values=image,
-                   pixel_mask=image_mask.long()).last_hidden_state
-        img, keep, _ = enc.embed_image(image, image_mask)
-        got = enc(torch.cat([enc.embed_text(ids), img], 1), torch.cat([text_mask, keep], 1))
+    got, want, keep = vilt_padded_outputs(enc, ref, 30522, 15, 9, (384, 576), (320, 416), 5)
     compare("ViLT-B/32 words and class token (2, 16, 768)", got[:, :16], want[:, :16])
-    for b in range(2):  # each real patch token of ours is one of ViltModel's
-        real = got[b, 16:][keep[b, 1:]]
-        dist = torch.cdist(real, want[b, 16:], compute_mode="donot_use_mm_for_euclid_dist")
-        nearest = want[b, 16:][dist.argmin(1)]
+    for b in range(2):  # 10 x 13 real patches in the second image; each of ours is ViltModel's
+        real, nearest = nearest_patch_tokens(got, want, keep, b, 15)
         compare(f"ViLT-B/32 patch tokens of image {b} ({len(real)}, 768)", real, nearest)
 
 
