@@ -4,7 +4,7 @@ For each model: the tiny config trained as the full model and once per row of it
 `ABLATIONS` (config overrides named after the paper's ablation rows), every run with the same
 seed, data and number of steps; then every run's last.pt evaluated on the synthetic val split in
 one comparison table (`eval.py --checkpoint RUN/last.pt=LABEL ...`), printed and written to
-OUT/<model>.json.
+OUT/<model>.json, and as markdown to OUT/ablations.md (the README's tables).
 
   python -m common.ablations --model all --max-steps 300 --out runs/ablations
 
@@ -72,6 +72,23 @@ def ablate(model: str, args) -> str:
     return report
 
 
+def markdown(report: str) -> str:
+    """One comparison JSON (eval.py --json) as the README's markdown table (val, in %)."""
+    with open(report) as f:
+        rows = json.load(f)["checkpoints"]
+    types = list(rows[0]["splits"]["val"].get("by_type", {}))
+    lines = ["| row | switches | mIoU | oIoU | Pr@0.5 | Pr@0.9 | "
+             + " | ".join(types) + " |", "|---" * (6 + len(types)) + "|"]
+    for r in rows:
+        m = r["splits"]["val"]
+        changes = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "-"
+        cells = [r["label"], changes] + [f"{100 * m[k]:.1f}" for k in ("mIoU", "oIoU", "Pr@0.5",
+                                                                    "Pr@0.9")]
+        cells += [f"{100 * m['by_type'][t]['mIoU']:.1f}" for t in types]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,10 +105,10 @@ def main(argv=None) -> list[str]:
     names = train.MODELS if args.model == "all" else [args.model]
     torch.set_num_threads(1)  # this process only waits for its children
     reports = [ablate(name, args) for name in names]
-    for path in reports:
-        with open(path) as f:
-            n = len(json.load(f)["checkpoints"])
-        print(f"{path}: {n} runs compared", flush=True)
+    tables = "\n\n".join(f"{os.path.basename(path)[:-5]}\n\n{markdown(path)}" for path in reports)
+    with open(os.path.join(args.out, "ablations.md"), "w") as f:
+        f.write(tables + "\n")
+    print(f"tables (markdown): {os.path.join(args.out, 'ablations.md')}", flush=True)
     return reports
 
 

@@ -32,6 +32,9 @@ def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch
         rows = json.load(f)["checkpoints"]
     assert [r["label"] for r in rows] == ["full", label]
     assert all(r["splits"]["val"]["n"] == 4 for r in rows)
+    table = (tmp_path / "ablations.md").read_text().splitlines()
+    assert table[0] == "maris" and table[5].startswith(f"| {label} | `")
+    assert table[4].startswith(f"| full | - | {100 * rows[0]['splits']['val']['mIoU']:.1f} |")
     ran = []
     monkeypatch.setattr(ablations, "run", lambda cmd: ran.append(cmd[1]))
     ablations.main(argv)  # both rows trained to the step: only the comparison runs again
