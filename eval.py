@@ -269,10 +269,14 @@ def parse_args(argv=None):
 
 def split_label(entry: str) -> tuple[str, str]:
     """--checkpoint's PATH[=LABEL] as (path, label); without a label, the checkpoint's folder
-    and file name. An existing file whose name holds "=" is a path."""
+    and file name. The label starts after the first "=" that ends an existing file's name, so
+    labels may hold "=" ("N_q=24") and an existing file whose name holds "=" is a path; when no
+    prefix exists, after the first "=" (the missing path is then reported)."""
     path, label = entry, None
-    if not os.path.isfile(entry) and "=" in entry:
-        path, label = entry.rsplit("=", 1)
+    cuts = [i for i, c in enumerate(entry) if c == "="]
+    if not os.path.isfile(entry) and cuts:
+        i = next((i for i in cuts if os.path.isfile(entry[:i])), cuts[0])
+        path, label = entry[:i], entry[i + 1:]
     folder = os.path.basename(os.path.dirname(os.path.normpath(path)))
     return path, label or os.path.join(folder, os.path.basename(path))
 

@@ -98,7 +98,8 @@ def test_one_checkpoint_keeps_the_one_layout(runs, tmp_path):
 
 def test_labels_default_to_the_run_folder_and_must_differ(runs, capsys):
     assert eval_cli.split_label("runs/a/best.pt") == ("runs/a/best.pt", "a/best.pt")
-    assert eval_cli.split_label("runs/a/best.pt=x=1") == ("runs/a/best.pt=x", "1")
+    assert eval_cli.split_label("runs/a/best.pt=x=1") == ("runs/a/best.pt", "x=1")
+    assert eval_cli.split_label(f"{runs[0]}=N_q=24") == (runs[0], "N_q=24")  # an ablation row
     assert eval_cli.split_label(runs[0]) == (runs[0], os.path.join(
         os.path.basename(os.path.dirname(runs[0])), "maris.pt"))
     with pytest.raises(SystemExit):
