@@ -1131,17 +1131,13 @@ class Run:
         self.augment = self.settings["augment"]
         self.prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=self.augment,
                                     candidates="cand_masks" in raw.input_names)
-        self.train_set = data.PreparedDataset(self.base, self.prep, seed=args.seed,
-                                              skip_bad=True)
         # One shuffled order per epoch, split across ranks: a step's samples depend only on
         # the global batch, which is what lets a resumed run continue mid-epoch exactly.
         k = args.sentences_per_image
         keys = [self.base.image_key(i) for i in range(len(self.base))] if k > 1 else None
-        self.sampler = TrainSampler(len(self.train_set), self.rank, self.world, args.seed,
+        self.sampler = TrainSampler(len(self.base), self.rank, self.world, args.seed,
                                     image_keys=keys, k=k, batch=plan.per_process)
-        self.loader = make_train_loader(self.train_set, self.sampler, plan.per_process,
-                                        raw.tokenizer.pad_id, args.workers,
-                                        self.device.type == "cuda", args.seed)
+        self.load_training_set(self.base)
         self.steps_per_epoch = len(self.sampler) // plan.per_process // plan.accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training samples give no full step of "
@@ -1167,6 +1163,15 @@ class Run:
             if self.is_main:
                 print(f"feature cache for the frozen {' and '.join(self.cache.parts)} "
                       f"encoder(s): {', '.join(self.cache.dirs.values())}", flush=True)
+
+    def load_training_set(self, base) -> None:
+        """The training set over a raw dataset (prepared as the model expects) and its loader,
+        which draws from `self.sampler`."""
+        args = self.args
+        self.train_set = data.PreparedDataset(base, self.prep, seed=args.seed, skip_bad=True)
+        self.loader = make_train_loader(self.train_set, self.sampler, self.plan.per_process,
+                                        self.raw.tokenizer.pad_id, args.workers,
+                                        self.device.type == "cuda", args.seed)
 
     def stop_reading_cached_images(self) -> None:
         """With the feature cache, once it holds the frozen image encoder's features of every
@@ -1194,12 +1199,7 @@ class Run:
                 base = data.build_dataset(args.dataset, "train", images=False,
                                           **dataset_kwargs(args, "train", self.candidates,
                                                            self.cfg))
-                self.train_set = data.PreparedDataset(base, self.prep, seed=args.seed,
-                                                      skip_bad=True)
-                self.loader = make_train_loader(self.train_set, self.sampler,
-                                                self.plan.per_process, raw.tokenizer.pad_id,
-                                                args.workers, self.device.type == "cuda",
-                                                args.seed)
+                self.load_training_set(base)
             else:
                 self.val_loader = make_eval_loader(args, "val", raw, self.rank, self.world,
                                                    self.val_loader.batch_size, images=False)
