@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from common import masks
+
 SCORE_RANGE = (0.01, 0.99)  # simulated scores stay strictly inside (0, 1), like a softmax's
 FRAGMENT_KEEP = (0.3, 0.7)  # a fragment's cutting line leaves 30-70% of the object on one side
 BLOB_RADIUS = (0.04, 0.15)  # spurious blob semi-axes, as a fraction of the image's shorter side
@@ -70,51 +72,12 @@ class ProposalNoise:
 DEFAULT_NOISE = ProposalNoise()
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation (radius > 0) or erosion (radius < 0) by an octagon of that radius (3x3
-    square and cross steps in turn, a cheap disc); outside the image is background, so erosion
-    also eats from the border."""
-    if radius == 0:
-        return mask.copy()
-    # erosion = the complement of the complement's dilation (the complement is 1 outside)
-    m = torch.from_numpy(mask if radius > 0 else ~mask).float()[None, None]  # (1, 1, H, W)
-    r = abs(radius)
-    m = F.pad(m, (r, r, r, r), value=float(radius < 0))
-    for step in range(r):
-        if step % 2 == 0:  # square
-            m = F.max_pool2d(m, 3, stride=1, padding=1)
-        else:  # cross
-            m = torch.maximum(F.max_pool2d(m, (1, 3), stride=1, padding=(0, 1)),
-                              F.max_pool2d(m, (3, 1), stride=1, padding=(1, 0)))
-    grown = (m[0, 0, r:-r, r:-r] > 0).numpy()  # (H, W)
-    return grown if radius > 0 else ~grown
-
-
-def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Shift by (dy, dx) pixels; what leaves the image is lost, what enters is background."""
-    out = np.zeros_like(mask)
-    H, W = mask.shape
-    ys, yd = slice(max(0, -dy), min(H, H - dy)), slice(max(0, dy), min(H, H + dy))
-    xs, xd = slice(max(0, -dx), min(W, W - dx)), slice(max(0, dx), min(W, W + dx))
-    out[yd, xd] = mask[ys, xs]
-    return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def _radius(mask: np.ndarray) -> float:
-    return math.sqrt(mask.sum() / math.pi)  # equivalent radius, pixels
-
-
 def _noisy(mask: np.ndarray, noise: ProposalNoise, rng: np.random.Generator) -> np.ndarray:
     """Step 2: a detector's boundary and localisation errors on one object's mask."""
-    r = _radius(mask)
+    r = masks.equivalent_radius(mask)
     grow = round(rng.normal(0, noise.boundary_sigma) * r)
     dy, dx = (round(v) for v in rng.normal(0, noise.shift_sigma, size=2) * r)
-    return _shift(_dilate(mask, grow), dy, dx)
+    return masks.shift(masks.dilate(mask, grow), dy, dx)
 
 
 def _fragment(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -139,15 +102,10 @@ def _blob(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return (u / a) ** 2 + (v / b) ** 2 <= 1
 
 
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return ys.min(), ys.max(), xs.min(), xs.max()
-
-
 def _neighbours(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
     """Step 4: do two masks come within `gap` times the larger one's radius of each other?"""
-    reach = max(1, round(gap * max(_radius(a), _radius(b))))
-    (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = _box(a), _box(b)
+    reach = max(1, round(gap * max(masks.equivalent_radius(a), masks.equivalent_radius(b))))
+    (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = masks.box(a), masks.box(b)
     if by0 - ay1 > reach or ay0 - by1 > reach or bx0 - ax1 > reach or ax0 - bx1 > reach:
         return False  # their boxes are already too far apart
     near = F.max_pool2d(torch.from_numpy(a).float()[None, None], 2 * reach + 1, stride=1,
@@ -160,7 +118,7 @@ def _not_an_annotation(mask: np.ndarray, instances: np.ndarray,
     """Step 6: toggle boundary pixels until the mask equals no annotated instance."""
     mask = mask.copy()
     while any(np.array_equal(mask, inst) for inst in instances):
-        edge = mask & ~_dilate(mask, -1) if mask.any() else ~mask
+        edge = mask & ~masks.dilate(mask, -1) if mask.any() else ~mask
         ys, xs = np.nonzero(edge)
         k = int(rng.integers(len(ys)))
         mask[ys[k], xs[k]] = ~mask[ys[k], xs[k]]
@@ -203,12 +161,12 @@ def simulate_proposals(instances: np.ndarray, seed, noise: ProposalNoise = DEFAU
     proposals = [_not_an_annotation(p, instances, rng) for p in proposals]  # 6.
     proposals = [p for p in proposals if p.any()]  # a detector returns no empty mask
     # 7. scores that follow each proposal's quality
-    quality = np.array([max((_iou(p, m) for m in objects), default=0.0) for p in proposals])
+    quality = np.array([max((masks.iou(p, m) for m in objects), default=0.0) for p in proposals])
     scores = noise.score_base + noise.score_gain * quality
     scores = np.clip(scores + rng.normal(0, noise.score_sigma, len(proposals)), *SCORE_RANGE)
     order = np.argsort(-scores, kind="stable")
-    masks = np.stack(proposals)[order] if proposals else np.zeros((0, H, W), bool)
-    return masks, scores[order].astype(np.float32)
+    out = np.stack(proposals)[order] if proposals else np.zeros((0, H, W), bool)
+    return out, scores[order].astype(np.float32)
 
 
 class SimulatedCandidates(Dataset):
@@ -248,16 +206,16 @@ class SimulatedCandidates(Dataset):
         if image_id < 0:
             raise ValueError(f"sample {i} has no image_id: its proposals cannot be seeded")
         if image_id not in self._memo:
-            masks, scores = simulate_proposals(sample["instances"], (self.seed, image_id),
+            cands, scores = simulate_proposals(sample["instances"], (self.seed, image_id),
                                                self.noise)
             keep = scores >= self.min_score  # scores are sorted, so this keeps a prefix
-            masks, scores = masks[keep][: self.max_candidates], scores[keep][: self.max_candidates]
-            if self._memo_bytes + masks.nbytes > self.MEMO_BYTES:
-                return dict(sample, instances=masks, candidate_scores=scores, target_index=-1)
-            self._memo[image_id] = masks, scores
-            self._memo_bytes += masks.nbytes
-        masks, scores = self._memo[image_id]
-        return dict(sample, instances=masks, candidate_scores=scores, target_index=-1)
+            cands, scores = cands[keep][: self.max_candidates], scores[keep][: self.max_candidates]
+            if self._memo_bytes + cands.nbytes > self.MEMO_BYTES:
+                return dict(sample, instances=cands, candidate_scores=scores, target_index=-1)
+            self._memo[image_id] = cands, scores
+            self._memo_bytes += cands.nbytes
+        cands, scores = self._memo[image_id]
+        return dict(sample, instances=cands, candidate_scores=scores, target_index=-1)
 
 
 def proposal_recall(dataset, thresholds: tuple[float, ...] = (0.5, 0.9),
@@ -273,7 +231,7 @@ def proposal_recall(dataset, thresholds: tuple[float, ...] = (0.5, 0.9),
     for i in range(n):
         s = dataset[i]
         target = np.asarray(s["mask"], dtype=bool)
-        best.append(max((_iou(np.asarray(c, bool), target) for c in s["instances"]),
+        best.append(max((masks.iou(np.asarray(c, bool), target) for c in s["instances"]),
                         default=0.0))
         counts.append(len(s["instances"]))
     best = np.array(best)

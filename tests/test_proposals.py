@@ -4,6 +4,7 @@ dataset wrapper and recall (common.proposals), and the Mask R-CNN proposals writ
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 import data
-from common import detector
+from common import detector, masks
 from common.proposals import (
     DEFAULT_NOISE,
     ProposalNoise,
@@ -224,3 +225,17 @@ def test_maskrcnn_writer_covers_every_image_of_the_split(tmp_path, capsys):
         detector.load_maskrcnn(str(weights))  # COCO's class count does not fit
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         detector.load_maskrcnn(str(tmp_path / "missing.pth"))
+
+
+def test_mask_morphology():
+    """common.masks, which the simulated detector draws its errors with: dilation by radius 1 is
+    the 3x3 square, erosion its inverse on a square, a shift loses what leaves the image."""
+    m = np.zeros((7, 7), bool)
+    m[2:5, 2:5] = True  # a 3x3 square
+    grown = masks.dilate(m, 1)
+    assert grown.sum() == 25 and grown[1:6, 1:6].all()
+    assert np.array_equal(masks.dilate(grown, -1), m) and masks.dilate(m, -2).sum() == 0
+    moved = masks.shift(m, 3, -1)
+    assert moved.sum() == 6 and moved[5:7, 1:4].all()
+    assert masks.iou(m, grown) == pytest.approx(9 / 25) and masks.box(m) == (2, 4, 2, 4)
+    assert masks.equivalent_radius(m) == pytest.approx(math.sqrt(9 / math.pi))
