@@ -13,77 +13,66 @@ an MLP, is dotted with the upsampled visual features to give the mask. Loss: foc
 Shapes: B batch, C SAM width, C' CLIP text width, D model width, h w feature map (64 x 64 for
 SAM at 1024), N = h*w, L words, H W input size.
 
+Ablations (Tab. 2-5, RefCOCO val): `ABLATIONS` maps each row to the config fields that build it;
+the default config is the full model (#4). Not built, because the paper gives too little: Tab. 3
+#5-#7 (ReSTR's transformer encoder, VLT's spatial dynamic fusion, BRINet's bidirectional
+cross-modal module in place of MA: other papers' modules, named in one sentence each; the paper
+calls SDF "equivalent to using only Visual-Guided Attention", but the row measures VLT's module)
+and Tab. 5 #11 (ViT-DET's multi-scale features: the paper does not say how several scales
+replace the single-scale F_v the rest of MARIS takes).
+
 Interpretations (where the paper is silent or contradicts itself):
 - Attention mask (Eq. 4): the text masks *irrelevant* pairs, the formula those with M >= tau; we
-  follow the text and mask (-inf) pairs with M = sigmoid(Z_v Z_l^T) < tau, because the text
-  states the purpose. Padded words are always masked, and a pixel (or word) whose pairs are all
-  masked attends to nothing (zeros, never NaN), because a softmax over nothing is undefined.
-- tau is given only in the unavailable supplementary: 0.5 (config `tau`), the point where the
-  sigmoid relevance says "more relevant than not".
+  follow the text (its stated purpose) and mask (-inf) pairs with sigmoid(Z_v Z_l^T) < tau, and
+  padded words; a pixel (or word) with every pair masked attends to nothing (zeros, not NaN), as
+  a softmax over nothing is undefined. tau (only in the unavailable supplementary) is 0.5, where
+  the sigmoid relevance says "more relevant than not".
 - Language-Guided Attention (Eq. 5, "A^T"): the softmax of the same masked affinity along the
   pixel axis, not the transpose of A, because the text says this branch "weights different image
-  regions for each word" (a distribution over regions); `a_transpose="literal"` uses the
-  transpose of A as Eq. 5 writes it. Eq. 3 has no 1/sqrt(D), nor do we.
-- Width after Feature Enhancement is not given: D = 256 (config `dim`) from the FE MLPs onward,
-  as SAM's own mask decoder.
-- The MLP of Eq. 1-2 is two linear layers with GELU (width D), the smallest MLP; CBA is a 3x3
-  conv (2D -> D), BatchNorm and GELU, as the paper says.
-- Mask Decoder: 2 blocks (not given; config), each exactly Eq. 6-8 (attention plus residual, no
-  norms or FFNs, none being mentioned), 8 heads; no new position embedding, because the visual
-  tokens carry SAM's.
+  regions for each word"; `a_transpose="literal"` uses A transposed, as Eq. 5 writes it. Eq. 3
+  has no 1/sqrt(D), nor do we.
+- Feature Enhancement: D = 256 (not given) from its MLPs onward, as SAM's own mask decoder; each
+  MLP of Eq. 1-2 is two linear layers with GELU (width D), the smallest MLP; CBA is a 3x3 conv
+  (2D -> D), BatchNorm and GELU, as the paper says.
+- Mask Decoder: 2 blocks (not given), each exactly Eq. 6-8 (attention plus residual, no norms or
+  FFNs, none being mentioned), 8 heads; no new position embedding: the visual tokens carry SAM's.
 - Upsampling ("two sequential blocks, each a convolutional layer and an upsample operation"):
   3x3 conv + BatchNorm + GELU then 2x bilinear, widths D/4 and D/8 (64, 32) as SAM's decoder
   upscales, kept at 64 and 32 in the tiny config so the mask head is not starved; the query MLP
   (2 layers) outputs 32; the mask (4h x 4w) is resized bilinearly to the input.
 - Text encoder ("a text encoder pretrained by CLIP"): CLIP ViT-B/16's per-token features after
-  the final LayerNorm, before the projection, the CLIP of CRIS-era RIS work; sentences are cut
-  at 20 tokens, well above RefCOCO's average length.
-- Training recipe: the paper defers it to the supplementary, so every value is ours, a common
-  transformer-decoder recipe: AdamW, lr 1e-4, weight decay 1e-2, 5% warm-up then polynomial
-  decay (power 0.9), 50 epochs, batch 32; focal alpha 0.25, gamma 2; loss weights 1.
-- Freezing: the paper freezes both encoders, so the `paper` configs do whatever weights are given
-  (train.py refuses to start them without the weight files unless `--random-init`); other configs
-  (None) freeze an encoder iff its weights are given, since a frozen random encoder carries no
-  information (common.model.freeze_encoders).
-- Text encoder weights: OpenAI's CLIP was trained with QuickGELU, so the paper configs build
-  `ViT-B-16-quickgelu`; an open_clip GELU checkpoint needs `--set clip_arch=ViT-B-16`.
-- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and random
-  horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`, `hflip`),
-  because the tiny configs train from scratch and position words must stay true under a flip;
-  `best.pt` is the epoch with the best val mIoU, so its val numbers are optimistic (report the
-  test splits, or `last.pt`).
+  the final LayerNorm, before the projection, the CLIP of CRIS-era RIS work, built as
+  `ViT-B-16-quickgelu` because OpenAI trained it with QuickGELU (an open_clip GELU checkpoint
+  needs `--set clip_arch=ViT-B-16`); sentences are cut at 20 tokens, well above RefCOCO's average.
 - Padding: SAM pads the image bottom-right with zeros (after normalisation) and ignores the
   padding mask; so do we, to see the features SAM was trained to give.
-- "w/o FE" (Tab. 2, 5 #1): F_v = F_v3 W (one linear layer C -> D), the least that brings the deep
-  feature alone to the width the rest of the model takes.
-- "w/o MA" (Tab. 2 #2): the decoder takes F_lav = F_v and F_val = F_l W (one linear layer C' ->
-  D), W_l of Eq. 3 without any attention, for the same reason.
+- Freezing: the paper freezes both encoders, so the `paper` configs do whatever weights are given
+  (train.py refuses them without weight files unless `--random-init`); other configs freeze an
+  encoder iff its weights are given, as a frozen random encoder carries no information.
+- Training recipe (deferred to the supplementary, so every value is ours, a common
+  transformer-decoder recipe): AdamW, lr 1e-4, weight decay 1e-2, 5% warm-up then polynomial
+  decay (power 0.9), 50 epochs, batch 32; focal alpha 0.25, gamma 2; loss weights 1. The loop
+  adds (train.py, not the paper) gradient clipping at norm 1.0 and horizontal flips with
+  "left"/"right" swapped (`clip_grad`, `hflip`), as the tiny configs train from scratch and
+  position words must stay true; `best.pt` is the best-val-mIoU epoch, so its val numbers are
+  optimistic (report the test splits, or `last.pt`).
+- "w/o FE" (Tab. 2, 5 #1) and "w/o MA" (Tab. 2 #2): one linear layer stands in for the removed
+  module, the least that brings the remaining feature to width D: F_v = F_v3 W (C -> D), and
+  F_lav = F_v, F_val = F_l W (C' -> D, W_l of Eq. 3 without any attention).
 - "w/o DE" (Tab. 2 #3, "we use the SAM's decoder"): segment-anything's MaskDecoder and
   TwoWayTransformer as SAM builds them (depth 2, MLP 8 x width, 4 mask tokens, IoU head) at
-  width D, randomly initialised like our decoder; F_lav is its image embedding with SAM's random
-  Fourier position encoding, F_val's real words are its sparse prompt tokens (the paper: "prompt
-  tokens containing output tokens and linguistic features"), no dense prompt (zeros, no mask
-  input), one sample at a time (SAM's decoder repeats the image once per prompt set), and
-  its single-mask output (mask token 0) is the mask. The IoU head and the three other
-  hypernetwork MLPs never reach the loss: frozen, so that every trainable parameter gets a
-  gradient (DDP requires it).
-- "w/ TOI-A" (Tab. 4 #9, SAM's token-to-image attention: "we insert this layer into each block
-  of our decoder"): after Eq. 7, F_c = MHCA(F_c, F_lav, F_lav) + F_c, where SAM's block has it
-  (after the token self-attention, before the image-to-token attention), an MHCA like the
-  block's others.
+  width D, randomly initialised like ours; F_lav is its image embedding with SAM's random Fourier
+  position encoding, F_val's real words its sparse prompt tokens ("prompt tokens containing
+  output tokens and linguistic features"), no dense prompt (zeros), one sample at a time (SAM
+  repeats the image per prompt set), its single-mask output (mask token 0) the mask. The IoU
+  head and the other three hypernetwork MLPs never reach the loss: frozen, so every trainable
+  parameter gets a gradient (DDP requires it).
+- "w/ TOI-A" (Tab. 4 #9, SAM's token-to-image attention "into each block of our decoder"): after
+  Eq. 7, F_c = MHCA(F_c, F_lav, F_lav) + F_c, where SAM's block has it (after the token
+  self-attention, before the image-to-token attention), an MHCA like the block's others.
 - "w/o ELP" (Tab. 4 #10, "similar to VLT, we multiply F_val with F_lav to obtain the input
-  feature of the Mask Decoder"): F_lav is multiplied elementwise by F_val averaged over the real
-  words (the product of an N x D and an L x D feature that keeps F_lav's shape with no new
-  weights), and F_c = [F_m] alone, so the decoder sees no words.
-
-Ablations (Tab. 2-5, RefCOCO val): `ABLATIONS` maps each row to the config fields that build it;
-the default config is the full model (#4). Not built, because the paper gives too little:
-#5-#7 of Tab. 3 (ReSTR's transformer encoder, VLT's spatial dynamic fusion, BRINet's
-bidirectional cross-modal module in place of MA: other papers' modules, each named in one
-sentence here; the paper calls SDF "equivalent to using only Visual-Guided Attention", but the
-row measures VLT's module), and #11 of Tab. 5 (ViT-DET's multi-scale features from the last
-layer: the paper does not say how the several scales replace the single-scale F_v the rest of
-MARIS takes).
+  feature of the Mask Decoder"): F_lav times F_val averaged over the real words (elementwise: it
+  keeps F_lav's N x D shape with no new weights), and F_c = [F_m] alone: the decoder sees no words.
 """
 
 from __future__ import annotations
@@ -109,8 +98,7 @@ class MARISConfig:
     sam_arch: str = "vit_h"  # "SAM uses a ViT-H" (Sec. Image Encoder)
     image_size: int = 1024  # SAM's input, longest side, padded square (Sec. Image Encoder)
     global_blocks: tuple[int, ...] = (1, 2, 3)  # 2nd-4th global-attention blocks -> F_v1..F_v3
-    clip_arch: str = "ViT-B-16-quickgelu"  # open_clip name of OpenAI's CLIP (QuickGELU); which
-    # CLIP the paper uses is not said; ViT-B/16 is CRIS's and ReLA-era RIS work's
+    clip_arch: str = "ViT-B-16-quickgelu"  # OpenAI's CLIP ViT-B/16 (not said; see Interpretations)
     max_tokens: int = 20  # CLIP tokens incl. SOT/EOT (not given; RefCOCO sentences avg. 3.6 words)
     dim: int = 256  # D, width after Feature Enhancement (not given, see Interpretations)
     heads: int = 8  # heads of the decoder's MHSA / MHCA (not given)
@@ -139,8 +127,7 @@ class MARISConfig:
     explicit_linguistic_guidance: bool = True  # F_val in the decoder; False: "w/o ELP" (Tab. 4 #10)
 
 
-# The encoder files each paper config starts from: train.py refuses to start a paper config
-# without them (unless --random-init), so that "paper" never silently means "from scratch".
+# The encoder files each paper config starts from (train.py refuses to start without them)
 PAPER_WEIGHTS = {
     "paper": {"image_weights": "SAM ViT-H, sam_vit_h_4b8939.pth (segment-anything)",
               "text_weights": "OpenAI CLIP ViT-B/16, ViT-B-16.pt (QuickGELU)"},
@@ -151,15 +138,13 @@ PAPER_WEIGHTS = {
 CONFIGS = {
     "paper": MARISConfig(freeze_encoders=True),
     "paper-vit-b": MARISConfig(sam_arch="vit_b", freeze_encoders=True),
-    # CPU-sized, same code paths, trained from scratch on the synthetic data (README): 96 px, a
-    # "tiny" SAM (patch 8 -> 12x12 tokens) and CLIP text tower, D = 64; tau 0.1, because a random
-    # start has random relevances and tau 0.5 would mask half of the pairs from the first step
+    # CPU-sized, trained from scratch on the synthetic data: 96 px, "tiny" SAM (12x12 tokens) and
+    # CLIP, D = 64; tau 0.1, as random relevances at tau 0.5 would mask half the pairs at step 0
     "tiny": MARISConfig(sam_arch="tiny", image_size=96, clip_arch="tiny", dim=64, heads=4, tau=0.1,
                         lr=1e-3, warmup=0.03, epochs=11, batch_size=16),
 }
 
-# The ablation rows of Tab. 2-5 (RefCOCO val) this file builds: row -> config overrides
-# (train.py --set FIELD=VALUE) on any config. Rows not built: see the module docstring.
+# Tab. 2-5 rows built here -> config overrides (train.py --set) on any config; see the docstring
 ABLATIONS: dict[str, dict[str, object]] = {
     "w/o FE": {"feature_enhancement": False},  # Tab. 2 #1 = Tab. 5 #1
     "w/o MA": {"mutual_aware_attention": False},  # Tab. 2 #2
@@ -179,8 +164,8 @@ class FeatureEnhancement(nn.Module):
         mlp = lambda d: MLP(d, dim, dim, num_layers=2, act=nn.GELU)
         cba = lambda: nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(dim), nn.GELU())
-        self.mlp_v1, self.mlp_v2, self.mlp_v3, self.mlp_hat = (mlp(in_dim), mlp(in_dim),
-                                                               mlp(in_dim), mlp(dim))
+        self.mlp_v1, self.mlp_v2, self.mlp_v3 = mlp(in_dim), mlp(in_dim), mlp(in_dim)  # on F_vi
+        self.mlp_hat = mlp(dim)  # on F^ (Eq. 2)
         self.cba1, self.cba2 = cba(), cba()
 
     def forward(self, f_v1: Tensor, f_v2: Tensor, f_v3: Tensor) -> Tensor:
@@ -215,10 +200,9 @@ class MutualAwareAttention(nn.Module):
         keep = (torch.sigmoid(affinity) >= self.tau) & text_mask[:, None, :]
         logits = affinity.masked_fill(~keep, float("-inf"))  # Z_v Z_l^T + M
         attn = safe_softmax(logits, dim=2)  # A: each pixel's weights over words (B, N, L), Fig. 4a
-        if self.a_transpose == "literal":  # A^T as Eq. (5) writes it: A's weights, transposed
-            attn_t = attn
-        else:  # "A^T": each word's weights over pixels, a softmax over pixels, Fig. 4b
-            attn_t = safe_softmax(logits, dim=1)
+        # "A^T": each word's weights over pixels, a softmax over pixels (Fig. 4b); "literal":
+        # A's weights transposed, as Eq. (5) writes it
+        attn_t = attn if self.a_transpose == "literal" else safe_softmax(logits, dim=1)
         # Eq. (5): F_lav = LN(A Z_l + Z_v), F_val = LN(A^T Z_v + Z_l)
         f_lav = self.norm_v(torch.einsum("bnl,bld->bnd", attn, z_l) + z_v)  # (B, N, D)
         f_val = self.norm_l(torch.einsum("bnl,bnd->bld", attn_t, z_v) + z_l)  # (B, L, D)
@@ -364,16 +348,13 @@ class MARIS(RISModel, CacheableEncoders):
             words, attn = self.project_l(words), None
         f_lav, f_val = vis, words  # (B, N, D), (B, L, D); attn: A (B, N, L) of the last block
         # 4.-5. Mask Decoder (Eq. 6-8), or SAM's for "w/o DE" (Tab. 2 #3): (B, 1, 4h, 4w)
-        if self.cfg.mask_decoder == "sam":
-            logits = self.sam_decoder(f_lav, f_val, text_mask, h, w)
-        else:
-            logits = self.decode(f_lav, f_val, text_mask, h, w)
+        decode = self.sam_decoder if self.cfg.mask_decoder == "sam" else self.decode
+        logits = decode(f_lav, f_val, text_mask, h, w)
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         out = {"mask_logits": logits}
         if attn is not None:
             out["attn"] = attn
-        if target is not None:
-            # Eq. (9): L = L_focal + L_dice
+        if target is not None:  # Eq. (9): L = L_focal + L_dice
             out["loss_focal"] = sigmoid_focal_loss(logits, target)
             out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss_focal"] + out["loss_dice"]
@@ -392,8 +373,7 @@ class MARIS(RISModel, CacheableEncoders):
             f_c, c_mask = query, text_mask.new_ones(B, 1)
         for block in self.decoder:  # Eq. (6)-(8)
             f_lav, f_c = block(f_lav, f_c, c_mask)
-        # 5. upsample F̄_lav (two conv + 2x blocks), MLP on F̂_m, and their product (Sec. Mask
-        #    Decoder, last paragraph)
+        # 5. upsample F̄_lav (two conv + 2x blocks), dot with MLP(F̂_m) (Sec. Mask Decoder, end)
         vis = self.upsample(f_lav.transpose(1, 2).unflatten(2, (h, w)))  # (B, u2, 4h, 4w)
         query = self.query_mlp(f_c[:, 0])  # MLP(F̂_m) (B, u2)
         return torch.einsum("bc,bchw->bhw", query, vis)[:, None]  # (B, 1, 4h, 4w)
@@ -405,14 +385,12 @@ class MARIS(RISModel, CacheableEncoders):
         return opt, optim.poly(opt, total_steps, power=0.9, warmup=self.cfg.warmup)
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
-        """Vision-Guided Attention, as Fig. 5(a): each pixel's weight (A) on its most-attended
-        word."""
+        """Vision-Guided Attention, as Fig. 5(a): each pixel's weight (A) on its top word."""
         if "attn" not in out:  # "w/o MA": there is no A
             return []
         attn = out["attn"][i]  # A (N, L)
         side = int(attn.shape[0] ** 0.5)
-        return [("vision-guided (Fig. 5a): max over words",
-                 attn.max(1).values.reshape(side, -1))]
+        return [("vision-guided (Fig. 5a): max over words", attn.max(1).values.reshape(side, -1))]
 
 
 MODEL = MARIS
