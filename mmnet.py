@@ -1,86 +1,69 @@
 """MMNet: Multi-Mask Network for Referring Image Segmentation.
 Yan, Wang, He, Liu. arXiv:2305.14969 (2023).
 
-CLIP encodes the image (stage features x2, x3 and, from the attention pool, the spatial z and
-the global z_bar, Eq. 1) and the sentence (word features F_t, EOS feature F_tg). A Fusion Neck
+CLIP encodes the image (stage features x2, x3; from the attention pool the spatial z and the
+global z_bar, Eq. 1) and the sentence (word features F_t, EOS feature F_tg). A Fusion Neck
 multiplies the deepest visual level with F_tg and aggregates three levels (Eq. 2-5). A
 Multi-Query Generator turns dense visual features and words fused with the global visual feature
 into N_q queries, each a different attention over the words (Eq. 6-10). A Vision-Language
-Decoder lets the visual features attend to the queries (Eq. 11-13). Each query then gives its own
-mask through a dynamic 3x3 convolution (Eq. 14), a Multi-Query Estimator scores the queries
-(Eq. 15) and the prediction is the score-weighted sum of the masks (Eq. 16). Loss: BCE.
+Decoder lets the visual features attend to the queries (Eq. 11-13). Each query gives its own mask
+by a dynamic 3x3 convolution (Eq. 14), a Multi-Query Estimator scores the queries (Eq. 15), and
+the prediction is the score-weighted sum of the masks (Eq. 16). Loss: BCE.
 
 Shapes: B batch, C model width (512), C_p = C/2, D CLIP embedding width, h w the x3 grid
 (H/16 for a ResNet, H/patch for a ViT), N = h*w, Q = N_q queries, L words, H W input size.
 
+Ablations (Sec. 4.4, Tables 2-4; rows in ABLATIONS): N_q (Table 2); w/o MMP (Table 3), the
+S_q-weighted sum of the queries goes through the projector as one query (the decoder still sees
+all N_q), as the paper "still generated multiple queries but only obtained one mask"; w/o MQE
+(Table 4), the masks are summed with no weight ("directly adding multiple masks without any
+scores"); w/o f_vg (Table 4), Eq. (8) and F_vg are not built and F_t (width C_t) replaces F_tv
+in Eq. (9-10). Not built: w/o MMP with w/o MQE, because the paper weights the queries only by
+the estimator. Without Eq. 14's sigma (the default) w/o MMP equals the full model exactly (the
+projector is linear in F_qn, the scores sum to 1); only `kernel_relu=True` tells them apart.
+
 Interpretations (where the paper is silent or contradicts itself):
-- sigma(F W) on a feature map (Eq. 2-3, 6) is a 1x1 conv + BatchNorm + ReLU, "Conv" is 1x1 in
-  Eq. 4 and 3x3 in Eq. 5 (+ BN + ReLU), because MMNet writes its neck in CRIS's notation, calls
-  it "very similar" to CRIS, and CRIS's code does exactly this.
-- sigma(F W) on token features (F_tg, Eq. 8-10) is a linear layer + ReLU, because a BatchNorm
-  over tokens would mix padded words in.
+- sigma(F W) and Conv follow CRIS's code, because MMNet writes its neck in CRIS's notation and
+  calls it "very similar": on a map sigma(F W) is a 1x1 conv + BN + ReLU (Eq. 2-3, 6), Conv a 1x1
+  (Eq. 4) or 3x3 (Eq. 5, Eq. 14's F_p) conv + BN + ReLU, and Eq. 7's "three convolution layers"
+  that 3x3 Conv twice and a 1x1 conv to N_q.
+- sigma(F W) on tokens (Eq. 8-10) is a linear layer + ReLU: BatchNorm would mix padded words in.
 - Eq. 2's F_m4 is the product of the two ReLUs, upsampled, nothing more, as the equation writes.
-- Widths C_2, C_3, C_4 of F_v2, F_v3, F_v4, F_vg are not given: all C, the one width the paper
-  names. Up(.) is bilinear to the x3 grid, so that an odd grid still lines up.
-- ViT image encoder ("use three convolution to obtain the three features which have the same
-  dimension as F_v2, F_v3 and F_v4. After that, the operation is the same as ResNet"): x2, x3 are
-  the patch tokens after the blocks at 1/3 and 2/3 of the depth, z the last block's through
-  CLIP's ln_post and projection, z_bar the class token, the ViT's counterparts of the stages.
-- A ViT has one patch grid, so its "strides" are synthetic. F_v2 and F_v3 are 1x1 projections
-  at the patch grid; F_v2 is then repeated 2x (nearest), which the neck's 2x2 Avg undoes exactly,
-  so the neck runs unchanged on the ResNet's relative sizes, as the paper says, and the x2 path is
-  in effect a 1x1 projection at the patch grid. F_v4 is a learned 2x2 stride-2 convolution, a
-  real downsampling to half the grid (as the ResNet's z is), which the neck upsamples back.
-- The "x3 grid" of a ViT is H/patch, because that is its only grid (H/16 for ViT-B-16; ViT-L-14
-  at 480 gives 34 x 34 patches, the last 4 pixel rows and columns unused).
-- F_tg, the EOS feature "linearly transformed", goes through CLIP's own text projection (width D),
-  the linear map CLIP trained for it; F_t are the per-token features after CLIP's final LayerNorm.
-- Eq. 7's "three convolution layers" reducing C to N_q are 3x3 conv + BN + ReLU twice and a 1x1
-  conv, the neck's Conv twice and a linear read-out.
-- Eq. 9's W_vd maps a flattened map (N values) to C, so the model is built for one input size
-  (config image_size), as the equation requires.
-- Eq. 9 is used as written, without attention's 1/sqrt(C), because the paper writes none and the
-  unscaled logits let the word attentions differ early; padded words get -inf.
-- Vision-Language Decoder: 3 layers (not given; CRIS, the base, uses 3), pre-norm as Eq. 11-13
-  write it, a final LayerNorm and dropout 0.1 (as CRIS).
-- Sine positional encodings are added to queries and keys (DETR, CRIS): 2-D on F_vt, 1-D over the
-  query index on F_q, because attention alone is blind to position.
-- The decoder does not update F_q (Eq. 11-13 update only F_vt); the projector and estimator use
-  the generated F_q, as Eq. 14-15 write.
-- Eq. 14's sigma(W_p F_qn) is left out by default (config `kernel_relu=False`; True gives the
-  literal Eq. 14), because a ReLU'd bias can never be negative and the projector is otherwise
-  CRIS's (2x upsampling and convs to C/2, a linear layer to 9 C_p + 1 values), which has none.
-- Conv in F_p = Up(Conv(Up(F_s))) is a 3x3 conv + BN + ReLU like the paper's other Convs; with
-  `kernel_relu` it has no ReLU, or every mask logit would be >= 0. The dynamic convolution has
-  zero padding 1, to keep the grid.
-- Eq. 15's "multi-head self-attention layer" keeps its residual connection (as the decoder's
-  Eq. 11 does), because without it every output is an average over all the queries, which
-  washes out what tells them apart.
-- Ablations (Sec. 4.4, Tables 2-4; ABLATIONS): w/o MMP, the S_q-weighted sum of the queries
-  goes through the same projector (Eq. 14) as one query, while the decoder still attends to all
-  N_q queries, because the paper "still generated multiple queries but only obtained one mask";
-  w/o MQE, the masks are added with no weight (a sum, not a mean), as "directly adding multiple
-  masks without any scores" says; w/o f_vg, Eq. (8) is gone and F_t (width C_t) takes F_tv's
-  place in Eq. (9-10), so W_a and W_tv read C_t, and F_vg is not built. w/o MMP together with
-  w/o MQE is refused: the paper weights the queries by the estimator and gives no other rule.
-  Without Eq. (14)'s sigma (kernel_relu=False) the projector is linear in F_qn and the scores
-  sum to 1, so w/o MMP computes exactly the full model's y: Table 3's rows differ from Table
-  2's only with kernel_relu=True (or with a non-linearity the paper does not write).
-- Eq. 16 sums mask logits, and "cross-entropy loss" is binary cross-entropy on the sum upsampled
-  bilinearly to the input size, because the mask is binary.
-- Encoders are fine-tuned with the same learning rate (`freeze_encoders=True` freezes them),
-  because the paper does not say otherwise and CRIS fine-tunes CLIP.
-- The text encoder's context is cut to the sentence length, because its causal attention never
-  lets padding change earlier tokens.
+- The widths of F_v2, F_v3, F_v4, F_vg are all C, the one width the paper names; Up(.) is
+  bilinear to the x3 grid, so that an odd grid still lines up.
+- ViT encoder (the ResNet stages' counterparts): x2, x3 are the patch tokens after the blocks at
+  1/3 and 2/3 of the depth, z the last block's through CLIP's ln_post and projection, z_bar the
+  class token; the x3 grid is H/patch, its only grid (ViT-L-14 at 480: 34 x 34, 4 pixels unused).
+- A ViT's "strides" are synthetic, so that the neck runs as on the ResNet ("use three convolution
+  to obtain the three features ... After that, the operation is the same as ResNet"): F_v2, F_v3
+  are 1x1 projections at the patch grid, F_v2 repeated 2x, which the neck's 2x2 Avg undoes
+  exactly; F_v4 is a 2x2 stride-2 conv, a real downsampling as the ResNet's z is.
+- F_tg ("linearly transformed") goes through CLIP's text projection (width D), the linear map
+  CLIP trained for it; F_t are the token features after CLIP's final LayerNorm.
+- Eq. 9's W_vd reads a flattened map (N values), so the model is built for one `image_size`.
+- Eq. 9 has no 1/sqrt(C), as written, because unscaled logits let the word attentions differ
+  early; padded words get -inf.
+- Decoder: 3 pre-norm layers (as Eq. 11-13), a final LayerNorm and dropout 0.1, as in CRIS, the
+  base, because the paper gives none; sine positional encodings (DETR, CRIS), 2-D on F_vt and 1-D
+  over the query index on F_q, are added to queries and keys: attention alone is blind to position.
+- The decoder does not update F_q (Eq. 11-13 update only F_vt): Eq. 14-15 use the generated F_q.
+- Eq. 14's sigma(W_p F_qn) is off by default (`kernel_relu=True` is Eq. 14 literally), because a
+  ReLU'd bias is never negative and CRIS's projector (2x upsampling, convs to C/2, a linear layer
+  to 9 C_p + 1 values), which MMNet's otherwise is, has none; with it, F_p's Conv has no ReLU, or
+  every mask logit would be >= 0. The dynamic convolution has zero padding 1, to keep the grid.
+- Eq. 15's self-attention layer keeps its residual (as Eq. 11), because without it every output
+  is an average over all the queries, washing out what tells them apart.
+- Eq. 16 sums mask logits; "cross-entropy loss" is BCE on the sum upsampled bilinearly to the
+  input size, because the mask is binary.
+- Encoders are fine-tuned at the same learning rate (`freeze_encoders` freezes them), because
+  the paper says nothing else and CRIS fine-tunes CLIP.
+- The text context is cut to the sentence length: with causal attention, padding changes nothing.
 - Images are resized to a square, aspect not kept (Sec. 4.1: "resized to 480 x 480").
-- CLIP weights: the paper configs build the `-quickgelu` towers, because the paper (and CRIS)
-  loads OpenAI's CLIP, trained with QuickGELU; an open_clip GELU checkpoint needs the plain
-  architecture name (`--set image_arch=ViT-B-16 --set text_arch=ViT-B-16`).
-- Training loop (train.py; none of it is in the paper): gradient clipping at norm 1.0 and random
-  horizontal flips with "left"/"right" swapped in the sentence (config `clip_grad`, `hflip`),
-  because the tiny configs train from scratch and position words must stay true under a flip;
-  `best.pt` is the epoch with the best val mIoU, so its val numbers are optimistic (report the
-  test splits, or `last.pt`).
+- Paper configs build `-quickgelu` towers, because the paper (and CRIS) loads OpenAI's CLIP,
+  trained with QuickGELU; a GELU checkpoint needs the plain names (`--set image_arch=ViT-B-16`).
+- Training loop (train.py, not in the paper): gradient clipping at norm 1 and horizontal flips
+  with "left"/"right" swapped in the sentence (`clip_grad`, `hflip`), because the tiny configs
+  train from scratch; `best.pt` is chosen on val mIoU, so its val numbers are optimistic.
 """
 
 from __future__ import annotations
@@ -93,8 +76,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import optim
+from common.blocks import conv_bn_relu, dynamic_conv, linear_relu
 from common.encoders import CLIPImageEncoder, CLIPTextEncoder
-from common.layers import Attention, coord_map, safe_softmax, sine_pos_1d, sine_pos_2d
+from common.layers import Attention, coord_map, feed_forward, safe_softmax, sine_pos_1d, sine_pos_2d
 from common.losses import bce_loss
 from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import ClipTokenizer
@@ -133,28 +117,22 @@ class MMNetConfig:
 # The encoder files each paper config starts from: train.py refuses to start a paper config
 # without them (unless --random-init), so that "paper" never silently means "from scratch".
 _CLIP = "OpenAI CLIP {}, {}.pt (QuickGELU); the same file for both towers"
-PAPER_WEIGHTS = {
-    "paper": {"image_weights": _CLIP.format("ViT-B/16", "ViT-B-16"),
-              "text_weights": _CLIP.format("ViT-B/16", "ViT-B-16")},
-    "paper-rn101": {"image_weights": _CLIP.format("RN101", "RN101"),
-                    "text_weights": _CLIP.format("RN101", "RN101")},
-    "paper-vit-l": {"image_weights": _CLIP.format("ViT-L/14", "ViT-L-14"),
-                    "text_weights": _CLIP.format("ViT-L/14", "ViT-L-14")},
-    "paper-rn50": {"image_weights": _CLIP.format("RN50", "RN50"),
-                   "text_weights": _CLIP.format("RN50", "RN50")},
-}
+PAPER_WEIGHTS = {config: dict.fromkeys(("image_weights", "text_weights"), _CLIP.format(*names))
+                 for config, names in (("paper", ("ViT-B/16", "ViT-B-16")),
+                                       ("paper-rn101", ("RN101", "RN101")),
+                                       ("paper-vit-l", ("ViT-L/14", "ViT-L-14")),
+                                       ("paper-rn50", ("RN50", "RN50")))}
 
 CONFIGS = {
     "paper": MMNetConfig(),
     "paper-rn101": MMNetConfig(image_arch="RN101-quickgelu", text_arch="RN101-quickgelu"),
-    "paper-vit-l": MMNetConfig(image_arch="ViT-L-14-quickgelu",
-                                text_arch="ViT-L-14-quickgelu"),
+    "paper-vit-l": MMNetConfig(image_arch="ViT-L-14-quickgelu", text_arch="ViT-L-14-quickgelu"),
     # the ablation setting (Sec. 4.4): "we use ResNet50 as the vision backbone and the epoch is
     # set to 50", evaluated on RefCOCO+ testA; the text tower of the same CLIP (as Sec. 3.1)
     "paper-rn50": MMNetConfig(image_arch="RN50-quickgelu", text_arch="RN50-quickgelu", epochs=50),
-    # CPU-sized, same code paths, trained from scratch on the synthetic data (README): a small
-    # CLIP ViT (6 blocks, patch 8) and text tower, 96 px (12x12 grid; the tower's 16x16 position
-    # table is resized, as the paper's 224-px CLIP is for 480 px), C = 64, 12 queries, 2 layers
+    # CPU-sized, same code paths, trained from scratch on the synthetic data: a small CLIP ViT
+    # (6 blocks, patch 8; its 16x16 position table resized to the 12x12 grid of 96 px, as the
+    # paper's 224-px CLIP is for 480 px) and text tower, C = 64, 12 queries, 2 layers
     "tiny": MMNetConfig(image_arch="tiny", text_arch="tiny", image_size=96, dim=64, num_queries=12,
                         heads=4, ffn_dim=256, decoder_layers=2, dropout=0.0, lr=1e-3, warmup=0.03,
                         epochs=9, batch_size=16),
@@ -164,9 +142,8 @@ CONFIGS = {
                            warmup=0.03, epochs=8, batch_size=16),
 }
 
-# Sec. 4.4's ablation rows (Tables 2-4) as config overrides, each applied to a config by itself
-# (`train.py --set field=value`). The paper's ablation runs use paper-rn50 and RefCOCO+ testA;
-# the full model of Tables 3 and 4 is Table 2's N_q = 24 row, so every row there pins N_q.
+# Sec. 4.4's ablation rows (Tables 2-4; the paper runs them on paper-rn50) as config overrides
+# (`--set field=value`); Tables 3-4's full model is Table 2's N_q = 24 row, so their rows pin N_q.
 ABLATIONS: dict[str, dict[str, object]] = {
     **{f"N_q={n}": {"num_queries": n} for n in (32, 24, 16, 8, 4, 2, 1)},  # Table 2
     **{f"N_q={n} w/o MMP": {"num_queries": n, "multi_mask_projector": False}
@@ -176,27 +153,6 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "w/o f_vg, w/o MQE": {"num_queries": 24, "global_visual_feature": False,
                           "query_estimator": False},
 }
-
-
-def conv_bn_relu(in_dim: int, out_dim: int, kernel: int = 1) -> nn.Sequential:
-    """sigma(F W) on a feature map, as CRIS implements it (see Interpretations)."""
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, bias=False),
-                         nn.BatchNorm2d(out_dim), nn.ReLU())
-
-
-def linear_relu(in_dim: int, out_dim: int) -> nn.Sequential:
-    """sigma(F W) on token features."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU())
-
-
-def dynamic_conv(feats: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Per-sample convolutions (Eq. 14): feats (B, C, H, W), weight (B, Q, C, k, k), bias (B, Q)
-    -> (B, Q, H, W); sample b is convolved with its own Q kernels (one grouped conv)."""
-    B, C, H, W = feats.shape
-    k = weight.shape[-1]
-    out = F.conv2d(feats.reshape(1, B * C, H, W), weight.flatten(0, 1), bias.flatten(),
-                   padding=k // 2, groups=B)  # (1, B*Q, H, W)
-    return out.view(B, -1, H, W)
 
 
 class VisualProjection(nn.Module):
@@ -276,10 +232,8 @@ class MultiQueryGenerator(nn.Module):
         """F_v2, F_v3, F_v4 as in FusionNeck, F_vg (B, C) (None w/o f_vg), F_t (B, L, C_t),
         text_mask (B, L) -> F_q (B, Q, C) and the word attention a (B, Q, L) of Eq. (9)."""
         f_vd = self.to_queries(self.dense(f_v2, f_v3, f_v4)).flatten(2)  # Eq. (7): F_vd (B, Q, N)
-        if self.global_visual:
-            f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :]  # Eq. (8): F_tv (B, L, C)
-        else:  # Table 4, w/o f_vg: "we directly use textual features F_t", (B, L, C_t)
-            f_tv = words
+        # Eq. (8): F_tv (B, L, C); w/o f_vg (Table 4) "we directly use textual features F_t"
+        f_tv = self.w_t(words) * self.w_vg(f_vg)[:, None, :] if self.global_visual else words
         # Eq. (9): a_ni = sigma(f_vdn W_vd) sigma(f_tvi W_a)^T, softmax over the real words
         logits = torch.einsum("bqc,blc->bql", self.w_vd(f_vd), self.w_a(f_tv))  # (B, Q, L)
         attn = safe_softmax(logits.masked_fill(~text_mask[:, None, :], float("-inf")), dim=2)
@@ -295,13 +249,11 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = Attention(dim, heads, dropout=dropout)  # MHA of Eq. (11-12)
         self.cross_attn = Attention(dim, heads, dropout=dropout)  # MHCA of Eq. (13)
-        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn_dim, dim))  # MLP of Eq. (13)
+        self.mlp = feed_forward(dim, ffn_dim, dropout)  # MLP of Eq. (13)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, vis: Tensor, queries: Tensor, vis_pos: Tensor, query_pos: Tensor) -> Tensor:
-        """F_vt (B, N, C), F_q (B, Q, C), their positional encodings (N, C), (Q, C) -> F_s
-        (B, N, C), the next layer's F_vt."""
+        """F_vt (B, N, C), F_q (B, Q, C), positional encodings (N, C), (Q, C) -> F_s (B, N, C)."""
         v = self.norm1(vis)
         vis = vis + self.drop(self.self_attn(v + vis_pos, v + vis_pos, v))  # Eq. (11): F'_vt
         v = self.norm2(vis)
@@ -365,9 +317,9 @@ class MMNet(RISModel):
         self.tokenizer = ClipTokenizer(cfg.max_tokens)
         self.image_encoder = CLIPImageEncoder(cfg.image_arch, cfg.image_weights)
         self.text_encoder = CLIPTextEncoder(cfg.text_arch, cfg.text_weights, project=True)
-        for name, enc, weights in (("image", self.image_encoder, cfg.image_weights),
-                                   ("text", self.text_encoder, cfg.text_weights)):
-            if cfg.freeze_encoders:
+        if cfg.freeze_encoders:  # the paper fine-tunes them (Interpretations)
+            for name, enc, weights in (("image", self.image_encoder, cfg.image_weights),
+                                       ("text", self.text_encoder, cfg.text_weights)):
                 freeze(enc)
                 if weights is None:
                     warnings.warn(f"MMNet: the {name} encoder is frozen with random weights",
@@ -425,8 +377,7 @@ class MMNet(RISModel):
         out = {"mask_logits": logits, "query_masks": masks, "query_scores": scores,
                "word_attn": word_attn}
         if target is not None:
-            out["loss_bce"] = bce_loss(logits, target)  # "optimized with cross-entropy loss"
-            out["loss"] = out["loss_bce"]
+            out["loss_bce"] = out["loss"] = bce_loss(logits, target)  # "cross-entropy loss"
         return out
 
     def configure_optimizers(self, lr: float, total_steps: int):
@@ -435,8 +386,7 @@ class MMNet(RISModel):
         return opt, optim.poly(opt, total_steps, power=self.cfg.power, warmup=self.cfg.warmup)
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
-        """Fig. 2 and 5: every query's mask with its score (highest first), and their weighted
-        sum (Eq. 16)."""
+        """Fig. 2, 5: each query's mask and score, best first, and their weighted sum (Eq. 16)."""
         scores, masks = out["query_scores"][i], out["query_masks"][i]  # (Q,), (Q, 4h, 4w)
         if not self.cfg.multi_mask_projector:  # Table 3, w/o MMP: one mask, nothing to weight
             return [("mask of the score-weighted query (w/o MMP)", masks[0].sigmoid())]

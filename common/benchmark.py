@@ -25,9 +25,7 @@ import train
 from common.encoders import quiet_random_init
 from common.model import count_parameters
 
-# ---------------------------------------------------------------------------------------------
-# Measuring: time, peak matmul rate, FLOPs
-# ---------------------------------------------------------------------------------------------
+# --- Measuring: time, peak matmul rate, FLOPs ----------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:
@@ -50,8 +48,7 @@ def median_time(fn, device, warmup: int, repeats: int) -> float:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """Achieved GFLOP/s of an n x n matmul in `dtype`: the reference for model FLOP utilisation."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype),
-            torch.randn(n, n, device=device, dtype=dtype))
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
     seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
     return 2 * n**3 / seconds / 1e9
 
@@ -86,9 +83,7 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-# ---------------------------------------------------------------------------------------------
-# One row: a model's forward and training step
-# ---------------------------------------------------------------------------------------------
+# --- One row: a model's forward and training step ------------------------------------------------
 
 
 def bench_batch(model, n: int, device) -> dict:
@@ -162,43 +157,37 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
 
     train_flops = count_flops(step)
     step_time = median_time(step, device, warmup, repeats)
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # the whole process's peak resident memory
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # the process's RSS
     peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     achieved = train_flops / step_time / 1e9
-    return {
-        "model": name + (" (cached)" if cached else f" ({per_image}/image)" if per_image > 1
-                         else ""), "config": config,
-        "device": str(device), "amp": amp, "threads": torch.get_num_threads(),
-        "params_M": total / 1e6, "trainable_M": trainable / 1e6,
-        "fwd_GFLOPs": fwd_flops / 1e9, "fwd_ms_b1": latency * 1e3, "batch": batch_size,
-        "step_ms": step_time * 1e3, "samples_s": batch_size / step_time,
-        "step_GFLOPs": train_flops / 1e9, "GFLOP_s": achieved, "peak_GFLOP_s": peak,
-        "MFU": achieved / peak, "peak_mem_GiB": peak_mem,
-    }
+    variant = " (cached)" if cached else f" ({per_image}/image)" if per_image > 1 else ""
+    return {"model": name + variant, "config": config, "device": str(device), "amp": amp,
+            "threads": torch.get_num_threads(), "params_M": total / 1e6,
+            "trainable_M": trainable / 1e6, "fwd_GFLOPs": fwd_flops / 1e9,
+            "fwd_ms_b1": latency * 1e3, "batch": batch_size, "step_ms": step_time * 1e3,
+            "samples_s": batch_size / step_time, "step_GFLOPs": train_flops / 1e9,
+            "GFLOP_s": achieved, "peak_GFLOP_s": peak, "MFU": achieved / peak,
+            "peak_mem_GiB": peak_mem}
 
 
-# ---------------------------------------------------------------------------------------------
-# The table: rows in their own processes, printed
-# ---------------------------------------------------------------------------------------------
+# --- The table: rows in their own processes, printed ---------------------------------------------
 
-BENCH_COLUMNS = [("model", "{:<16}"), ("config", "{:<12}"), ("params_M", "{:>8.2f}"),
-                 ("trainable_M", "{:>8.2f}"), ("fwd_GFLOPs", "{:>9.2f}"), ("fwd_ms_b1", "{:>9.1f}"),
-                 ("batch", "{:>5}"), ("step_ms", "{:>9.1f}"), ("samples_s", "{:>8.2f}"),
-                 ("GFLOP_s", "{:>8.1f}"), ("peak_GFLOP_s", "{:>8.1f}"), ("MFU", "{:>6.1%}"),
-                 ("peak_mem_GiB", "{:>7.2f}")]
-BENCH_HEADERS = ["model", "config", "params M", "train M", "fwd GFLOP", "fwd ms b1", "batch",
-                 "step ms", "sample/s", "GFLOP/s", "peak", "MFU", "mem GiB"]
+COLUMNS = [("model", "model", "{:<16}"), ("config", "config", "{:<12}"),
+           ("params_M", "params M", "{:>8.2f}"), ("trainable_M", "train M", "{:>8.2f}"),
+           ("fwd_GFLOPs", "fwd GFLOP", "{:>9.2f}"), ("fwd_ms_b1", "fwd ms b1", "{:>9.1f}"),
+           ("batch", "batch", "{:>5}"), ("step_ms", "step ms", "{:>9.1f}"),
+           ("samples_s", "sample/s", "{:>8.2f}"), ("GFLOP_s", "GFLOP/s", "{:>8.1f}"),
+           ("peak_GFLOP_s", "peak", "{:>8.1f}"), ("MFU", "MFU", "{:>6.1%}"),
+           ("peak_mem_GiB", "mem GiB", "{:>7.2f}")]  # (row key, header, format)
 
 
 def print_bench(rows: list[dict]) -> None:
-    widths = [len(fmt.format(rows[0][k])) if rows else 8 for k, fmt in BENCH_COLUMNS]
+    widths = [len(fmt.format(rows[0][k])) if rows else 8 for k, _, fmt in COLUMNS]
     print(" ".join(h.rjust(w) if i > 1 else h.ljust(w)
-                   for i, (h, w) in enumerate(zip(BENCH_HEADERS, widths))))
+                   for i, ((_, h, _), w) in enumerate(zip(COLUMNS, widths))))
     for r in rows:
-        print(" ".join(fmt.format(r[k]) for k, fmt in BENCH_COLUMNS))
+        print(" ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS))
     if rows:
         r = rows[0]
         print(f"device {r['device']}, amp {r['amp']}, {r['threads']} threads; medians over repeats "
@@ -211,36 +200,33 @@ def run_benchmark(args, script: str) -> list[dict]:
     command line that called this), so that each row's peak memory is its own."""
     names = train.MODELS if args.model == "all" else [args.model]
     names = [n for n in names if importlib.util.find_spec(n) is not None]
-    device = torch.device(args.device)
     rows = []
     for name in names:
         module = train.load_model_module(name)
-        configs = [args.config] if args.config in module.CONFIGS else []
-        for config in configs:
-            batch = args.batch_size or (8 if config == "tiny" else 1)
-            # (cached, sentences per image): recomputed encoders, then from the cache, then
-            # grouped, where the model's encoders can be frozen
-            k = getattr(args, "sentences_per_image", 1)
-            variants = [(False, 1)]
-            if args.freeze_encoders and hasattr(module.MODEL, "frozen_parts"):
-                variants += [(True, 1)] + [(False, k)] * (k > 1)
-            for cached, per_image in variants:
-                if len(names) > 1 or len(variants) > 1:  # one process per row: clean peak memory
-                    cmd = [sys.executable, script, "--benchmark",
-                           "--model", name, "--config", config, "--device", args.device,
-                           "--batch-size", str(batch), "--amp", args.amp, "--warmup",
-                           str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-"]
-                    cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
-                    cmd += ["--sentences-per-image", str(per_image)]
-                    res = subprocess.run(cmd, capture_output=True, text=True)
-                    if res.returncode:
-                        raise RuntimeError(f"benchmark of {name}/{config} failed:\n"
-                                           f"{res.stderr[-3000:]}")
-                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-                else:
-                    rows.append(bench_model(name, config, device, batch, args.amp, args.warmup,
-                                            args.repeats, args.freeze_encoders, cached,
-                                            per_image))
+        if args.config not in module.CONFIGS:
+            continue
+        config, batch = args.config, args.batch_size or (8 if args.config == "tiny" else 1)
+        # (cached, sentences per image): recomputed encoders, then (where the model's encoders
+        # can be frozen) from the cache, then grouped
+        k = getattr(args, "sentences_per_image", 1)
+        variants = [(False, 1)]
+        if args.freeze_encoders and hasattr(module.MODEL, "frozen_parts"):
+            variants += [(True, 1)] + [(False, k)] * (k > 1)
+        for cached, per_image in variants:
+            if len(names) == 1 and len(variants) == 1:
+                rows.append(bench_model(name, config, torch.device(args.device), batch, args.amp,
+                                        args.warmup, args.repeats, args.freeze_encoders, cached,
+                                        per_image))
+                continue
+            cmd = [sys.executable, script, "--benchmark", "--model", name, "--config", config,
+                   "--device", args.device, "--batch-size", str(batch), "--amp", args.amp,
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-",
+                   "--sentences-per-image", str(per_image)]
+            cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
+            res = subprocess.run(cmd, capture_output=True, text=True)  # one process: its own RSS
+            if res.returncode:
+                raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return rows
 
 

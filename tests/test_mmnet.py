@@ -158,17 +158,6 @@ def test_resnet_adapter_is_three_1x1_projections_at_the_stage_grids():
         assert f_v2.shape[-1] == 8 and f_v3.shape[-1] == 4 and f_v4.shape[-1] == 2
 
 
-def test_dynamic_conv_equals_conv2d_per_sample():
-    torch.manual_seed(0)
-    B, C, Q, H, W = 3, 4, 5, 9, 7
-    feats, weight, bias = torch.randn(B, C, H, W), torch.randn(B, Q, C, 3, 3), torch.randn(B, Q)
-    out = mmnet.dynamic_conv(feats, weight, bias)
-    ref = torch.stack([F.conv2d(feats[b:b + 1], weight[b], bias[b], padding=1)[0]
-                       for b in range(B)])
-    assert out.shape == (B, Q, H, W)
-    assert torch.allclose(out, ref, atol=1e-5)
-
-
 @pytest.mark.parametrize("kernel_relu", [False, True])
 def test_projector_masks_are_conv2d_with_the_kernel_and_bias_of_eq14(kernel_relu):
     """F_pn = W_p F_qn (sigma = ReLU on it with kernel_relu): the first 9 C_p values are the 3x3
