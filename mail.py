@@ -1,82 +1,61 @@
 """MaIL: A Unified Mask-Image-Language Trimodal Network for Referring Image Segmentation.
 Li, Wang, Mei, Liu. arXiv:2111.10747 (2021).
 
-One transformer, initialised from ViLT, reads three modalities at once: the image's patches, the
-sentence's words and the patches of K candidate instance masks (Eq. 3-5). Its image features F_I
-and per-mask features F_M^k go to a decoder that pools F_I inside every candidate mask, scores
-the candidates with an MLP and keeps the mask features of the best one (Eq. 6; trained by the
-select loss of Eq. 7). F_I and the selected F_M^rho, each reduced by 1x1 convs, are concatenated
-with a coordinate map (Eq. 8) and upsampled by log2(P) conv blocks to the mask. Loss: focal +
-dice + 0.1 x select.
+One transformer, initialised from ViLT, reads image patches, words and the patches of K candidate
+instance masks at once (Eq. 3-5). The decoder scores each candidate from the image features F_I
+pooled inside its mask and keeps the best one's mask features F_M^rho (Eq. 6; select loss, Eq.
+7); F_I and F_M^rho, each reduced by a 1x1 conv, are concatenated with a coordinate map (Eq. 8)
+and upsampled by log2(P) conv blocks to the mask. Loss: focal + dice + 0.1 x select.
 
 Shapes: B batch, K candidate masks, L words, H W input size, P patch size, h w = H/P W/P patch
 grid, N = h*w, N' mask tokens kept, d transformer width.
 
 Interpretations (where the paper is silent or contradicts itself):
-- Candidate masks (a detector's, Sec. 4.1) come from the data pipeline, which also bounds K
-  (`max_candidates`, `min_score`), because only the data sees the detector's scores; annotated
-  instances contain the answer and are labelled an oracle (upper bound).
-- Mask tokens (Eq. 3-4), "a similar procedure" to the image's: each binary mask is cut into P x P
-  patches and projected by its own conv, initialised as ViLT's RGB projection summed over colours
-  (timm's rule for one channel), so that a mask looks to the pretrained weights like a white
-  shape on grey; each token gets the position of the image patch at its place, plus t_M.
-- "Valid area" (N' = sum_k H_k W_k / P^2): the bounding box on the patch grid of the patches the
-  mask touches, since the paper gives each mask a height and width; only those tokens enter the
-  transformer, padded to the batch's largest N' and never attended to; F_M^k is zero outside.
-- Mask tokens carry no mask-identity embedding, since none is mentioned: two candidates differ
-  only by their valid areas and their pixels, so tokens of a patch two masks share with the same
-  pixels are identical, and so are F_M^j and F_M^k there.
-- t_M starts as a copy of ViLT's image type t_I, because mask tokens are spatial patches like the
-  image's; the sequence is [masks; image; words] (Eq. 4), ViLT's image class token kept in front
-  of the patches, as pretrained.
-- Eq. 6, f_k = AVG(F_I * m_k), with F_I on the patch grid and m_k on pixels: F_I upsampled
-  (nearest) and averaged over the mask's pixels, i.e. every patch weighs the share of the mask it
-  holds; an empty mask gives f_k = 0. The score MLP has two layers (width d, ReLU).
-- rho = argmax of the valid candidates' scores in training too, since the paper gives no
-  teacher forcing.
-- Eq. 7's alpha is the valid candidate of largest IoU with the ground truth, computed from the
-  masks and the target so that it works for proposals; a sample whose candidates all miss it
-  (IoU 0) takes no part in L_select.
-- Segmentation head (SETR-PUP [40]): every block 256 wide (SETR's; the width is not given),
-  bilinear upsampling with align_corners=False; logits resized to H x W when P does not divide H.
-- Padded batches (the ViLT setting, not in the paper) leave an image's output as it is alone:
-  Eq. 8's O spans the image's own patches, the head zeroes padding before each conv and fills it
-  with the border before each upsampling, and padded pixels get PAD_LOGIT (background, no
-  gradient); only BN's batch statistics and the focal loss's pixel mean still see them.
-- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, since the paper gives no weights.
-- Text: BERT-uncased WordPiece ([CLS] ... [SEP]) from a local vocab.txt (`vocab`, else
-  `text_weights`, else the ViLT folder's), 15 tokens (20 for G-Ref); with no vocabulary at all
-  (no ViLT weights) open_clip's BPE, so that a model without downloads still reads sentences.
-- Images: ViLT's pixel statistics (mean = std = 0.5); in the ViLT setting the position grid is
-  resized per image to its real patches, as ViLT does (common.encoders.ViLTEncoder).
-- AdamW's weight decay (1e-2, Sec. 4.1) applies to every parameter, since the paper names no
-  exclusion; the whole network is fine-tuned, as the paper does (`freeze_encoders` freezes ViLT).
-- Ours, not the paper's: gradient clipping at 1.0 (`clip_grad`) and flips with "left"/"right"
-  swapped (`hflip`), because they steady small-batch runs and enlarge small datasets without
-  making a sentence false (clip_grad=0, hflip=False give the paper's recipe); `best.pt` is the
-  epoch of best val mIoU (the paper does not say how it chose), so its val numbers are optimistic.
+- Candidates (a detector's, Sec. 4.1) come from the data pipeline, which alone sees their scores
+  and bounds K (`max_candidates`, `min_score`); annotated instances hold the answer (oracle).
+- Mask tokens (Eq. 3-4, "a similar procedure"): P x P patches of each binary mask through their
+  own conv, initialised as ViLT's RGB projection summed over colours (timm's one-channel rule) so
+  that the pretrained weights see a white shape on grey, plus the position of the image patch at
+  their place and t_M, which starts as ViLT's image type t_I (mask tokens are patches too).
+- No mask-identity embedding, as none is mentioned: two masks equal on a shared patch give equal
+  tokens and F_M there. In Eq. 4's [masks; image; words] ViLT's image class token stays, as trained.
+- "Valid area" (N' = sum_k H_k W_k / P^2): the patch-grid bounding box of the patches the mask
+  touches, as the paper gives each mask a height and width; only those tokens enter, padded to
+  the batch's largest N' and never attended to; F_M^k is zero outside.
+- Eq. 6 across resolutions: F_I upsampled (nearest) and averaged over the mask's pixels, so each
+  patch weighs its share of the mask (empty mask: f_k = 0); the score MLP: 2 layers, width d, ReLU.
+- rho = argmax of the valid scores in training too, as the paper gives no teacher forcing nor
+  relaxation: L_select alone trains the score MLP, focal + dice alone the 1x1 reductions and the
+  head; both train the encoder, mask embedding and t_M included (via f_k, F_I, F_M^rho).
+- Eq. 7's alpha: the valid candidate of largest IoU with the ground truth, so that proposals work
+  too; a sample whose candidates all miss it takes no part in L_select.
+- Head (SETR-PUP [40]): blocks 256 wide (SETR's; not given), bilinear with align_corners=False;
+  logits resized to H x W when P does not divide H.
+- Padded batches (the ViLT setting; not in the paper) give each image its output alone: Eq. 8's O
+  spans its own patches, the head masks the padding (SegmentationHead), padded pixels get
+  PAD_LOGIT (background, no gradient); only BN's batch statistics and focal's pixel mean see them.
+- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, as the paper gives no weights.
+- Text: BERT-uncased WordPiece ([CLS] ... [SEP]), 15 tokens (20 for G-Ref), from a local
+  vocab.txt (`vocab`, else `text_weights`, else the ViLT folder's); with none, open_clip's BPE,
+  so that a model without downloads still reads sentences.
+- Images: ViLT's statistics (mean = std = 0.5) and, in the ViLT setting, ViLT's per-image resizing
+  of the position grid to the real patches (common.encoders.ViLTEncoder).
+- AdamW's decay (1e-2, Sec. 4.1) on every parameter, as no exclusion is named; ViLT is
+  fine-tuned, as in the paper (`freeze_encoders` freezes it).
+- Training loop, ours: clipping at 1.0 (`clip_grad`) and flips swapping "left"/"right" (`hflip`)
+  steady small batches and enlarge small datasets, sentences kept true (0 / False: the paper's);
+  `best.pt` is the epoch of best val mIoU (the paper's rule is unsaid), so its val is optimistic.
 
-What each loss trains (rho = argmax is not differentiable, and the paper gives no relaxation):
-- lambda L_select (Eq. 7) is the score MLP's only gradient; through f_k it also trains the
-  encoder (ViLT, and the mask embedding and t_M, which reach F_I through attention).
-- Focal + dice train the 1x1 reductions, the head and, through F_I and F_M^rho, the encoder.
-  Only the selected F_M^rho reaches the head (early in training an arbitrary candidate's); the
-  other candidates reach these losses only through attention, and neither reaches the MLP.
-- Padded candidates, words and pixels get no gradient.
-
-Ablations (Sec. 4.3): config fields, defaults the full model; `ABLATIONS` names the rows.
-- Tab. 2: `encoder_modality` "image+language" (variant 1, "MaIL w/o mask modality", Fig. 4b) is
-  ViLT as pretrained, no mask tokens, no t_M; `decoder_modality` "image" (variants 1, 3) drops
-  F_M from Eq. 8, and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
-- Tab. 3: `mask_selection` "mean" and "maximum" pool F_M^k (zero outside its valid area, as
-  F_M^rho is there) over the valid candidates, unscored; "weighted_sum" weighs them by
-  softmax(s_k) ("normalizes the learned scores") and keeps L_select.
-- `select_weight` 0, "w/o select loss" (in no table): no L_select, so the score MLP learns only
-  through "weighted_sum" (argmax passes no gradient).
+Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the rows):
+- Tab. 2: `encoder_modality` "image+language" (variant 1, "w/o mask modality", Fig. 4b) is ViLT
+  as pretrained, no mask tokens or t_M; `decoder_modality` "image" (variants 1, 3) drops F_M from
+  Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
+- Tab. 3: `mask_selection` "mean" / "maximum" pool F_M^k (0 off its valid area) over the valid
+  candidates, unscored; "weighted_sum" "normalizes the learned scores" (softmax), keeps L_select.
+- `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum".
 - Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
   candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
-  Variant 6 (no multi-modal pre-training) is `--random-init`: random weights, as the paper does
-  not say what replaced ViLT's.
+  Variant 6 (no multi-modal pre-training) is `--random-init`, as what replaced ViLT's is not said.
 """
 
 from __future__ import annotations
@@ -90,16 +69,14 @@ from torch import Tensor, nn
 
 from common import optim
 from common.encoders import ViLTEncoder
-from common.layers import MLP, coord_map
+from common.layers import MLP, coord_map, extend_border, patch_coord_map, real_patches
 from common.losses import dice_loss, select_loss, sigmoid_focal_loss
 from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import ClipTokenizer, WordPieceTokenizer, find_wordpiece_vocab
 
 VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
 IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
-# logit of padded pixels (ViLT setting): background beyond doubt, so they add no loss gradient;
-# finite, as -inf * 0 is NaN in the BCE, and representable in fp16/bf16
-PAD_LOGIT = -1e4
+PAD_LOGIT = -1e4  # padded pixels (ViLT setting): background, no loss gradient; finite, fp16-safe
 VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
 # the ablation fields' values (Tab. 2's modalities, Tab. 3's strategies), the full model's first
 CHOICES = {"encoder_modality": ("image+mask+language", "image+language"),
@@ -124,13 +101,8 @@ class MaILConfig:
     image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
     text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
     freeze_encoders: bool | None = None  # None/False: fine-tune ViLT, as the paper does
-    # K bound, applied by the data pipeline (data.build_dataset), since only it sees the scores.
-    # Not in the paper: a COCO image averages ~7 instances, so a detector's 20 best keep every
-    # plausible referent and cap the mask tokens at 20 N (100 N for detectron2's 100 per image)
-    max_candidates: int = 20
-    # torchvision's / detectron2's Mask R-CNN test threshold (box_score_thresh,
-    # SCORE_THRESH_TEST): a file written with a lower one reads as the usual detector output
-    min_score: float = 0.05
+    max_candidates: int = 20  # K bound, not in the paper: ~7 instances per COCO image, 20 keep all
+    min_score: float = 0.05  # Mask R-CNN's test threshold (torchvision, detectron2)
     # training recipe (Sec. 4.1); batch_size is the global batch
     lr: float = 1e-4
     weight_decay: float = 1e-2
@@ -141,8 +113,8 @@ class MaILConfig:
     hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
 
-# The encoder files each paper config starts from: train.py refuses to start a paper config
-# without them (unless --random-init), so that "paper" never silently means "from scratch".
+# The encoder files a paper config needs: train.py refuses to start without them (--random-init
+# aside), so that "paper" never silently means "from scratch".
 _VILT = {"image_weights": "a local ViLT folder saved from dandelin/vilt-b32-mlm (with vocab.txt)"}
 PAPER_WEIGHTS = {"paper": _VILT, "paper-416": _VILT, "paper-gref": _VILT}
 
@@ -150,14 +122,12 @@ CONFIGS = {
     "paper": MaILConfig(),
     "paper-416": MaILConfig(image_size=416, max_size=None),
     "paper-gref": MaILConfig(max_tokens=20),
-    # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16 -> 8x8 patches, 4 upsampling
-    # blocks), open_clip BPE
+    # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16: 8x8 patches, 4 blocks), BPE
     "tiny": MaILConfig(vilt_arch="tiny", image_size=128, max_size=None, head_dim=32,
                        lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
 }
 
-# The paper's ablation rows (Sec. 4.3, RefCOCO+ val) as config overrides of the full model. Tab. 2
-# variant 2 is not built and variant 6 is `--random-init` (module docstring).
+# The paper's ablation rows (Sec. 4.3, RefCOCO+ val) as overrides of the full model (docstring)
 ABLATIONS: dict[str, dict[str, object]] = {
     "w/o mask modality": {"encoder_modality": "image+language", "decoder_modality": "image"},
     "decoder image only": {"decoder_modality": "image"},  # Tab. 2 variant 3
@@ -188,8 +158,7 @@ class MaskEmbedding(nn.Module):
         m = cand_masks.flatten(0, 1)[:, None].float()  # (B*K, 1, H, W)
         tokens = self.proj(m).flatten(2).transpose(1, 2).unflatten(0, (B, K))  # (B, K, N, d)
         h, w = m.shape[-2] // self.patch_size, m.shape[-1] // self.patch_size
-        touched = F.max_pool2d(m[..., : h * self.patch_size, : w * self.patch_size],
-                               self.patch_size)[:, 0] > 0  # (B*K, h, w)
+        touched = real_patches(m[:, 0], self.patch_size, h, w)  # (B*K, h, w) any mask pixel
         # H_k x W_k: the bounding box of the touched patches (rows/cols between first and last)
         span = lambda a: a.cummax(-1).values & a.flip(-1).cummax(-1).values.flip(-1)
         rows, cols = span(touched.any(2)), span(touched.any(1))  # (B*K, h), (B*K, w)
@@ -217,32 +186,28 @@ class TrimodalEncoder(nn.Module):
         img, img_keep, pos = self.vilt.embed_image(image, image_mask)
         B, P = image.shape[0], self.vilt.patch_size
         h, w = image.shape[-2] // P, image.shape[-1] // P
-        # v_L + t_L: (B, L, d)
-        words = self.vilt.embed_text(text)
+        words = self.vilt.embed_text(text)  # v_L + t_L (B, L, d)
         if self.mask_embed is None:  # Tab. 2 variant 1: z^0 = [v_I + t_I; v_L + t_L]
             z = self.vilt(torch.cat([img, words], 1), torch.cat([img_keep, text_mask], 1))
             return z[:, 1 : 1 + h * w].transpose(1, 2).unflatten(2, (h, w)), None  # F_I
         # v_M + t_M: every candidate's patches with the position of the same image patch
         masks, area = self.mask_embed(cand_masks, cand_valid)  # (B, K, N, d), (B, K, h, w)
-        K = masks.shape[1]
         masks = (masks + pos[:, None] + self.mask_type).flatten(1, 2)  # (B, K*N, d)
         keep = area.flatten(1)  # (B, K*N)
         # keep only the valid areas (N' tokens), valid ones first, padded to the batch's largest N'
-        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # (B, K*N)
-        # N' is data (a count of True values), which a meta tensor (the tests' paper-config shape
-        # check and GPU stand-in) does not hold: no meta-safe form exists, so meta keeps all K*N
+        # (N' is data, which a meta tensor lacks: the tests' meta shape checks keep all K*N)
         n = keep.shape[1] if keep.is_meta else int(keep.sum(1).max())
-        order = order[:, :n]
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]  # (B, N')
         masks = masks.gather(1, order[..., None].expand(-1, -1, masks.shape[-1]))  # (B, N', d)
         mask_keep = keep.gather(1, order)  # (B, N')
         # Eq. (4): z^0 = [v_M + t_M; v_I + t_I; v_L + t_L]; Eq. (5): the transformer blocks
         z = self.vilt(torch.cat([masks, img, words], 1),
                       torch.cat([mask_keep, img_keep, text_mask], 1))  # (B, N' + 1 + N + L, d)
-        # split z^D back into z_M and z_I and reshape them to the patch grid: F_M^k, F_I
+        # split z^D into z_M (back on all K*N patches, 0 off the valid areas) and z_I: F_M^k, F_I
         z_m, z_i = z[:, :n], z[:, n + 1 : n + 1 + h * w]
-        f_m = torch.zeros(B, K * h * w, z.shape[-1], device=z.device, dtype=z.dtype)
+        f_m = torch.zeros(B, keep.shape[1], z.shape[-1], device=z.device, dtype=z.dtype)
         f_m = f_m.scatter(1, order[..., None].expand_as(z_m), z_m * mask_keep[..., None])
-        f_m = f_m.unflatten(1, (K, h, w)).permute(0, 1, 4, 2, 3)  # (B, K, d, h, w)
+        f_m = f_m.unflatten(1, (-1, h, w)).permute(0, 1, 4, 2, 3)  # (B, K, d, h, w)
         f_i = z_i.transpose(1, 2).unflatten(2, (h, w))  # (B, d, h, w)
         return f_i, f_m
 
@@ -276,43 +241,11 @@ def best_candidate(cand_masks: Tensor, cand_valid: Tensor, target: Tensor) -> Te
     return alpha.masked_fill(best <= 0, IGNORE)
 
 
-def real_patches(image_mask: Tensor, patch_size: int, h: int, w: int) -> Tensor:
-    """Patches (B, h, w) holding real pixels of image_mask (B, H, W): the encoder's rule (a
-    padded batch pads bottom-right, so they form a top-left rectangle per image)."""
-    real = image_mask[:, None, : h * patch_size, : w * patch_size].float()
-    return F.max_pool2d(real, patch_size)[:, 0] > 0
-
-
-def patch_coord_map(real: Tensor, dtype: torch.dtype) -> Tensor:
-    """Eq. (8)'s O for a padded batch: (x, y) from -1 to 1 across each image's own real patches
-    real (B, h, w), 0 on padding, as coord_map gives the image alone. Returns (B, 2, h, w)."""
-    B, h, w = real.shape
-    rows, cols = real[:, :, 0].sum(1), real[:, 0, :].sum(1)  # (B,) real patch rows, columns
-    ys = torch.arange(h, device=real.device)[None] / (rows[:, None] - 1).clamp(min=1)  # (B, h)
-    xs = torch.arange(w, device=real.device)[None] / (cols[:, None] - 1).clamp(min=1)  # (B, w)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), 1) * 2 - 1
-    return (grid * real[:, None]).to(dtype)
-
-
-def extend_border(x: Tensor, real: Tensor) -> Tensor:
-    """Copy each image's last real row and column (real (B, h, w)) into its padding: x (B, C, h,
-    w). Bilinear upsampling then sees at an image's border what it sees alone (clamping)."""
-    B, C, h, w = x.shape
-    last_row = (real[:, :, 0].sum(1) - 1).clamp(min=0)[:, None]  # (B, 1)
-    last_col = (real[:, 0, :].sum(1) - 1).clamp(min=0)[:, None]
-    rows = torch.minimum(torch.arange(h, device=x.device)[None], last_row)  # (B, h)
-    cols = torch.minimum(torch.arange(w, device=x.device)[None], last_col)  # (B, w)
-    x = x.gather(2, rows[:, None, :, None].expand(B, C, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(B, C, h, w))
-
-
 class SegmentationHead(nn.Module):
     """Segmentation head (Sec. 3.3, SETR-PUP): log2(P) x [3x3 conv + BN + ReLU + 2x bilinear],
-    then a 1x1 conv to one channel.
-
-    With `real` (B, h, w), the patches of each image in a padded batch, every image's output is
-    what it would be alone: padding is zeroed before each 3x3 conv (as the conv's own zero
-    padding at the image's border) and filled with the border before each upsampling."""
+    then a 1x1 conv to one channel. With `real` (B, h, w), the real patches of a padded batch,
+    padding is zeroed before each conv and border-filled before each upsampling: alone and padded,
+    an image gets the same output."""
 
     def __init__(self, in_dim: int, dim: int, num_blocks: int):
         super().__init__()
@@ -325,9 +258,7 @@ class SegmentationHead(nn.Module):
     def forward(self, x: Tensor, real: Tensor | None = None) -> Tensor:
         # x: F^ of Eq. (8) (B, 2d/r + 2, h, w); each block doubles h and w
         for conv, bn, relu, up in self.blocks:
-            if real is not None:
-                x = x * real[:, None]
-            x = relu(bn(conv(x)))
+            x = relu(bn(conv(x if real is None else x * real[:, None])))
             if real is not None:
                 x = extend_border(x, real)
                 real = real.repeat_interleave(2, 1).repeat_interleave(2, 2)  # (B, 2h, 2w)
@@ -336,18 +267,13 @@ class SegmentationHead(nn.Module):
 
 
 class MaIL(RISModel):
-    """MaIL (Fig. 2). forward(image, text, text_mask, cand_masks, cand_valid, image_mask=None,
-    target=None) -> dict.
-
-    Arguments:
-      image (B, 3, H, W) normalised with ViLT's statistics; image_mask (B, H, W) True on real
-      pixels (the ViLT setting pads); text (B, L) token ids, text_mask (B, L) True on real tokens;
-      cand_masks (B, K, H, W) bool candidate instance masks, cand_valid (B, K) False on padding;
+    """MaIL (Fig. 2).
+    Arguments: image (B, 3, H, W) normalised with ViLT's statistics; image_mask (B, H, W) True on
+      real pixels (the ViLT setting pads); text (B, L) token ids, text_mask (B, L) True on real
+      tokens; cand_masks (B, K, H, W) bool candidate masks, cand_valid (B, K) False on padding;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
-    Returns: mask_logits (B, 1, H, W), mask_scores (B, K) (-inf on padded candidates), selected
-      (B,) = rho, cand_masks, and with a target: loss, loss_focal, loss_dice, loss_select (the
-      ablations without scores or select loss leave out what they lack).
-    """
+    Returns: mask_logits (B, 1, H, W), cand_masks, mask_scores (B, K) (-inf on padding), selected
+      (B,) = rho, and with a target: loss, loss_focal, loss_dice, loss_select (where built)."""
 
     input_names = ("image", "text", "text_mask", "cand_masks", "cand_valid")
 
@@ -358,18 +284,16 @@ class MaIL(RISModel):
                 raise ValueError(f"{field}={getattr(cfg, field)!r}: choose from {choices}")
         if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
             raise ValueError("a decoder of mask features needs them from the encoder")
-        # WordPiece from `vocab`, `text_weights` or the ViLT folder; none at all: open_clip's BPE
         vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)
         self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
         self.tokenizer = (WordPieceTokenizer(vocab, cfg.max_tokens) if vocab
                           else ClipTokenizer(cfg.max_tokens))
         vilt = ViLTEncoder(cfg.vilt_arch, cfg.image_weights, vocab_size=self.tokenizer.vocab_size)
         P, d = vilt.patch_size, vilt.dim
-        if cfg.max_size is None:
-            self.input_spec = InputSpec(cfg.image_size, "square", mean=VILT_MEAN, std=VILT_STD)
-        else:
-            self.input_spec = InputSpec(cfg.image_size, "shorter", max_size=cfg.max_size,
-                                        pad_multiple=P, mean=VILT_MEAN, std=VILT_STD)
+        vilt_setting = cfg.max_size is not None  # else square images (Sec. 4.1)
+        self.input_spec = InputSpec(cfg.image_size, "shorter" if vilt_setting else "square",
+                                    max_size=cfg.max_size, pad_multiple=P if vilt_setting else 1,
+                                    mean=VILT_MEAN, std=VILT_STD)
         self.encoder = TrimodalEncoder(vilt, pretrained=cfg.image_weights is not None,
                                        mask_modality="mask" in cfg.encoder_modality)
         if cfg.freeze_encoders:
@@ -390,18 +314,16 @@ class MaIL(RISModel):
                 cand_valid: Tensor, image_mask: Tensor | None = None,
                 target: Tensor | None = None) -> dict[str, Tensor]:
         B, _, H, W = image.shape
-        P = self.encoder.vilt.patch_size
         cand_masks = cand_masks & cand_valid[:, :, None, None]  # padding holds nothing
         # 1. trimodal encoder (Eq. 3-5): F_I (B, d, h, w), F_M (B, K, d, h, w)
         f_i, f_m = self.encoder(image, text, text_mask, cand_masks, cand_valid, image_mask)
         h, w = f_i.shape[-2:]
         # the ViLT setting pads each batch: every image's own patches (B, h, w), None otherwise
         padded = image_mask is not None and self.cfg.max_size is not None
-        real = real_patches(image_mask, P, h, w) if padded else None
+        real = real_patches(image_mask, self.encoder.vilt.patch_size, h, w) if padded else None
         # 2. adaptive mask selection (Eq. 6): F_M^rho (B, d, h, w), scores s_k (B, K), rho (B,)
         f_m_rho, scores, rho = self.select(f_i, f_m, cand_masks, cand_valid)
-        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), both reduced by r with 1x1 convs (the ones
-        # Tab. 2's decoder modality keeps); O spans each image's own patch grid
+        # 3. Eq. (8): F^ = Concat(F_I, F_M^rho, O), 1x1-reduced by r (those Tab. 2's row keeps)
         coords = (coord_map(B, h, w, device=f_i.device, dtype=f_i.dtype) if real is None
                   else patch_coord_map(real, f_i.dtype))  # O (B, 2, h, w)
         parts = [(self.reduce_i, f_i), (self.reduce_m, f_m_rho)]
@@ -465,14 +387,13 @@ class MaIL(RISModel):
             real = out["image_mask"][i]
             masks = masks[:, : int(real.any(1).sum()), : int(real.any(0).sum())]
         probs = torch.softmax(scores, 0)
+        rho = int(out["selected"][i]) if self.cfg.mask_selection == "adaptive_select" else None
         panels = []
         for k in scores.argsort(descending=True)[:VIS_MAX_CANDIDATES].tolist():
             if torch.isinf(scores[k]):
                 break  # padded candidates
-            selected = k == int(out["selected"][i]) and self.cfg.mask_selection == "adaptive_select"
-            mark = "  SELECTED" if selected else ""
-            panels.append((f"mask {k}: s={scores[k]:.2f} p={probs[k]:.2f}{mark}",
-                           masks[k].float()))
+            mark = "  SELECTED" if k == rho else ""
+            panels.append((f"mask {k}: s={scores[k]:.2f} p={probs[k]:.2f}{mark}", masks[k].float()))
         return panels
 
 

@@ -162,3 +162,37 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(m, TokenBatchNorm):
             m.sync = True
     return model
+
+
+# Padded batches (an image padded bottom-right to the batch's size): helpers on the patch grid
+# that give every image the result it would have alone.
+
+
+def real_patches(image_mask: Tensor, patch_size: int, h: int, w: int) -> Tensor:
+    """Patches (B, h, w) holding a True pixel of image_mask (B, H, W): for a padded batch, each
+    image's real patches (a top-left rectangle); for a binary mask, the patches it touches."""
+    real = image_mask[:, None, : h * patch_size, : w * patch_size].float()
+    return F.max_pool2d(real, patch_size)[:, 0] > 0
+
+
+def patch_coord_map(real: Tensor, dtype: torch.dtype) -> Tensor:
+    """coord_map per image of a padded batch: (x, y) from -1 to 1 across each image's own real
+    patches real (B, h, w), 0 on padding. Returns (B, 2, h, w)."""
+    B, h, w = real.shape
+    rows, cols = real[:, :, 0].sum(1), real[:, 0, :].sum(1)  # (B,) real patch rows, columns
+    ys = torch.arange(h, device=real.device)[None] / (rows[:, None] - 1).clamp(min=1)  # (B, h)
+    xs = torch.arange(w, device=real.device)[None] / (cols[:, None] - 1).clamp(min=1)  # (B, w)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), 1) * 2 - 1
+    return (grid * real[:, None]).to(dtype)
+
+
+def extend_border(x: Tensor, real: Tensor) -> Tensor:
+    """Copy each image's last real row and column (real (B, h, w)) into its padding: x (B, C, h,
+    w). Bilinear upsampling then sees at an image's border what it sees alone (clamping)."""
+    B, C, h, w = x.shape
+    last_row = (real[:, :, 0].sum(1) - 1).clamp(min=0)[:, None]  # (B, 1)
+    last_col = (real[:, 0, :].sum(1) - 1).clamp(min=0)[:, None]
+    rows = torch.minimum(torch.arange(h, device=x.device)[None], last_row)  # (B, h)
+    cols = torch.minimum(torch.arange(w, device=x.device)[None], last_col)  # (B, w)
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, h, w))

@@ -20,7 +20,7 @@ import data
 import mail
 import train
 from common.encoders import VILT_ARCHS, ViLTEncoder
-from common.layers import coord_map
+from common.layers import coord_map, extend_border, patch_coord_map, real_patches
 from common.tokenizers import WordPieceTokenizer
 
 
@@ -313,10 +313,25 @@ def test_coordinate_map_spans_each_images_own_patches():
     real = torch.zeros(2, 3, 4, dtype=torch.bool)
     real[0] = True
     real[1, :2, :3] = True
-    got = mail.patch_coord_map(real, torch.float32)
+    got = patch_coord_map(real, torch.float32)
     assert torch.allclose(got[0], coord_map(1, 3, 4)[0])
     assert torch.allclose(got[1, :, :2, :3], coord_map(1, 2, 3)[0])
     assert not got[1, :, 2:].any() and not got[1, :, :, 3:].any()
+
+
+def test_real_patches_and_border_extension_follow_each_images_real_area():
+    """common.layers' padded-batch helpers: a patch is real if it holds one real pixel; the
+    padding takes a copy of the image's last real row and column."""
+    image_mask = torch.zeros(2, 12, 16, dtype=torch.bool)
+    image_mask[0] = True
+    image_mask[1, :5, :9] = True  # 5 x 9 real pixels: patch rows 0-1, columns 0-2 (P = 4)
+    real = real_patches(image_mask, 4, 3, 4)  # (2, 3, 4)
+    assert real[0].all() and real[1].nonzero().amax(0).tolist() == [1, 2]
+    assert int(real[1].sum()) == 6
+    x = torch.randn(2, 5, 3, 4)
+    got = extend_border(x, real)
+    assert torch.equal(got[0], x[0])
+    assert torch.equal(got[1], x[1][:, [0, 1, 1]][:, :, [0, 1, 2, 2]])
 
 
 def test_candidate_file_round_trip(tmp_path):
