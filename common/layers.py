@@ -1,5 +1,7 @@
 """Small layers that several papers share: MLP, coordinate maps, sine position encodings,
-attention helpers. Anything paper-specific lives in the model file.
+attention helpers, masked means and token BatchNorm, and the helpers that keep each image of a
+padded batch computing as if alone (real patches, border extension). Anything paper-specific
+lives in the model file.
 
 Shapes: B batch, C channels, H W feature map, L tokens.
 """
