@@ -1,63 +1,55 @@
 """M3Dec: Multi-Modal Mutual Attention and Iterative Interaction for Referring Image Segmentation.
 Liu, Ding, Zhang, Jiang. IEEE Transactions on Image Processing 32, 2023; arXiv:2305.15302.
 
-A backbone gives F_vis, a language encoder the word features F_t and a sentence feature F_t'; a
+A backbone gives F_vis, a language encoder word features F_t and a sentence feature F_t', and a
 transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder (M3Dec) queries F_enc
 with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one word-pixel attention matrix
-along both axes, attends vision per word and language per pixel, and fuses the two. Iterative
-Multi-modal Interaction (IMI, Eq. 3) re-injects transformed language features between decoder
-layers; Language Feature Reconstruction (LFR, Eq. 4) asks the decoder output to reconstruct the
-language features. A Mask Decoder uses the decoder output as 1x1 dynamic kernels over F_enc.
-Loss: BCE + 0.1 x reconstruction MSE (Eq. 5). Settings (Table IV): "paper-cnn" Darknet-53 +
-bi-GRU over GloVe at 416 px, "paper-swin" Swin-B + BERT at 480 px.
+along both axes, attends vision per word and language per pixel, and fuses the two; Iterative
+Multi-modal Interaction (IMI, Eq. 3) re-injects language between its layers; Language Feature
+Reconstruction (LFR, Eq. 4) has its output rebuild the language feature. A Mask Decoder uses the
+output as 1x1 dynamic kernels over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5).
 
 Shapes: B batch, C width (256), h w the stride-16 feature map, N = h*w, L words (tokens), H W input.
 
-Ablations (Sec. IV-B): `dec_layers`, `shared_attention`, `attention`, `imi`, `lfr`, `mask_decoder`,
-defaults "Ours"; `ABLATIONS` maps each table row to its overrides. Not built, as the paper gives
-too little: Table III's "VLT [11]" Mask Decoder (it "utilizes only the output of the decoder",
-which in VLT comes from query generation and balance modules M3Dec has not) and the VAL-only
-transformer of Sec. IV-B (it "fails to converge"; no number).
+Ablations (Sec. IV-B): `ABLATIONS` maps each table row to overrides of `dec_layers`,
+`shared_attention`, `attention`, `imi`, `lfr`, `mask_decoder`. Not built, as the paper gives too
+little: Table III's "VLT [11]" Mask Decoder (it "utilizes only the output of the decoder", which
+VLT builds with query generation and balance modules M3Dec has not) and a VAL-only transformer
+("fails to converge"; no number).
 
 Interpretations (where the paper is silent or contradicts itself):
 - F_vis at stride 16 as in VLT (same authors and setting), as no stride is given: the stride-32
-  map upsampled, joined to the stride-16 one, 1x1 conv + BN + ReLU to C.
+  map upsampled and joined to the stride-16 one by a 1x1 conv.
 - Text: a GRU as in Table IV (the text says LSTM), directions summed, F_t' = their final states
   as in VLT; BERT: F_t = its last layer, F_t' = [CLS], each by a linear layer to C (the usual way).
 - GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
   checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
-- BERT reads 20 tokens with [CLS] and [SEP], so that about 15 words fit after WordPiece (the
-  paper counts 15 words, 20 for G-Ref).
-- Transformer encoder: DETR's post-norm layers (FFN 2048, dropout 0.1); the 2-D sine encoding is
-  added once to its input, so that F_enc carries position into M3Att and the Mask Decoder.
+- BERT reads 20 tokens with [CLS] and [SEP], so that the paper's 15 words fit after WordPiece.
+- Transformer encoder: DETR's post-norm layers (FFN 2048, dropout 0.1), the 2-D sine encoding
+  added once to its input so that F_enc carries position into M3Att and the Mask Decoder.
 - M3Att is single-head, as Eq. (1) scales by 1/sqrt(C) (the 8 heads are the other attentions');
   its output layer maps HW -> C, so it is built for one `image_size`.
-- Independent A_mut (Table I): Eq. (2b)'s from two more key layers, Sec. IV-B's "two extra linear
-  project layers".
 - M3Dec layer (Fig. 3c): self-attention, M3Att, cross-attention (query F_q, key and value the
   multi-modal feature), FFN, each with residual and LayerNorm, as in a standard decoder layer.
-- Generic (LAV only), Tables I-II: that layer without M3Att, F_enc the cross-attention's key and
-  value, as the paper says ("word features serve as the query ... vision features serve as key
-  and value ... similar as ... VLT").
+- Sec. IV-A's "BN and ReLU unless noted" holds where no activation is stated: the F_vis
+  projection, M3Att's output, IMI's F_l^n, LFR's first two layers, the Mask Decoder's convs but the
+  logits; attention, FFNs and Eq. (3)-(4) keep their own.
+- Padded words enter no softmax (Eq. 2b, 3), mean (Eq. 4) or BN statistics: padding changes nothing.
+- IMI (Eq. 3) as written: no 1/sqrt(C), softmax over F_l^n's words; w_ci starts at 1 (a plain sum).
+- LFR (Eq. 4): e is the fixed sine encoding; F_proj is not detached, as the paper trains W_proj
+  through L_rec alone.
+- Mask Decoder (Fig. 6): the N_t maps zero-padded to `max_len` channels for a fixed first conv;
+  three 2x bilinear upsamplings give stride 2, then a resize to H x W.
+- The logits start at p = 0.05 (RetinaNet's prior bias), as a referred object is small.
 - Table I's rows keep IMI and LFR, as its shared 3-layer row is "Ours" (67.88).
+- Independent A_mut (Table I): Eq. (2b)'s from Sec. IV-B's "two extra linear project layers".
+- Generic (LAV only, Tables I-II): the M3Dec layer without M3Att, F_enc the cross-attention's key
+  and value ("word features serve as the query ... vision features serve as key and value").
 - IMI* (Table II #3): F'_dec^n = BN(F_dec^n + w_ci F_t), as F_i^n is "replaced with F_t".
 - Concate (Table III): F_dec summed over the words, tiled and concatenated to F_enc before the
   convs, the plainest reading of "sum and concatenate them with the transformer encoder output".
-- "Followed by BN and ReLU unless noted" (Sec. IV-A) holds where no activation is stated: the
-  F_vis projection, M3Att's output, IMI's F_l^n, LFR's first two layers, the Mask Decoder's convs
-  but the logits; attention, FFNs and Eq. (3)-(4) keep their own.
-- Padded words enter no softmax of Eq. (2b)-(3) and no BN statistics (`TokenBatchNorm`), so that
-  padding cannot change an output.
-- IMI (Eq. 3) as written: no 1/sqrt(C), softmax over the words of F_l^n; w_ci starts at 1 (a
-  plain residual sum).
-- LFR (Eq. 4): e is the fixed sine/cosine encoding; its means run over the real words (and F_t');
-  F_proj is not detached, as the paper trains W_proj through L_rec alone.
-- Mask Decoder (Fig. 6): the N_t maps are zero-padded to `max_len` channels, for a fixed first
-  conv; three 2x bilinear upsamplings give stride 2, then a resize to H x W.
-- The logits' bias starts at the log-odds of p = 0.05 (RetinaNet's prior), as a referred object
-  covers a few percent of the image.
-- Step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40 and 45 of 50); pretrained encoders
-  at 0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
+- Step decay x0.1 at 80% and 90% of the steps (VLT's epochs 40, 45 of 50); pretrained encoders at
+  0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
 - The public yolov3.weights saw RefCOCO's val/test images (COCO train2014), unlike the paper's
   backbone, so numbers with them are optimistic.
 - Ours, not the paper's: gradient clipping (`clip_grad`) and flips with "left"/"right" swapped
@@ -75,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import optim
+from common.blocks import conv_bn_relu
 from common.encoders import BertTextEncoder, Darknet53, GRUTextEncoder, SwinImageEncoder
 from common.layers import (
     Attention,
@@ -87,18 +80,15 @@ from common.layers import (
 )
 from common.losses import bce_loss, reconstruction_loss
 from common.model import InputSpec, RISModel, freeze
-from common.tokenizers import (
-    PAD_WORD,
-    SHAPES_VOCAB,
-    UNK_WORD,
-    build_word_vocab,
-    word_tokenizer,
-    wordpiece_tokenizer,
-)
+from common.tokenizers import SHAPES_VOCAB, build_word_vocab, word_tokenizer, wordpiece_tokenizer
 
 IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
                   "swin_b": (SwinImageEncoder, "swin_b"), "swin-tiny": (SwinImageEncoder, "tiny")}
-TEXT_ENCODERS = ("gru", "bert-base", "bert-tiny")
+BERT_ENCODERS = {"bert-base": "bert-base", "bert-tiny": "tiny"}  # text_encoder -> BERT arch
+# the values each config switch may take (M3Dec checks them)
+CHOICES = {"image_encoder": tuple(IMAGE_ENCODERS), "text_encoder": ("gru", *BERT_ENCODERS),
+           "attention": ("m3att", "generic"), "imi": ("iterative", "same", "off"),
+           "mask_decoder": ("kernels", "concat")}
 FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary, when none is given
 FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
@@ -142,21 +132,18 @@ class M3DecConfig:
     hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
 
 
-# The encoder files each paper config starts from: train.py refuses to start a paper config
-# without them (unless --random-init), so that "paper" never silently means "from scratch".
+# The encoder files each paper config starts from: train.py refuses a paper config without them
+# (unless --random-init), so that "paper" never silently means "from scratch".
 _CNN = {"image_weights": "Darknet-53, yolov3.weights or darknet53.conv.74 (darknet binary)",
         "text_weights": "GloVe, glove.840B.300d.txt"}
-PAPER_WEIGHTS = {
-    "paper": _CNN,
-    "paper-cnn": _CNN,
-    "paper-swin": {"image_weights": "Swin-B, torchvision's swin_b-68c6b09e.pth",
-                   "text_weights": "a local bert-base-uncased folder (save_pretrained)"},
-}
+_SWIN = {"image_weights": "Swin-B, torchvision's swin_b-68c6b09e.pth",
+         "text_weights": "a local bert-base-uncased folder (save_pretrained)"}
+PAPER_WEIGHTS = {"paper": _CNN, "paper-cnn": _CNN, "paper-swin": _SWIN}
 
 CONFIGS = {
-    "paper-cnn": M3DecConfig(),
+    "paper-cnn": M3DecConfig(),  # Table IV's CNN setting (Darknet-53 + GRU over GloVe)
     "paper-swin": M3DecConfig(image_encoder="swin_b", text_encoder="bert-base", image_size=480,
-                              max_len=20),
+                              max_len=20),  # Table IV's Transformer setting (Swin-B + BERT)
     # CPU-sized, same code paths: 128 px -> 8 x 8 tokens, tiny Darknet, the shapes words
     "tiny": M3DecConfig(image_encoder="darknet-tiny", image_size=128, word_dim=32,
                         vocab=SHAPES_VOCAB, dim=64, heads=4, ffn_dim=128, mask_dim=32,
@@ -180,9 +167,8 @@ ABLATIONS: dict[str, dict[str, object]] = {
 
 
 def prepare_config(cfg: M3DecConfig, train_sentences) -> M3DecConfig:
-    """Fix the vocabulary in the config before a new model is built (train.py calls this), so
-    that the checkpoint holds it and eval and predict tokenise as training did: the GRU's words
-    are built from the training sentences; BERT's vocab.txt is the one of its weights folder."""
+    """Fix the vocabulary in the config before a new model is built (train.py calls this), so that
+    the checkpoint holds it: the GRU's words from the training sentences, BERT's weights' vocab."""
     if cfg.text_encoder == "gru":
         return replace(cfg, vocab=build_word_vocab(train_sentences, cfg.vocab_min_count))
     return replace(cfg, bert_vocab=cfg.bert_vocab or cfg.text_weights)
@@ -193,8 +179,7 @@ class VisualNeck(nn.Module):
 
     def __init__(self, c16: int, c32: int, dim: int):
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(c16 + c32, dim, 1, bias=False), nn.BatchNorm2d(dim),
-                                  nn.ReLU())
+        self.proj = conv_bn_relu(c16 + c32, dim)  # 1x1
 
     def forward(self, f16: Tensor, f32: Tensor) -> Tensor:
         # f16 (B, C16, h, w) and f32 (B, C32, h/2, w/2): the backbone's last two maps
@@ -286,10 +271,8 @@ class IMIBlock(nn.Module):
         super().__init__()
         self.transform = transform
         if transform:
-            self.to_lang = nn.Linear(dim, dim)  # F_l^{n-1} -> F_l^n
-            self.lang_norm = TokenBatchNorm(dim)
-            self.w_a = nn.Linear(dim, dim)  # W_a^n
-            self.w_l = nn.Linear(dim, dim)  # W'_l^n
+            self.to_lang, self.lang_norm = nn.Linear(dim, dim), TokenBatchNorm(dim)  # F_l^n
+            self.w_a, self.w_l = nn.Linear(dim, dim), nn.Linear(dim, dim)  # W_a^n, W'_l^n
         self.w_ci = nn.Parameter(torch.tensor(1.0))  # learnable scalar w_ci^n
         self.norm = TokenBatchNorm(dim)
 
@@ -339,8 +322,7 @@ class MaskDecoder(nn.Module):
         self.self_attn = Attention(dim, heads, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
         self.max_len, self.concat = max_len, concat
-        conv = lambda a, b: nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False),
-                                          nn.BatchNorm2d(b), nn.ReLU())
+        conv = lambda a, b: conv_bn_relu(a, b, 3)
         up = lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.convs = nn.Sequential(conv(2 * dim if concat else max_len, mask_dim), up(),
                                    conv(mask_dim, mask_dim), up(), conv(mask_dim, mask_dim), up(),
@@ -366,9 +348,8 @@ class MaskDecoder(nn.Module):
 class M3Dec(RISModel):
     """M3Dec (Fig. 2). forward(image, text, text_mask, target=None) -> dict.
 
-    Arguments:
-      image (B, 3, H, W) as input_spec says, H = W = cfg.image_size; text (B, L) word (GRU) or
-      WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) in {0, 1}.
+    Arguments: image (B, 3, H, W) as input_spec says, H = W = cfg.image_size; text (B, L) word
+      (GRU) or WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) 0/1.
     Returns: mask_logits (B, 1, H, W); mutual_attn (B, L, N), the last M3Att's softmax over the
       pixels (Eq. 2a; not with attention="generic"); word_ids, word_mask (the inputs, to title
       visualisations); with a target: loss, loss_mask and, with LFR, lang_rec, lang_proj (B, C)
@@ -377,50 +358,43 @@ class M3Dec(RISModel):
 
     def __init__(self, cfg: M3DecConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, C = cfg, cfg.dim
         if cfg.image_size % 32:
             raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32")
-        if cfg.image_encoder not in IMAGE_ENCODERS or cfg.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, "
-                             f"text_encoder one of {TEXT_ENCODERS}")
-        for field, choices in (("attention", ("m3att", "generic")),
-                               ("imi", ("iterative", "same", "off")),
-                               ("mask_decoder", ("kernels", "concat"))):
+        for field, choices in CHOICES.items():
             if getattr(cfg, field) not in choices:
                 raise ValueError(f"{field} must be one of {choices}, not {getattr(cfg, field)!r}")
-        C = cfg.dim
         self.grid = cfg.image_size // FEATURE_STRIDE  # h = w
         # image encoder and F_vis (Sec. III); pixels as its weights expect (Darknet: [0, 1])
         encoder_cls, arch = IMAGE_ENCODERS[cfg.image_encoder]
         self.input_spec = InputSpec(cfg.image_size, "square", mean=encoder_cls.pixel_mean,
                                     std=encoder_cls.pixel_std)
         self.image_encoder = encoder_cls(arch, cfg.image_weights)
-        self.neck = VisualNeck(self.image_encoder.channels[-2], self.image_encoder.channels[-1], C)
+        self.neck = VisualNeck(*self.image_encoder.channels[-2:], C)
         # language encoder: F_t, F_t' (Sec. III) and its tokenizer; without a vocabulary the
         # model still builds (shape checks, a checkpoint's weights) but cannot read a sentence
         if cfg.text_encoder == "gru":
             self.tokenizer = word_tokenizer(cfg.vocab, cfg.max_len, "build the word vocabulary "
                                             "from the training split with m3dec.prepare_config")
-            self.text_encoder = GRUTextEncoder(cfg.vocab or (PAD_WORD, UNK_WORD), C, cfg.word_dim,
+            self.text_encoder = GRUTextEncoder(self.tokenizer.words, C, cfg.word_dim,
                                                cfg.text_weights)
             self.text_proj = nn.Identity()  # the GRU's width is already C
         else:
             self.tokenizer = wordpiece_tokenizer(cfg.bert_vocab or cfg.text_weights, cfg.max_len,
                                                  "give a local BERT folder (with vocab.txt) as "
                                                  "text_weights, or bert_vocab")
-            arch = "tiny" if cfg.text_encoder == "bert-tiny" else "bert-base"
             vocab_size = getattr(self.tokenizer, "vocab_size", BERT_VOCAB_SIZE)
-            self.text_encoder = BertTextEncoder(arch, cfg.text_weights, vocab_size)
+            self.text_encoder = BertTextEncoder(BERT_ENCODERS[cfg.text_encoder], cfg.text_weights,
+                                                vocab_size)
             self.text_proj = nn.Linear(self.text_encoder.dim, C)
         if cfg.freeze_encoders:
             for part in self.pretrained_parts():
                 freeze(part)
-        # transformer encoder, M3Dec with IMI, LFR, Mask Decoder
-        N = self.grid**2
+        # transformer encoder, M3Dec (IMI between its layers), LFR, Mask Decoder (Fig. 2)
         self.encoder = nn.ModuleList(EncoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                      for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            M3DecLayer(C, cfg.heads, cfg.ffn_dim, N, cfg.shared_attention, cfg.dropout,
+            M3DecLayer(C, cfg.heads, cfg.ffn_dim, self.grid**2, cfg.shared_attention, cfg.dropout,
                        mutual=cfg.attention == "m3att") for _ in range(cfg.dec_layers))
         n_imi = 0 if cfg.imi == "off" else cfg.dec_layers - 1
         self.imi = nn.ModuleList(IMIBlock(C, cfg.imi == "iterative") for _ in range(n_imi))
@@ -433,8 +407,7 @@ class M3Dec(RISModel):
                 ) -> dict[str, Tensor]:
         B, _, H, W = image.shape
         # 1. backbone features: F_vis (B, C, h, w); F_t (B, L, C) and F_t' (B, C)
-        feats = self.image_encoder(image)
-        f_vis = self.neck(feats[-2], feats[-1])
+        f_vis = self.neck(*self.image_encoder(image)[-2:])
         C, h, w = f_vis.shape[1:]
         words, sentence, _ = self.text_encoder(text, text_mask)
         words = self.text_proj(words) * text_mask[..., None]
@@ -466,8 +439,7 @@ class M3Dec(RISModel):
         return out
 
     def pretrained_parts(self) -> list[nn.Module]:
-        """The parts that pretrained weights initialise: the image encoder, and the word
-        embeddings (GloVe) or BERT."""
+        """Pretrained weights initialise these: the image encoder, GloVe's word vectors or BERT."""
         text = self.text_encoder.embed if self.cfg.text_encoder == "gru" else self.text_encoder
         return [self.image_encoder, text]
 

@@ -178,10 +178,12 @@ def find_wordpiece_vocab(given: str | None, weights_folder: str | None = None) -
 
 class MissingVocabulary:
     """Stands in for a tokenizer whose vocabulary was not given: the model builds (shape checks,
-    loading a checkpoint's weights), but tokenising a sentence is an error that says `hint`."""
+    loading a checkpoint's weights), but tokenising a sentence is an error that says `hint`.
+    `words` stands in for WordTokenizer's: a word embedding's <pad> and <unk> rows."""
 
     pad_id = 0
     token_names = None
+    words = (PAD_WORD, UNK_WORD)
 
     def __init__(self, max_len: int, hint: str):
         self.max_len, self.hint = max_len, hint

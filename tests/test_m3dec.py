@@ -125,7 +125,14 @@ def test_missing_vocabulary_is_an_error():
     model = build("m3dec", vocab=())  # builds (shape checks, checkpoints) ...
     with pytest.raises(FileNotFoundError, match="prepare_config"):
         model.tokenizer("the red circle")  # ... but cannot read a sentence
+    assert model.text_encoder.embed.num_embeddings == 2  # the stand-in's <pad> and <unk> rows
     assert m3dec.prepare_config(m3dec.CONFIGS["paper-swin"], ["x"]) == m3dec.CONFIGS["paper-swin"]
+
+
+def test_unknown_encoders_are_refused():
+    for field, value in (("image_encoder", "resnet101"), ("text_encoder", "lstm")):
+        with pytest.raises(ValueError, match=f"{field} must be one of"):
+            build("m3dec", **{field: value})
 
 
 def test_transformer_setting_runs_with_small_swin_and_bert():
