@@ -18,8 +18,7 @@ VLT builds with query generation and balance modules M3Dec has not) and a VAL-on
 ("fails to converge"; no number).
 
 Interpretations (where the paper is silent or contradicts itself):
-- F_vis at stride 16 as in VLT (same authors and setting), as no stride is given: the stride-32
-  map upsampled and joined to the stride-16 one by a 1x1 conv.
+- F_vis at stride 16 (VisualNeck), as in VLT (same authors and setting): the paper gives none.
 - Text: a GRU as in Table IV (the text says LSTM), directions summed, F_t' = their final states
   as in VLT; BERT: F_t = its last layer, F_t' = [CLS], each by a linear layer to C (the usual way).
 - GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
@@ -31,13 +30,12 @@ Interpretations (where the paper is silent or contradicts itself):
   its output layer maps HW -> C, so it is built for one `image_size`.
 - M3Dec layer (Fig. 3c): self-attention, M3Att, cross-attention (query F_q, key and value the
   multi-modal feature), FFN, each with residual and LayerNorm, as in a standard decoder layer.
-- Sec. IV-A's "BN and ReLU unless noted" holds where no activation is stated: the F_vis
-  projection, M3Att's output, IMI's F_l^n, LFR's first two layers, the Mask Decoder's convs but the
-  logits; attention, FFNs and Eq. (3)-(4) keep their own.
+- "BN and ReLU unless noted" (Sec. IV-A) where no activation is stated: F_vis's projection, M3Att's
+  output, IMI's F_l^n, LFR's first two layers, the Mask Decoder's convs but the logits; attention,
+  FFNs and Eq. (3)-(4) keep their own.
 - Padded words enter no softmax (Eq. 2b, 3), mean (Eq. 4) or BN statistics: padding changes nothing.
 - IMI (Eq. 3) as written: no 1/sqrt(C), softmax over F_l^n's words; w_ci starts at 1 (a plain sum).
-- LFR (Eq. 4): e is the fixed sine encoding; F_proj is not detached, as the paper trains W_proj
-  through L_rec alone.
+- LFR (Eq. 4): e is the fixed sine encoding; F_proj is not detached: W_proj trains by L_rec alone.
 - Mask Decoder (Fig. 6): the N_t maps zero-padded to `max_len` channels for a fixed first conv;
   three 2x bilinear upsamplings give stride 2, then a resize to H x W.
 - The logits start at p = 0.05 (RetinaNet's prior bias), as a referred object is small.
@@ -68,9 +66,10 @@ from torch import Tensor, nn
 
 from common import optim
 from common.blocks import conv_bn_relu
-from common.encoders import BertTextEncoder, Darknet53, GRUTextEncoder, SwinImageEncoder
+from common.encoders import Darknet53, SwinImageEncoder, bert_and_tokenizer, gru_and_tokenizer
 from common.layers import (
     Attention,
+    PostNormEncoderLayer,
     TokenBatchNorm,
     feed_forward,
     masked_mean,
@@ -79,8 +78,8 @@ from common.layers import (
     sine_pos_2d,
 )
 from common.losses import bce_loss, reconstruction_loss
-from common.model import InputSpec, RISModel, freeze
-from common.tokenizers import SHAPES_VOCAB, build_word_vocab, word_tokenizer, wordpiece_tokenizer
+from common.model import InputSpec, RISModel, check_choices, freeze
+from common.tokenizers import SHAPES_VOCAB, build_word_vocab
 
 IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
                   "swin_b": (SwinImageEncoder, "swin_b"), "swin-tiny": (SwinImageEncoder, "tiny")}
@@ -90,7 +89,6 @@ CHOICES = {"image_encoder": tuple(IMAGE_ENCODERS), "text_encoder": ("gru", *BERT
            "attention": ("m3att", "generic"), "imi": ("iterative", "same", "off"),
            "mask_decoder": ("kernels", "concat")}
 FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
-BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary, when none is given
 FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
 
 
@@ -187,22 +185,6 @@ class VisualNeck(nn.Module):
         return self.proj(torch.cat([f16, up], 1))  # (B, C, h, w)
 
 
-class EncoderLayer(nn.Module):
-    """One layer of the transformer encoder over F_vis (Sec. III, N_enc = 2): F_enc."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.attn = Attention(dim, heads, dropout=dropout)
-        self.ffn = feed_forward(dim, ffn_dim, dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # x (B, N, C): post-norm self-attention over the pixels, then the FFN
-        x = self.norm1(x + self.drop(self.attn(x, x, x)))
-        return self.norm2(x + self.drop(self.ffn(x)))  # (B, N, C)
-
-
 class MutualAttention(nn.Module):
     """Multi-Modal Mutual Attention, M3Att (Sec. III-A, Eq. 1-2b, Fig. 3b)."""
 
@@ -252,8 +234,7 @@ class M3DecLayer(nn.Module):
 
     def forward(self, query: Tensor, f_enc: Tensor, text_mask: Tensor
                 ) -> tuple[Tensor, Tensor | None]:
-        # query (B, L, C): F_t in the first layer, the previous layer's output after it
-        # multi-head self-attention on the query input gives F_q
+        # query (B, L, C): F_t, then the previous layer's output; self-attention on it gives F_q
         f_q = self.norm1(query + self.drop(self.self_attn(query, query, query, key_mask=text_mask)))
         if self.mutual is None:  # generic attention: F_q attends to the pixels of F_enc (LAV)
             f_mm, attn, kv_mask = f_enc, None, None
@@ -347,23 +328,19 @@ class MaskDecoder(nn.Module):
 
 class M3Dec(RISModel):
     """M3Dec (Fig. 2). forward(image, text, text_mask, target=None) -> dict.
-
     Arguments: image (B, 3, H, W) as input_spec says, H = W = cfg.image_size; text (B, L) word
       (GRU) or WordPiece (BERT) ids; text_mask (B, L) True on real words; target (B, 1, H, W) 0/1.
     Returns: mask_logits (B, 1, H, W); mutual_attn (B, L, N), the last M3Att's softmax over the
       pixels (Eq. 2a; not with attention="generic"); word_ids, word_mask (the inputs, to title
       visualisations); with a target: loss, loss_mask and, with LFR, lang_rec, lang_proj (B, C)
-      (F_rec, F_proj) and loss_rec (Eq. 5).
-    """
+      (F_rec, F_proj) and loss_rec (Eq. 5)."""
 
     def __init__(self, cfg: M3DecConfig):
         super().__init__()
         self.cfg, C = cfg, cfg.dim
         if cfg.image_size % 32:
             raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32")
-        for field, choices in CHOICES.items():
-            if getattr(cfg, field) not in choices:
-                raise ValueError(f"{field} must be one of {choices}, not {getattr(cfg, field)!r}")
+        check_choices(cfg, CHOICES)
         self.grid = cfg.image_size // FEATURE_STRIDE  # h = w
         # image encoder and F_vis (Sec. III); pixels as its weights expect (Darknet: [0, 1])
         encoder_cls, arch = IMAGE_ENCODERS[cfg.image_encoder]
@@ -371,27 +348,22 @@ class M3Dec(RISModel):
                                     std=encoder_cls.pixel_std)
         self.image_encoder = encoder_cls(arch, cfg.image_weights)
         self.neck = VisualNeck(*self.image_encoder.channels[-2:], C)
-        # language encoder: F_t, F_t' (Sec. III) and its tokenizer; without a vocabulary the
-        # model still builds (shape checks, a checkpoint's weights) but cannot read a sentence
+        # language encoder: F_t, F_t' (Sec. III); without a vocabulary its tokenizer only refuses
         if cfg.text_encoder == "gru":
-            self.tokenizer = word_tokenizer(cfg.vocab, cfg.max_len, "build the word vocabulary "
-                                            "from the training split with m3dec.prepare_config")
-            self.text_encoder = GRUTextEncoder(self.tokenizer.words, C, cfg.word_dim,
-                                               cfg.text_weights)
+            self.tokenizer, self.text_encoder = gru_and_tokenizer(
+                cfg.vocab, cfg.max_len, C, cfg.word_dim, cfg.text_weights,
+                hint="build the word vocabulary from the training split with m3dec.prepare_config")
             self.text_proj = nn.Identity()  # the GRU's width is already C
         else:
-            self.tokenizer = wordpiece_tokenizer(cfg.bert_vocab or cfg.text_weights, cfg.max_len,
-                                                 "give a local BERT folder (with vocab.txt) as "
-                                                 "text_weights, or bert_vocab")
-            vocab_size = getattr(self.tokenizer, "vocab_size", BERT_VOCAB_SIZE)
-            self.text_encoder = BertTextEncoder(BERT_ENCODERS[cfg.text_encoder], cfg.text_weights,
-                                                vocab_size)
+            self.tokenizer, self.text_encoder = bert_and_tokenizer(
+                BERT_ENCODERS[cfg.text_encoder], cfg.text_weights, cfg.bert_vocab, cfg.max_len,
+                hint="give a local BERT folder (with vocab.txt) as text_weights, or bert_vocab")
             self.text_proj = nn.Linear(self.text_encoder.dim, C)
         if cfg.freeze_encoders:
             for part in self.pretrained_parts():
                 freeze(part)
         # transformer encoder, M3Dec (IMI between its layers), LFR, Mask Decoder (Fig. 2)
-        self.encoder = nn.ModuleList(EncoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
+        self.encoder = nn.ModuleList(PostNormEncoderLayer(C, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                      for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
             M3DecLayer(C, cfg.heads, cfg.ffn_dim, self.grid**2, cfg.shared_attention, cfg.dropout,
@@ -410,8 +382,7 @@ class M3Dec(RISModel):
         f_vis = self.neck(*self.image_encoder(image)[-2:])
         C, h, w = f_vis.shape[1:]
         words, sentence, _ = self.text_encoder(text, text_mask)
-        words = self.text_proj(words) * text_mask[..., None]
-        sentence = self.text_proj(sentence)
+        words, sentence = self.text_proj(words) * text_mask[..., None], self.text_proj(sentence)
         # 2. transformer encoder, positional encoding added to its input: F_enc (B, N, C)
         f_enc = f_vis.flatten(2).transpose(1, 2) + sine_pos_2d(h, w, C, device=image.device)
         for layer in self.encoder:
@@ -428,8 +399,7 @@ class M3Dec(RISModel):
         out = {"mask_logits": logits, "word_ids": text, "word_mask": text_mask}
         if attn is not None:  # the generic (LAV only) layer has no M3Att
             out["mutual_attn"] = attn
-        if target is not None:
-            # 5. the loss of Eq. (5), with LFR (Sec. III-C, training only)
+        if target is not None:  # 5. the loss of Eq. (5), with LFR (Sec. III-C, training only)
             out["loss_mask"] = bce_loss(logits, target)
             out["loss"] = self.cfg.w_mask * out["loss_mask"]
             if self.lfr is not None:
@@ -445,24 +415,19 @@ class M3Dec(RISModel):
 
     def configure_optimizers(self, lr: float, total_steps: int):
         """Adam with step decay (Sec. IV-A); pretrained encoders at lr x encoder_lr_scale."""
-        pretrained = {id(p) for part in self.pretrained_parts() for p in part.parameters()}
-        groups = [dict(params=[p for p in self.trainable_parameters() if id(p) in pretrained],
-                       lr=lr * self.cfg.encoder_lr_scale),
-                  dict(params=[p for p in self.trainable_parameters() if id(p) not in pretrained])]
-        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=True)
+        groups = optim.pretrained_groups(self.trainable_parameters(), self.pretrained_parts(),
+                                         lr * self.cfg.encoder_lr_scale)
+        opt = torch.optim.Adam(groups, lr=lr, fused=True)
         return opt, optim.step_decay(opt, total_steps, self.cfg.lr_milestones, gamma=0.1)
 
     def vis_panels(self, out: dict[str, Tensor], i: int) -> list[tuple[str, Tensor]]:
         """The last M3Att's attention of each word over the image (Eq. 2a), one panel per word."""
         if "mutual_attn" not in out:  # the generic (LAV only) ablation has no M3Att
             return []
-        panels, names = [], self.tokenizer.token_names
-        ids = out["word_ids"][i][out["word_mask"][i]].tolist()
-        for k, token in enumerate(ids):
-            name = names[token] if names else f"token {k}"
-            attn = out["mutual_attn"][i, k].reshape(self.grid, self.grid)
-            panels.append((f"{k}: {name}", attn / attn.max().clamp(min=1e-12)))
-        return panels
+        names, ids = self.tokenizer.token_names, out["word_ids"][i][out["word_mask"][i]].tolist()
+        attn = out["mutual_attn"][i].unflatten(1, (self.grid, self.grid))  # (L, h, w)
+        return [(f"{k}: {names[t] if names else f'token {k}'}", a / a.max().clamp(min=1e-12))
+                for k, (t, a) in enumerate(zip(ids, attn))]
 
 
 MODEL = M3Dec

@@ -71,7 +71,7 @@ from common import optim
 from common.encoders import ViLTEncoder
 from common.layers import MLP, coord_map, extend_border, patch_coord_map, real_patches
 from common.losses import dice_loss, select_loss, sigmoid_focal_loss
-from common.model import InputSpec, RISModel, freeze
+from common.model import InputSpec, RISModel, check_choices, freeze
 from common.tokenizers import ClipTokenizer, WordPieceTokenizer, find_wordpiece_vocab
 
 VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
@@ -279,9 +279,7 @@ class MaIL(RISModel):
 
     def __init__(self, cfg: MaILConfig):
         super().__init__()
-        for field, choices in CHOICES.items():  # Tab. 2 variant 2 is not built (docstring)
-            if getattr(cfg, field) not in choices:
-                raise ValueError(f"{field}={getattr(cfg, field)!r}: choose from {choices}")
+        check_choices(cfg, CHOICES)  # Tab. 2 variant 2 is not built (docstring)
         if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
             raise ValueError("a decoder of mask features needs them from the encoder")
         vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)

@@ -1,7 +1,7 @@
 """Small layers that several papers share: MLP, coordinate maps, sine position encodings,
-attention helpers, masked means and token BatchNorm, and the helpers that keep each image of a
-padded batch computing as if alone (real patches, border extension). Anything paper-specific
-lives in the model file.
+attention helpers, a post-norm transformer encoder layer, masked means and token BatchNorm, and
+the helpers that keep each image of a padded batch computing as if alone (real patches, border
+extension). Anything paper-specific lives in the model file.
 
 Shapes: B batch, C channels, H W feature map, L tokens.
 """
@@ -100,6 +100,22 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, dim)
+
+
+class PostNormEncoderLayer(nn.Module):
+    """A post-norm transformer encoder layer (Vaswani et al. 2017; DETR's encoder): self-attention
+    and the FFN, each followed by dropout, the residual and LayerNorm. x (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.ffn = feed_forward(dim, ffn_dim, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, x, x)))
+        return self.norm2(x + self.drop(self.ffn(x)))
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

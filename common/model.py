@@ -128,6 +128,13 @@ def config_from_dict(default, values: dict):
     return dataclasses.replace(default, **values)
 
 
+def check_choices(cfg, choices: dict[str, tuple]) -> None:
+    """Refuse a config whose field takes a value outside its choices {field: allowed values}."""
+    for field, allowed in choices.items():
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"{field} must be one of {allowed}, not {getattr(cfg, field)!r}")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -14,6 +14,7 @@ from helpers import build, make_batch
 import m3dec
 import train
 from common.encoders import Darknet53, GRUTextEncoder, load_glove
+from common.encoders.bert import BERT_VOCAB_SIZE
 from common.tokenizers import split_words
 
 
@@ -126,6 +127,10 @@ def test_missing_vocabulary_is_an_error():
     with pytest.raises(FileNotFoundError, match="prepare_config"):
         model.tokenizer("the red circle")  # ... but cannot read a sentence
     assert model.text_encoder.embed.num_embeddings == 2  # the stand-in's <pad> and <unk> rows
+    bert = build("m3dec", image_encoder="swin-tiny", text_encoder="bert-tiny", max_len=12)
+    with pytest.raises(FileNotFoundError, match="bert_vocab"):
+        bert.tokenizer("the red circle")
+    assert bert.text_encoder.bert.embeddings.word_embeddings.num_embeddings == BERT_VOCAB_SIZE
     assert m3dec.prepare_config(m3dec.CONFIGS["paper-swin"], ["x"]) == m3dec.CONFIGS["paper-swin"]
 
 

@@ -1,5 +1,6 @@
 """Checks every model must pass (tiny configs, CPU): the contract, gradients, determinism,
-padding invariance, the paper configs on the meta device, checkpoint round trip."""
+padding invariance, the paper configs on the meta device, checkpoint round trip; and the common
+pieces models build on (config choices, parameter groups, the post-norm encoder layer)."""
 
 import dataclasses
 
@@ -8,7 +9,9 @@ import torch
 from helpers import MODEL_NAMES, build, make_batch
 
 import train
-from common.model import freeze_encoders
+from common.layers import PostNormEncoderLayer
+from common.model import check_choices, freeze_encoders
+from common.optim import pretrained_groups
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
@@ -68,6 +71,46 @@ def test_freeze_encoders_policy(policy, frozen, recwarn):
     assert warned == ([] if "b" in frozen else ["M: the b encoder has random weights, so it is "
                                                 "trained (the papers start from pretrained "
                                                 "encoders)"])
+
+
+def test_check_choices_names_the_field_and_its_choices():
+    @dataclasses.dataclass
+    class Cfg:
+        imi: str = "iterative"
+        lfr: bool = True
+
+    check_choices(Cfg(), {"imi": ("iterative", "off"), "lfr": (True, False)})
+    with pytest.raises(ValueError, match=r"imi must be one of \('iterative', 'off'\), not 'same'"):
+        check_choices(Cfg(imi="same"), {"imi": ("iterative", "off")})
+
+
+def test_pretrained_groups_keep_the_order_and_drop_an_empty_group():
+    """The pretrained parts' parameters at their own lr, the rest after them, each group in the
+    order given (an optimiser's saved state is matched by position); an empty group is left out."""
+    enc, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    params = [head.bias, enc.weight, head.weight, enc.bias]
+    groups = pretrained_groups(params, [enc], 0.1)
+    assert [g["params"] for g in groups] == [[enc.weight, enc.bias], [head.bias, head.weight]]
+    assert groups[0]["lr"] == 0.1 and "lr" not in groups[1]
+    assert [g["params"] for g in pretrained_groups([head.weight], [enc], 0.1)] == [[head.weight]]
+
+
+def test_post_norm_encoder_layer_is_torchs_post_norm_layer():
+    """PostNormEncoderLayer computes nn.TransformerEncoderLayer (post-norm, ReLU) on the same
+    weights."""
+    torch.manual_seed(0)
+    ours = PostNormEncoderLayer(16, 4, 32).eval()
+    theirs = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    a = ours.attn
+    with torch.no_grad():
+        theirs.self_attn.in_proj_weight.copy_(torch.cat([a.to_q.weight, a.to_k.weight,
+                                                         a.to_v.weight]))
+        theirs.self_attn.in_proj_bias.copy_(torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]))
+        theirs.self_attn.out_proj.load_state_dict(a.to_out.state_dict())
+        theirs.linear1.load_state_dict(ours.ffn[0].state_dict())
+        theirs.linear2.load_state_dict(ours.ffn[3].state_dict())
+        x = torch.randn(2, 7, 16)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 def test_eval_is_deterministic(tiny):

@@ -14,10 +14,10 @@ No code path downloads. Each image encoder declares the input statistics its wei
 `pixel_mean`, `pixel_std` (0-1 scale).
 """
 
-from common.encoders.bert import BERT_ARCHS, BertTextEncoder
+from common.encoders.bert import BERT_ARCHS, BertTextEncoder, bert_and_tokenizer
 from common.encoders.clip import CLIPImageEncoder, CLIPTextEncoder, clip_config, resize_pos_embed
 from common.encoders.darknet import DARKNET_ARCHS, Darknet53
-from common.encoders.glove import GRUTextEncoder, load_glove
+from common.encoders.glove import GRUTextEncoder, gru_and_tokenizer, load_glove
 from common.encoders.loading import quiet_random_init, sine_init_, warn_random
 from common.encoders.sam import SAM_ARCHS, SAMImageEncoder
 from common.encoders.swin import SWIN_ARCHS, SwinImageEncoder
@@ -27,6 +27,6 @@ __all__ = [
     "BERT_ARCHS", "DARKNET_ARCHS", "SAM_ARCHS", "SWIN_ARCHS", "VILT_ARCHS",
     "BertTextEncoder", "CLIPImageEncoder", "CLIPTextEncoder", "Darknet53", "GRUTextEncoder",
     "SAMImageEncoder", "SwinImageEncoder", "ViLTEncoder",
-    "clip_config", "load_glove", "quiet_random_init", "resize_pos_embed", "sine_init_",
-    "warn_random",
+    "bert_and_tokenizer", "clip_config", "gru_and_tokenizer", "load_glove", "quiet_random_init",
+    "resize_pos_embed", "sine_init_", "warn_random",
 ]

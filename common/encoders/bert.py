@@ -8,7 +8,8 @@ Used by: M3Dec's transformer setting: the per-token features F_t and the [CLS] t
 as the sentence feature F_t'.
 
 Weights: a local Hugging Face BERT folder (config.json, weights and vocab.txt, e.g. a download of
-bert-base-uncased); its pretraining heads and pooler are not read.
+bert-base-uncased); its pretraining heads and pooler are not read. `bert_and_tokenizer` pairs
+BERT with the WordPiece tokenizer its word embeddings are indexed by.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import os
 from torch import Tensor, nn
 
 from common.encoders.loading import load_hf_folder, warn_random
+from common.tokenizers import MissingVocabulary, WordPieceTokenizer, wordpiece_tokenizer
 
 # bert-base(-uncased)'s architecture, and this library's CPU-sized variant
 BERT_ARCHS = {"bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                 intermediate_size=3072),
               "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=128)}
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary
 
 
 class BertTextEncoder(nn.Module):
@@ -38,7 +41,7 @@ class BertTextEncoder(nn.Module):
     """
 
     def __init__(self, arch: str = "bert-base", weights: str | None = None,
-                 vocab_size: int = 30522):
+                 vocab_size: int = BERT_VOCAB_SIZE):
         super().__init__()
         from transformers import BertConfig, BertModel
 
@@ -68,3 +71,13 @@ class BertTextEncoder(nn.Module):
         mask = text_mask[:, None, None, :]  # (B, 1, 1, L)
         words = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         return words, words[:, 0], text_mask
+
+
+def bert_and_tokenizer(arch: str, weights: str | None, vocab: str | None, max_len: int, hint: str
+                       ) -> tuple[WordPieceTokenizer | MissingVocabulary, BertTextEncoder]:
+    """(tokenizer, BertTextEncoder): WordPiece over `vocab` (a vocab.txt or a folder holding one),
+    else over the weights folder's; without either, a MissingVocabulary saying `hint` and
+    bert-base-uncased's BERT_VOCAB_SIZE embedding rows (the model still builds)."""
+    tokenizer = wordpiece_tokenizer(vocab or weights, max_len, hint)
+    return tokenizer, BertTextEncoder(arch, weights, getattr(tokenizer, "vocab_size",
+                                                             BERT_VOCAB_SIZE))

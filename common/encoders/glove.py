@@ -7,7 +7,8 @@ model).
 Used by: M3Dec's CNN setting: the per-word features F_t and the sentence feature F_t'.
 
 Weights: a GloVe text file (glove.840B.300d.txt) for the rows of the vocabulary's words
-(`load_glove`); words it lacks start random.
+(`load_glove`); words it lacks start random. `gru_and_tokenizer` pairs the GRU with the word
+tokenizer whose words its embedding rows are.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from common.encoders.loading import warn_random
+from common.tokenizers import MissingVocabulary, WordTokenizer, word_tokenizer
 
 
 def load_glove(weight: Tensor, vocab, path: str) -> int:
@@ -84,3 +86,11 @@ class GRUTextEncoder(nn.Module):
         # the forward GRU ends at the last real word, the backward one at the first word
         sentence = fwd.gather(1, last)[:, 0] + bwd[:, 0]
         return words, sentence, text_mask
+
+
+def gru_and_tokenizer(vocab, max_len: int, dim: int, word_dim: int, weights: str | None,
+                      hint: str) -> tuple[WordTokenizer | MissingVocabulary, GRUTextEncoder]:
+    """(tokenizer, GRUTextEncoder) over the words `vocab`; without words, a MissingVocabulary
+    saying `hint` and embedding rows for its <pad> and <unk> only (the model still builds)."""
+    tokenizer = word_tokenizer(vocab, max_len, hint)
+    return tokenizer, GRUTextEncoder(tokenizer.words, dim, word_dim, weights)
