@@ -231,6 +231,7 @@ def parse_args(argv=None):
     p.add_argument("--plot-out", default=None, metavar="PNG",
                    help="where --plot writes (default RUN_DIR/curves.png)")
     train.add_data_args(p)
+    train.add_layout_arg(p)
     g = p.add_argument_group("benchmark (no checkpoint needed)")
     g.add_argument("--benchmark", action="store_true", help="print the speed/memory table")
     g.add_argument("--model", default="all", help="a model name or all")
@@ -456,7 +457,7 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
                          f"(flag: (first, this) {differ}); give these flags on the command "
                          "line so that every checkpoint is evaluated on the same data")
     model, module, _ = train.build_model_from_checkpoint(ckpt, device)
-    model.eval()
+    model.to(memory_format=train.memory_format(args.channels_last)).eval()
     source = resolve_candidates(run, trained, model)
     splits = run.split
     if splits == ["all"]:

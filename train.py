@@ -152,7 +152,19 @@ def parse_args(argv=None):
                    help="how cached features are stored (int8: per-channel scales, half the "
                         "disk; see README)")
     g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    add_layout_arg(g)
     return p.parse_args(argv)
+
+
+def add_layout_arg(g) -> None:
+    g.add_argument("--channels-last", action="store_true",
+                   help="keep 4-D weights, and so the convolutions' activations, channels-last "
+                        "(NHWC): faster convolutions and upsampling on CPU (oneDNN) and CUDA; "
+                        "the same model, other rounding (see README, Speed)")
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.preserve_format
 
 # ---------------------------------------------------------------------------------------------
 # Processes and devices: one process per GPU (or per CPU share) under torchrun
@@ -1119,7 +1131,10 @@ class Run:
         seed_rank(args.seed, self.rank)  # dropout differs between ranks from here on
         # `raw` is the model itself; `model` becomes its DDP / torch.compile wrapper, which
         # runs the forward, while checkpoints and evaluation read the raw model.
-        self.model = self.raw = model.to(self.device)
+        # channels-last weights make each convolution return channels-last activations, so the
+        # layout carries through the conv stacks (and their upsampling) without touching inputs
+        self.model = self.raw = model.to(self.device,
+                                         memory_format=memory_format(args.channels_last))
         self.frozen_modules = [n for n, m in model.named_modules() if getattr(m, "frozen", False)]
         # frozen encoders built from a weight file are stored as the file's path and hash
         self.refs = {} if args.self_contained_checkpoints else frozen_references(model, cfg)

@@ -107,7 +107,7 @@ def repeat_images(batch: dict, k: int) -> dict:
 
 def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
                 warmup: int, repeats: int, freeze: bool, cached: bool,
-                per_image: int = 1) -> dict:
+                per_image: int = 1, channels_last: bool = False) -> dict:
     """One row of the benchmark table (see README, "Reading the benchmark"). per_image k > 1:
     the step's batch holds k sentences of each of batch_size / k images (grouped encoding)."""
     module = train.load_model_module(name)
@@ -119,7 +119,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     torch.manual_seed(0)
     with quiet_random_init(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = module.MODEL(cfg).to(device)
+        model = module.MODEL(cfg).to(device, memory_format=train.memory_format(channels_last))
     total, trainable = count_parameters(model)
     one = bench_batch(model, 1, device)
     if per_image > 1:
@@ -161,7 +161,8 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # the process's RSS
     peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     achieved = train_flops / step_time / 1e9
-    variant = " (cached)" if cached else f" ({per_image}/image)" if per_image > 1 else ""
+    variant = (" (cached)" if cached else f" ({per_image}/image)" if per_image > 1 else "") + (
+        " NHWC" if channels_last else "")
     return {"model": name + variant, "config": config, "device": str(device), "amp": amp,
             "threads": torch.get_num_threads(), "params_M": total / 1e6,
             "trainable_M": trainable / 1e6, "fwd_GFLOPs": fwd_flops / 1e9,
@@ -216,13 +217,14 @@ def run_benchmark(args, script: str) -> list[dict]:
             if len(names) == 1 and len(variants) == 1:
                 rows.append(bench_model(name, config, torch.device(args.device), batch, args.amp,
                                         args.warmup, args.repeats, args.freeze_encoders, cached,
-                                        per_image))
+                                        per_image, args.channels_last))
                 continue
             cmd = [sys.executable, script, "--benchmark", "--model", name, "--config", config,
                    "--device", args.device, "--batch-size", str(batch), "--amp", args.amp,
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-",
                    "--sentences-per-image", str(per_image)]
             cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
+            cmd += ["--channels-last"] * args.channels_last
             res = subprocess.run(cmd, capture_output=True, text=True)  # one process: its own RSS
             if res.returncode:
                 raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
@@ -239,7 +241,7 @@ def benchmark_command(args, script: str) -> dict:
         train.flush_denormals()  # as training does
         row = bench_model(args.model, args.config, torch.device(args.device), args.batch_size,
                           args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached,
-                          getattr(args, "sentences_per_image", 1))
+                          getattr(args, "sentences_per_image", 1), args.channels_last)
         print(json.dumps(row))
         return row
     rows = run_benchmark(args, script)

@@ -161,7 +161,8 @@ def test_accumulated_gradients_equal_one_larger_batch(name):
     assert (accumulated - large).norm() <= 1e-5 * large.norm()
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, name: str,
+                channels_last: bool) -> None:
     """One rank of test_ddp_accumulation_equals_one_process: two micro-batches of 2 samples
     (its TrainSampler share of a global batch of 8), accumulated under DDP with no_sync."""
     import torch.distributed as dist
@@ -169,7 +170,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                            world_size=world)
-    model = build("maris").eval()
+    model = build(name).to(memory_format=train.memory_format(channels_last)).eval()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     items = _prepared(model)
     keys = [i for _, i in train.TrainSampler(len(items), rank, world, seed=0)]
@@ -193,18 +194,20 @@ def _prepared(model):
 
 
 @pytest.mark.slow
-def test_ddp_accumulation_equals_one_process(tmp_path):
+@pytest.mark.parametrize("name,channels_last", [("maris", False), ("mmnet", True)])
+def test_ddp_accumulation_equals_one_process(tmp_path, name, channels_last):
     """2 gloo processes x batch 2 x 2 accumulation steps (no_sync on the first) give the
     gradient of 1 process x batch 2 x 4 accumulation steps over the same 8 samples (the equal
     global batch is the equivalence: DDP averages over ranks what each rank averaged over its
-    micro-batches). BatchNorm in eval mode; tolerance 1e-5 of the gradient's norm."""
+    micro-batches). BatchNorm in eval mode; tolerance 1e-5 of the gradient's norm. MMNet's
+    convolutions run channels-last (--channels-last): DDP's buckets take its NHWC gradients."""
     import torch.multiprocessing as mp
 
     out_file = str(tmp_path / "grads.pt")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file, name,
+                                          channels_last), nprocs=2, start_method="spawn")
     ddp = torch.load(out_file)
-    model = build("maris").eval()
+    model = build(name).to(memory_format=train.memory_format(channels_last)).eval()
     items = _prepared(model)
     order = [i for _, i in train.TrainSampler(len(items), 0, 1, seed=0)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
