@@ -1,6 +1,6 @@
 """The speed and memory table of `eval.py --benchmark`: per model and config, parameters,
-forward GFLOPs and latency, training-step time, achieved GFLOP/s against a matmul measured in the
-same run (MFU), and peak memory. README, "Speed", says how to read it.
+forward GFLOPs and latency, training-step time, achieved GFLOP/s against a matmul timed between
+the steps (MFU), and peak memory. README, "Speed", says how to read it.
 
 It builds models and synthetic batches, so it sits above the model files: it imports `data` and
 `train` (the model registry and autocast), which a model file never does.
@@ -33,24 +33,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device, warmup: int, repeats: int) -> float:
+def median_times(fns, device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each of `fns`, timed in interleaved rounds (fn1, fn2, fn1, fn2, ...),
+    so that a machine whose speed drifts (a shared CPU's does, by 2x) slows them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for fn, ts in zip(fns, times):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+    return [float(np.median(ts)) for ts in times]
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    """Achieved GFLOP/s of an n x n matmul in `dtype`: the reference for model FLOP utilisation."""
+def matmul(device: torch.device, dtype: torch.dtype, n: int = 2048):
+    """An n x n matmul in `dtype` and its FLOPs: the reference rate for model FLOP utilisation."""
     a, b = torch.randn(2, n, n, device=device, dtype=dtype)
-    seconds = median_time(lambda: a @ b, device, warmup=2, repeats=5)
-    return 2 * n**3 / seconds / 1e9
+    return (lambda: a @ b), 2 * n**3
 
 
 def count_flops(fn) -> int:
@@ -73,11 +76,9 @@ def count_flops(fn) -> int:
 
     kernels = ["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
-    mapping = {}
-    for name in kernels:
-        for suffix, formula in (("", sdpa), ("_backward", sdpa_backward)):
-            if hasattr(torch.ops.aten, name + suffix):
-                mapping[getattr(torch.ops.aten, name + suffix)] = formula
+    mapping = {getattr(torch.ops.aten, name + suffix): formula for name in kernels
+               for suffix, formula in (("", sdpa), ("_backward", sdpa_backward))
+               if hasattr(torch.ops.aten, name + suffix)}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
@@ -143,7 +144,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
             model(**model.inputs_from(one))
 
     fwd_flops = count_flops(forward)
-    latency = median_time(forward, device, warmup, repeats)
+    (latency,) = median_times([forward], device, warmup, repeats)
     model.train()
     optimizer, _ = model.configure_optimizers(1e-6, 1000)
 
@@ -156,10 +157,12 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
         optimizer.step()
 
     train_flops = count_flops(step)
-    step_time = median_time(step, device, warmup, repeats)
+    ref, ref_flops = matmul(device, torch.bfloat16 if amp == "bf16" else torch.float32)
+    ref()  # its first call allocates; the peak is its rate between the steps, not before them
+    step_time, ref_time = median_times([step, ref], device, warmup, repeats)
     peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # the process's RSS
-    peak = matmul_peak(device, torch.bfloat16 if amp == "bf16" else torch.float32)
+    peak = ref_flops / ref_time / 1e9
     achieved = train_flops / step_time / 1e9
     variant = (" (cached)" if cached else f" ({per_image}/image)" if per_image > 1 else "") + (
         " NHWC" if channels_last else "")
@@ -192,7 +195,7 @@ def print_bench(rows: list[dict]) -> None:
     if rows:
         r = rows[0]
         print(f"device {r['device']}, amp {r['amp']}, {r['threads']} threads; medians over repeats "
-              "after warm-up; peak = measured matmul GFLOP/s in the same run; mem = "
+              "after warm-up; peak = matmul GFLOP/s timed between the steps; mem = "
               + ("peak allocated" if r["device"].startswith("cuda") else "peak process RSS"))
 
 
