@@ -244,6 +244,8 @@ def parse_args(argv=None):
     g.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
                    help="with --freeze-encoders, add a row whose batch holds K sentences of each "
                         "image (train.py --sentences-per-image: one encoder pass per image)")
+    g.add_argument("--compile", action="store_true",
+                   help="time the model through torch.compile (FLOPs counted on the eager model)")
     g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -108,7 +108,7 @@ def repeat_images(batch: dict, k: int) -> dict:
 
 def bench_model(name: str, config: str, device: torch.device, batch_size: int, amp: str,
                 warmup: int, repeats: int, freeze: bool, cached: bool,
-                per_image: int = 1, channels_last: bool = False) -> dict:
+                per_image: int = 1, channels_last: bool = False, compiled: bool = False) -> dict:
     """One row of the benchmark table (see README, "Reading the benchmark"). per_image k > 1:
     the step's batch holds k sentences of each of batch_size / k images (grouped encoding)."""
     module = train.load_model_module(name)
@@ -137,26 +137,29 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
             if "text" in model.frozen_parts():
                 feats["text_feats"] = model.encode_text(batch["text"], batch["text_mask"])
     model.eval()
+    run = torch.compile(model) if compiled else model  # FLOPs are counted on the eager model
 
     @torch.no_grad()
-    def forward():
+    def forward(m=run):
         with train.autocast(device, amp):
-            model(**model.inputs_from(one))
+            m(**model.inputs_from(one))
 
-    fwd_flops = count_flops(forward)
-    (latency,) = median_times([forward], device, warmup, repeats)
+    fwd_flops = count_flops(lambda: forward(model))
+    (latency,) = median_times([forward], device, warmup + compiled, repeats)
     model.train()
     optimizer, _ = model.configure_optimizers(1e-6, 1000)
 
-    def step():
+    def step(m=run):
         optimizer.zero_grad(set_to_none=True)
         with train.autocast(device, amp):  # grouped: one encoder pass per distinct image
             shared = feats or train.frozen_features(model, batch)
-            loss = model(**model.inputs_from(batch), **shared, target=batch["mask"])["loss"]
+            loss = m(**model.inputs_from(batch), **shared, target=batch["mask"])["loss"]
         loss.backward()
         optimizer.step()
 
-    train_flops = count_flops(step)
+    train_flops = count_flops(lambda: step(model))
+    if compiled:  # compile the training graph before anything is timed
+        step()
     ref, ref_flops = matmul(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     ref()  # its first call allocates; the peak is its rate between the steps, not before them
     step_time, ref_time = median_times([step, ref], device, warmup, repeats)
@@ -165,7 +168,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     peak = ref_flops / ref_time / 1e9
     achieved = train_flops / step_time / 1e9
     variant = (" (cached)" if cached else f" ({per_image}/image)" if per_image > 1 else "") + (
-        " NHWC" if channels_last else "")
+        " NHWC" * channels_last + " compiled" * compiled)
     return {"model": name + variant, "config": config, "device": str(device), "amp": amp,
             "threads": torch.get_num_threads(), "params_M": total / 1e6,
             "trainable_M": trainable / 1e6, "fwd_GFLOPs": fwd_flops / 1e9,
@@ -220,14 +223,14 @@ def run_benchmark(args, script: str) -> list[dict]:
             if len(names) == 1 and len(variants) == 1:
                 rows.append(bench_model(name, config, torch.device(args.device), batch, args.amp,
                                         args.warmup, args.repeats, args.freeze_encoders, cached,
-                                        per_image, args.channels_last))
+                                        per_image, args.channels_last, args.compile))
                 continue
             cmd = [sys.executable, script, "--benchmark", "--model", name, "--config", config,
                    "--device", args.device, "--batch-size", str(batch), "--amp", args.amp,
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-",
                    "--sentences-per-image", str(per_image)]
             cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
-            cmd += ["--channels-last"] * args.channels_last
+            cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
             res = subprocess.run(cmd, capture_output=True, text=True)  # one process: its own RSS
             if res.returncode:
                 raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
@@ -244,7 +247,8 @@ def benchmark_command(args, script: str) -> dict:
         train.flush_denormals()  # as training does
         row = bench_model(args.model, args.config, torch.device(args.device), args.batch_size,
                           args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached,
-                          getattr(args, "sentences_per_image", 1), args.channels_last)
+                          getattr(args, "sentences_per_image", 1), args.channels_last,
+                          args.compile)
         print(json.dumps(row))
         return row
     rows = run_benchmark(args, script)

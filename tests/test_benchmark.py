@@ -47,3 +47,31 @@ def test_grouped_rows_count_one_encoder_pass_per_image():
     encoder = plain["step_GFLOPs"] - cached["step_GFLOPs"]  # 4 image and 4 text encodings
     assert encoder > 0
     assert grouped["step_GFLOPs"] < plain["step_GFLOPs"] - 0.3 * encoder
+
+
+def test_a_compiled_row_times_the_compiled_model_and_counts_eager_flops(monkeypatch):
+    """`--compile`: the timed forward and step go through torch.compile (here its graph capture
+    alone, the "aot_eager" backend, as code generation takes minutes on 2 cores), the FLOPs are
+    the eager model's (the compiled graph's kernels are not counted by FlopCounterMode)."""
+    from common import benchmark
+
+    calls, original = [], torch.compile
+
+    def capture(model):
+        calls.append(type(model).__name__)
+        compiled = original(model, backend="aot_eager")
+
+        def run(*args, **kwargs):
+            calls.append("run")
+            return compiled(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", capture)
+    row = lambda compiled: benchmark.bench_model("mmnet", "tiny", torch.device("cpu"), 2, "none",
+                                                 0, 1, False, False, compiled=compiled)
+    compiled = row(True)
+    assert calls[0] == "MMNet" and calls.count("run") >= 3  # forward, compile step, timed step
+    eager = row(False)
+    assert compiled["model"] == "mmnet compiled" and eager["model"] == "mmnet"
+    assert compiled["step_GFLOPs"] == pytest.approx(eager["step_GFLOPs"], rel=1e-9)
+    assert compiled["fwd_GFLOPs"] == pytest.approx(eager["fwd_GFLOPs"], rel=1e-9)
