@@ -1,4 +1,5 @@
-"""The benchmark's FLOP count: attention is counted whichever kernel SDPA picks."""
+"""The benchmark: its FLOP count (common.measure) counts attention whichever kernel SDPA picks;
+its rows (common.benchmark)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.benchmark import count_flops
+from common.measure import count_flops
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
