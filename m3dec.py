@@ -5,9 +5,9 @@ A backbone gives F_vis, a language encoder word features F_t and a sentence feat
 transformer encoder turns F_vis into F_enc. The Multi-Modal Mutual Decoder (M3Dec) queries F_enc
 with the words: its Mutual Attention (M3Att, Eq. 1-2b) normalises one word-pixel attention matrix
 along both axes, attends vision per word and language per pixel, and fuses the two; Iterative
-Multi-modal Interaction (IMI, Eq. 3) re-injects language between its layers; Language Feature
-Reconstruction (LFR, Eq. 4) has its output rebuild the language feature. A Mask Decoder uses the
-output as 1x1 dynamic kernels over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5).
+Multi-modal Interaction (IMI, Eq. 3) re-injects language between the decoder's layers; Language
+Feature Reconstruction (LFR, Eq. 4) has its output rebuild the language feature. A Mask Decoder
+uses the output as 1x1 dynamic kernels over F_enc. Loss: BCE + 0.1 x reconstruction MSE (Eq. 5).
 
 Shapes: B batch, C width (256), h w the stride-16 feature map, N = h*w, L words (tokens), H W input.
 
@@ -23,7 +23,7 @@ Interpretations (where the paper is silent or contradicts itself):
   as in VLT; BERT: F_t = its last layer, F_t' = [CLS], each by a linear layer to C (the usual way).
 - GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
   checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
-- BERT reads 20 tokens with [CLS] and [SEP], so that the paper's 15 words fit after WordPiece.
+- BERT reads 20 tokens with [CLS] and [SEP], so that about 15 words (the paper's count) fit.
 - Transformer encoder: DETR's post-norm layers (FFN 2048, dropout 0.1), the 2-D sine encoding
   added once to its input so that F_enc carries position into M3Att and the Mask Decoder.
 - M3Att is single-head, as Eq. (1) scales by 1/sqrt(C) (the 8 heads are the other attentions');
@@ -38,7 +38,8 @@ Interpretations (where the paper is silent or contradicts itself):
 - LFR (Eq. 4): e is the fixed sine encoding; F_proj is not detached: W_proj trains by L_rec alone.
 - Mask Decoder (Fig. 6): the N_t maps zero-padded to `max_len` channels for a fixed first conv;
   three 2x bilinear upsamplings give stride 2, then a resize to H x W.
-- The logits start at p = 0.05 (RetinaNet's prior bias), as a referred object is small.
+- The logits' bias starts at the log-odds of p = 0.05 (RetinaNet's prior), as a referred object
+  covers a small part of the image.
 - Table I's rows keep IMI and LFR, as its shared 3-layer row is "Ours" (67.88).
 - Independent A_mut (Table I): Eq. (2b)'s from Sec. IV-B's "two extra linear project layers".
 - Generic (LAV only, Tables I-II): the M3Dec layer without M3Att, F_enc the cross-attention's key

@@ -43,7 +43,7 @@ Interpretations (where the paper is silent or contradicts itself):
 - AdamW's decay (1e-2, Sec. 4.1) on every parameter, as no exclusion is named; ViLT is
   fine-tuned, as in the paper (`freeze_encoders` freezes it).
 - Training loop, ours: clipping at 1.0 (`clip_grad`) and flips swapping "left"/"right" (`hflip`)
-  steady small batches and enlarge small datasets, sentences kept true (0 / False: the paper's);
+  steady small batches and enlarge small datasets (clip_grad=0, hflip=False: the paper's recipe);
   `best.pt` is the epoch of best val mIoU (the paper's rule is unsaid), so its val is optimistic.
 
 Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the rows):
@@ -51,7 +51,8 @@ Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the r
   as pretrained, no mask tokens or t_M; `decoder_modality` "image" (variants 1, 3) drops F_M from
   Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
 - Tab. 3: `mask_selection` "mean" / "maximum" pool F_M^k (0 off its valid area) over the valid
-  candidates, unscored; "weighted_sum" "normalizes the learned scores" (softmax), keeps L_select.
+  candidates, unscored; "weighted_sum" weighs them by softmax(s_k) ("normalizes the learned
+  scores") and keeps L_select.
 - `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum".
 - Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
   candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
@@ -101,7 +102,7 @@ class MaILConfig:
     image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
     text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
     freeze_encoders: bool | None = None  # None/False: fine-tune ViLT, as the paper does
-    max_candidates: int = 20  # K bound, not in the paper: ~7 instances per COCO image, 20 keep all
+    max_candidates: int = 20  # K bound, not in the paper: ~7 instances per COCO image on average
     min_score: float = 0.05  # Mask R-CNN's test threshold (torchvision, detectron2)
     # training recipe (Sec. 4.1); batch_size is the global batch
     lr: float = 1e-4
@@ -244,8 +245,8 @@ def best_candidate(cand_masks: Tensor, cand_valid: Tensor, target: Tensor) -> Te
 class SegmentationHead(nn.Module):
     """Segmentation head (Sec. 3.3, SETR-PUP): log2(P) x [3x3 conv + BN + ReLU + 2x bilinear],
     then a 1x1 conv to one channel. With `real` (B, h, w), the real patches of a padded batch,
-    padding is zeroed before each conv and border-filled before each upsampling: alone and padded,
-    an image gets the same output."""
+    padding is zeroed before each 3x3 conv and border-filled before each upsampling: alone and
+    padded, an image gets the same output."""
 
     def __init__(self, in_dim: int, dim: int, num_blocks: int):
         super().__init__()
@@ -272,8 +273,9 @@ class MaIL(RISModel):
       real pixels (the ViLT setting pads); text (B, L) token ids, text_mask (B, L) True on real
       tokens; cand_masks (B, K, H, W) bool candidate masks, cand_valid (B, K) False on padding;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
-    Returns: mask_logits (B, 1, H, W), cand_masks, mask_scores (B, K) (-inf on padding), selected
-      (B,) = rho, and with a target: loss, loss_focal, loss_dice, loss_select (where built)."""
+    Returns: mask_logits (B, 1, H, W), cand_masks, image_mask (when given); where candidates are
+      scored, mask_scores (B, K) (-inf on padding) and selected (B,) = rho; with a target: loss,
+      loss_focal, loss_dice and, where built, loss_select."""
 
     input_names = ("image", "text", "text_mask", "cand_masks", "cand_valid")
 

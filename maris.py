@@ -127,7 +127,8 @@ class MARISConfig:
     explicit_linguistic_guidance: bool = True  # F_val in the decoder; False: "w/o ELP" (Tab. 4 #10)
 
 
-# The encoder files each paper config starts from (train.py refuses to start without them)
+# The encoder files each paper config starts from (train.py refuses to start without them,
+# unless --random-init)
 PAPER_WEIGHTS = {
     "paper": {"image_weights": "SAM ViT-H, sam_vit_h_4b8939.pth (segment-anything)",
               "text_weights": "OpenAI CLIP ViT-B/16, ViT-B-16.pt (QuickGELU)"},

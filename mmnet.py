@@ -26,7 +26,7 @@ Interpretations (where the paper is silent or contradicts itself):
 - sigma(F W) and Conv follow CRIS's code, because MMNet writes its neck in CRIS's notation and
   calls it "very similar": on a map sigma(F W) is a 1x1 conv + BN + ReLU (Eq. 2-3, 6), Conv a 1x1
   (Eq. 4) or 3x3 (Eq. 5, Eq. 14's F_p) conv + BN + ReLU, and Eq. 7's "three convolution layers"
-  that 3x3 Conv twice and a 1x1 conv to N_q.
+  are that 3x3 Conv twice and a 1x1 conv to N_q.
 - sigma(F W) on tokens (Eq. 8-10) is a linear layer + ReLU: BatchNorm would mix padded words in.
 - Eq. 2's F_m4 is the product of the two ReLUs, upsampled, nothing more, as the equation writes.
 - The widths of F_v2, F_v3, F_v4, F_vg are all C, the one width the paper names; Up(.) is
@@ -43,8 +43,8 @@ Interpretations (where the paper is silent or contradicts itself):
 - Eq. 9's W_vd reads a flattened map (N values), so the model is built for one `image_size`.
 - Eq. 9 has no 1/sqrt(C), as written, because unscaled logits let the word attentions differ
   early; padded words get -inf.
-- Decoder: 3 pre-norm layers (as Eq. 11-13), a final LayerNorm and dropout 0.1, as in CRIS, the
-  base, because the paper gives none; sine positional encodings (DETR, CRIS), 2-D on F_vt and 1-D
+- Decoder: 3 pre-norm layers (as Eq. 11-13; the paper gives no number), a final LayerNorm and
+  dropout 0.1, as in CRIS, the base; sine positional encodings (DETR, CRIS), 2-D on F_vt and 1-D
   over the query index on F_q, are added to queries and keys: attention alone is blind to position.
 - The decoder does not update F_q (Eq. 11-13 update only F_vt): Eq. 14-15 use the generated F_q.
 - Eq. 14's sigma(W_p F_qn) is off by default (`kernel_relu=True` is Eq. 14 literally), because a
@@ -60,10 +60,11 @@ Interpretations (where the paper is silent or contradicts itself):
 - The text context is cut to the sentence length: with causal attention, padding changes nothing.
 - Images are resized to a square, aspect not kept (Sec. 4.1: "resized to 480 x 480").
 - Paper configs build `-quickgelu` towers, because the paper (and CRIS) loads OpenAI's CLIP,
-  trained with QuickGELU; a GELU checkpoint needs the plain names (`--set image_arch=ViT-B-16`).
-- Training loop (train.py, not in the paper): gradient clipping at norm 1 and horizontal flips
-  with "left"/"right" swapped in the sentence (`clip_grad`, `hflip`), because the tiny configs
-  train from scratch; `best.pt` is chosen on val mIoU, so its val numbers are optimistic.
+  trained with QuickGELU; a GELU checkpoint needs the plain names (`--set image_arch=ViT-B-16`,
+  and `text_arch`).
+- Training loop (train.py, not the paper's): clipping at norm 1 and flips with "left"/"right"
+  swapped (`clip_grad`, `hflip`), as the tiny configs train from scratch and a flip must keep a
+  sentence true; `best.pt` is the best-val-mIoU epoch, so report the test splits or `last.pt`.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class MMNetConfig:
     global_visual_feature: bool = True  # f_vg, Table 4: False = Eq. (8) removed, F_t used directly
     image_weights: str | None = None  # open_clip / OpenAI CLIP file for the image tower
     text_weights: str | None = None  # the same file (or another CLIP) for the text tower
-    freeze_encoders: bool = False  # the paper fine-tunes (see Interpretations)
+    freeze_encoders: bool = False  # fine-tuned as CRIS; the paper is silent (Interpretations)
     # training recipe (Sec. 4.1): Adam, poly decay [3]; batch_size is the global batch
     lr: float = 1e-5
     power: float = 0.9  # DeepLab's polynomial power (ref. [3])
@@ -317,7 +318,7 @@ class MMNet(RISModel):
         self.tokenizer = ClipTokenizer(cfg.max_tokens)
         self.image_encoder = CLIPImageEncoder(cfg.image_arch, cfg.image_weights)
         self.text_encoder = CLIPTextEncoder(cfg.text_arch, cfg.text_weights, project=True)
-        if cfg.freeze_encoders:  # the paper fine-tunes them (Interpretations)
+        if cfg.freeze_encoders:  # off by default: fine-tuned as CRIS (Interpretations)
             for name, enc, weights in (("image", self.image_encoder, cfg.image_weights),
                                        ("text", self.text_encoder, cfg.text_weights)):
                 freeze(enc)
