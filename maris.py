@@ -89,7 +89,7 @@ from common import optim
 from common.encoders import CLIPTextEncoder, SAMImageEncoder
 from common.layers import MLP, Attention, masked_mean, safe_softmax
 from common.losses import dice_loss, sigmoid_focal_loss
-from common.model import CacheableEncoders, InputSpec, RISModel, freeze_encoders
+from common.model import CacheableEncoders, InputSpec, RISModel, check_choices, freeze_encoders
 from common.tokenizers import ClipTokenizer
 
 
@@ -287,8 +287,7 @@ class MARIS(RISModel, CacheableEncoders):
         freeze_encoders("MARIS", {"image": (self.image_encoder, cfg.image_weights),
                                   "text": (self.text_encoder, cfg.text_weights)},
                         cfg.freeze_encoders)
-        if cfg.mask_decoder not in ("maris", "sam"):
-            raise ValueError(f'mask_decoder={cfg.mask_decoder!r}: "maris" or "sam"')
+        check_choices(cfg, {"mask_decoder": ("maris", "sam")})
         if cfg.mask_decoder == "sam" and (cfg.toi_attention
                                           or not cfg.explicit_linguistic_guidance):
             raise ValueError("toi_attention / explicit_linguistic_guidance change the proposed "

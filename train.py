@@ -157,6 +157,7 @@ def parse_args(argv=None):
 
 
 def add_layout_arg(g) -> None:
+    """--channels-last, shared by train.py and eval.py (evaluation and the benchmark)."""
     g.add_argument("--channels-last", action="store_true",
                    help="keep 4-D weights, and so the convolutions' activations, channels-last "
                         "(NHWC): faster convolutions and upsampling on CPU (oneDNN) and CUDA; "
@@ -164,6 +165,7 @@ def add_layout_arg(g) -> None:
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
+    """What `Module.to(memory_format=...)` takes for --channels-last (preserve: leave as built)."""
     return torch.channels_last if channels_last else torch.preserve_format
 
 # ---------------------------------------------------------------------------------------------
