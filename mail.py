@@ -271,19 +271,26 @@ class MaIL(RISModel):
     """MaIL (Fig. 2).
     Arguments: image (B, 3, H, W) normalised with ViLT's statistics; image_mask (B, H, W) True on
       real pixels (the ViLT setting pads); text (B, L) token ids, text_mask (B, L) True on real
-      tokens; cand_masks (B, K, H, W) bool candidate masks, cand_valid (B, K) False on padding;
+      tokens; cand_masks (B, K, H, W) bool candidate masks, cand_valid (B, K) False on padding
+      (not read, and not needed, without the mask modality: `input_names_for`);
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
-    Returns: mask_logits (B, 1, H, W), cand_masks, image_mask (when given); where candidates are
+    Returns: mask_logits (B, 1, H, W), cand_masks and image_mask (when given); where candidates are
       scored, mask_scores (B, K) (-inf on padding) and selected (B,) = rho; with a target: loss,
       loss_focal, loss_dice and, where built, loss_select."""
 
     input_names = ("image", "text", "text_mask", "cand_masks", "cand_valid")
+
+    @classmethod
+    def input_names_for(cls, cfg: MaILConfig) -> tuple[str, ...]:
+        """Tab. 2 variant 1 (no mask modality) reads no candidates: it needs no proposals."""
+        return cls.input_names if "mask" in cfg.encoder_modality else cls.input_names[:3]
 
     def __init__(self, cfg: MaILConfig):
         super().__init__()
         check_choices(cfg, CHOICES)  # Tab. 2 variant 2 is not built (docstring)
         if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
             raise ValueError("a decoder of mask features needs them from the encoder")
+        self.input_names = self.input_names_for(cfg)
         vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)
         self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
         self.tokenizer = (WordPieceTokenizer(vocab, cfg.max_tokens) if vocab
@@ -310,11 +317,15 @@ class MaIL(RISModel):
             raise ValueError(f"patch size {P} is not a power of two")
         self.head = SegmentationHead((image_in + mask_in) * r + 2, cfg.head_dim, num_blocks)
 
-    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor, cand_masks: Tensor,
-                cand_valid: Tensor, image_mask: Tensor | None = None,
+    def forward(self, image: Tensor, text: Tensor, text_mask: Tensor,
+                cand_masks: Tensor | None = None, cand_valid: Tensor | None = None,
+                image_mask: Tensor | None = None,
                 target: Tensor | None = None) -> dict[str, Tensor]:
         B, _, H, W = image.shape
-        cand_masks = cand_masks & cand_valid[:, :, None, None]  # padding holds nothing
+        if cand_masks is not None:
+            cand_masks = cand_masks & cand_valid[:, :, None, None]  # padding holds nothing
+        elif "cand_masks" in self.input_names:
+            raise ValueError("this MaIL reads candidate masks: pass cand_masks and cand_valid")
         # 1. trimodal encoder (Eq. 3-5): F_I (B, d, h, w), F_M (B, K, d, h, w)
         f_i, f_m = self.encoder(image, text, text_mask, cand_masks, cand_valid, image_mask)
         h, w = f_i.shape[-2:]
@@ -334,7 +345,9 @@ class MaIL(RISModel):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         if padded:  # pixels outside the image: background, and no loss gradient
             logits = logits.masked_fill(~image_mask[:, None], PAD_LOGIT)
-        out = {"mask_logits": logits, "cand_masks": cand_masks}
+        out = {"mask_logits": logits}
+        if cand_masks is not None:
+            out["cand_masks"] = cand_masks
         if scores is not None:
             out["mask_scores"], out["selected"] = scores, rho
         if image_mask is not None:

@@ -690,10 +690,14 @@ def restore_rng(saved, rank: int, world: int, seed: int, step: int) -> None:
 # Data: datasets, a sampler that shards and resumes an epoch, loaders
 # ---------------------------------------------------------------------------------------------
 
-def candidate_source(args, model_cls) -> str | None:
-    """Where a model that takes candidate masks (MaIL) gets them (data.candidate_source), or
-    None for a model that takes none (then no instance mask is decoded)."""
-    if "cand_masks" not in model_cls.input_names:
+def candidate_source(args, input_names: tuple[str, ...]) -> str | None:
+    """Where a model whose forward takes `input_names` gets candidate masks: MaIL's from
+    data.candidate_source; None for a model (or an ablation row: MaIL without the mask
+    modality) that takes none: then no instance mask is decoded, no proposals file asked for."""
+    if "cand_masks" not in input_names:
+        if getattr(args, "candidates", None) or getattr(args, "oracle_candidates", False):
+            warnings.warn(f"{args.model} with this config takes no candidate masks: "
+                          "--candidates / --oracle-candidates are ignored", stacklevel=2)
         return None
     return data.candidate_source(args.dataset, getattr(args, "candidates", None),
                                  getattr(args, "oracle_candidates", False))
@@ -804,9 +808,9 @@ def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size:
     samples without their images, for a model whose image features all come from the cache).
     Its collate function is a functools.partial, which pickles: workers can start under
     spawn/forkserver."""
+    source = candidate_source(args, model.input_names)
     base = data.build_dataset(args.dataset, split, images=images,
-                              **dataset_kwargs(args, split, candidate_source(args, model),
-                                                getattr(model, "cfg", None)))
+                              **dataset_kwargs(args, split, source, getattr(model, "cfg", None)))
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     ds = data.PreparedDataset(base, prep, seed=args.seed)
@@ -1092,7 +1096,7 @@ class Run:
             check_paper_weights(self.module, args, asked)
         self.plan = plan_batches(asked.batch_size, self.world, args.batch_size,
                                  args.accum_steps, args.global_batch)
-        self.candidates = candidate_source(args, self.module.MODEL)
+        self.candidates = candidate_source(args, self.module.MODEL.input_names_for(asked))
         # A resumed run computes its settings exactly as a fresh one does, then compares: a
         # silently changed lr or batch would make the two halves of a run different runs.
         self.settings = run_settings(args, asked, self.plan, self.candidates)

@@ -6,7 +6,9 @@ A model module (`maris.py`, ...) defines a config dataclass, `CONFIGS` (at least
 
 - declares its preprocessing in `input_spec` (an `InputSpec`) and its `tokenizer`;
 - names the batch entries its `forward` takes in `input_names` (always image, text, text_mask;
-  MaIL adds cand_masks, cand_valid; every model accepts image_mask, True on real pixels);
+  MaIL adds cand_masks, cand_valid; every model accepts image_mask, True on real pixels), and
+  in `input_names_for(cfg)` those of one config before it is built (MaIL's Tab. 2 variant 1
+  reads no candidates: train.py then asks for no proposals);
 - `forward(..., target=None)` returns a dict with "mask_logits" (B, 1, H, W) at the input
   resolution, the auxiliary outputs its losses need and, when `target` (B, 1, H, W) is given,
   "loss" plus one "loss_<term>" entry per term of the paper's loss;
@@ -89,6 +91,12 @@ class RISModel(nn.Module):
     input_names: tuple[str, ...] = ("image", "text", "text_mask")
     input_spec: InputSpec
     tokenizer: object  # common.tokenizers.*: sentence -> (ids, truncated)
+
+    @classmethod
+    def input_names_for(cls, cfg) -> tuple[str, ...]:
+        """The batch entries `forward` takes with config `cfg`: `input_names`, unless an
+        ablation reads fewer (MaIL without the mask modality reads no candidates)."""
+        return cls.input_names
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -3,11 +3,14 @@
 is the full model; every row is reachable from train.py's --set on the tiny config."""
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
-from helpers import build, make_batch
+from helpers import build, make_batch, ref, write_refer
 
+import eval as evaluate
 import mail
 import train
 
@@ -135,6 +138,40 @@ def test_without_mask_modality_no_mask_token_enters_the_transformer(full, batch)
         a = model(**model.inputs_from(batch))["mask_logits"]
         b = model(**model.inputs_from(other))["mask_logits"]
     assert torch.equal(a, b)
+
+
+def test_without_mask_modality_needs_no_proposals_on_refer(tmp_path):
+    """Tab. 2 variant 1 reads no candidates, so on a REFER dataset (which has no proposals of
+    its own) it trains and evaluates without a proposals file, records no candidate source (not
+    "oracle": it saw no annotation at inference) and warns that a given file is ignored; the
+    full model still stops and asks for proposals."""
+    model = build("mail", **mail.ABLATIONS["w/o mask modality"])
+    assert model.input_names == ("image", "text", "text_mask")
+    assert mail.MaIL.input_names_for(model.cfg) == model.input_names
+    assert mail.MaIL.input_names_for(mail.CONFIGS["tiny"])[-2:] == ("cand_masks", "cand_valid")
+    images = [{"id": i, "height": 24, "width": 32, "file_name": f"COCO_train2014_{i:012d}.jpg"}
+              for i in (1, 2)]
+    anns = [{"id": 10 + i, "image_id": i, "category_id": 1,
+             "segmentation": [[2, 2, 14, 2, 14, 14, 2, 14]]} for i in (1, 2)]
+    refs = [ref(1, 11, 1, "train", "the thing", "left one"), ref(2, 12, 2, "train", "a box"),
+            ref(3, 11, 1, "val", "the thing")]
+    write_refer(tmp_path / "refer", refs, images, anns)
+    common = ["--model", "mail", "--dataset", "refcoco", "--data-root", str(tmp_path / "refer"),
+              "--batch-size", "2", "--max-steps", "1", "--workers", "0", "--no-val"]
+    row = ["--set", "encoder_modality=image+language", "--set", "decoder_modality=image"]
+    train.main(common + row + ["--out", str(tmp_path / "a")])
+    with open(tmp_path / "a" / "args.json") as f:
+        assert json.load(f)["candidates"] is None
+    results = evaluate.main(["--checkpoint", str(tmp_path / "a" / "last.pt"), "--dataset",
+                             "refcoco", "--data-root", str(tmp_path / "refer")])
+    assert results["val"]["n"] == 1
+    with pytest.warns(UserWarning, match="takes no candidate masks"):
+        train.main(common + row + ["--oracle-candidates", "--out", str(tmp_path / "b")])
+    with open(tmp_path / "b" / "args.json") as f:
+        assert json.load(f)["candidates"] is None  # the flag changed nothing: not an oracle run
+    with pytest.raises(ValueError, match="--candidates PROPOSALS.json"):
+        train.main(common + ["--out", str(tmp_path / "c")])
+    assert not os.path.exists(tmp_path / "c" / "last.pt")
 
 
 def test_decoder_modality_feeds_eq8_only_the_named_features(batch):
