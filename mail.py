@@ -53,7 +53,8 @@ Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the r
 - Tab. 3: `mask_selection` "mean" / "maximum" pool F_M^k (0 off its valid area) over the valid
   candidates, unscored; "weighted_sum" weighs them by softmax(s_k) ("normalizes the learned
   scores") and keeps L_select.
-- `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum".
+- `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum";
+  with "adaptive_select" it keeps its initialisation, frozen (DDP refuses untouched parameters).
 - Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
   candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
   Variant 6 (no multi-modal pre-training) is `--random-init`, as what replaced ViLT's is not said.
@@ -309,6 +310,8 @@ class MaIL(RISModel):
         image_in, mask_in = "image" in cfg.decoder_modality, "mask" in cfg.decoder_modality
         scored = mask_in and cfg.mask_selection in ("adaptive_select", "weighted_sum")
         self.score = MLP(d, d, 1, num_layers=2) if scored else None  # s_k = MLP(f_k), Eq. (6)
+        if scored and cfg.mask_selection == "adaptive_select" and cfg.select_weight == 0:
+            self.score.requires_grad_(False)  # "w/o select loss": argmax passes no gradient
         r = d // cfg.reduction  # the two 1x1 convs (Sec. 3.3)
         self.reduce_i = nn.Conv2d(d, r, 1) if image_in else None
         self.reduce_m = nn.Conv2d(d, r, 1) if mask_in else None

@@ -34,9 +34,9 @@ Checkpoints hold the trained parameters and every buffer; a frozen encoder whose
 from a file is stored as that file's path and sha256 (`frozen_references`), unless
 `--self-contained-checkpoints`. Only `last.pt` holds the optimiser state.
 
-Logs: log.jsonl (loss terms, lr, grad_norm, samples_per_s, data_wait, memory_mb, validation),
-TensorBoard under RUN/tb when `torch.utils.tensorboard` imports (`--tensorboard` to insist,
-`--no-tensorboard` to skip); `plot_log(RUN, PNG)` draws the curves.
+Logs: log.jsonl (loss terms, lr, grad_norm, samples_per_s, data_wait, memory_mb, fp16's
+loss_scale, validation), TensorBoard under RUN/tb when `torch.utils.tensorboard` imports
+(`--tensorboard` to insist, `--no-tensorboard` to skip); `plot_log(RUN, PNG)` draws the curves.
 """
 
 from __future__ import annotations
@@ -180,13 +180,24 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of the process with this LOCAL_RANK: its own index where a node's processes see
+    all its GPUs (torchrun), 0 where each sees one (e.g. SLURM --gpus-per-task=1)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but {visible} GPUs are visible: start at "
+                           "most one process per GPU (torchrun --nproc_per_node)")
+    return local_rank
+
+
 def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     flush_denormals()
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -207,10 +218,13 @@ def setup_distributed():
     return rank, world, device
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp none: fp32
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "none":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -1242,7 +1256,8 @@ class Run:
         self.step, self.epoch, self.start_batch, self.best = 0, 0, 0, -1.0  # any mIoU beats -1
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments carry on
-            self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # a bf16 or fp32 run saved none: an fp16 resume starts one
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.step, self.epoch, self.best = ckpt["step"], ckpt["epoch"], ckpt["best"]
             if self.overrides:  # new lr or length: the schedule a fresh run would have
                 fast_forward_schedule(self.optimizer, self.scheduler, fresh_groups, self.step)
@@ -1381,6 +1396,8 @@ class Run:
                        **{k: round(v.item(), 5) for k, v in parts.items()},
                        grad_norm=round(grad_norm.item(), 5), **self.meter.read(),
                        memory_mb=memory_mb(self.device))
+            if self.scaler.is_enabled():  # fp16: a step with inf gradients was skipped and
+                rec["loss_scale"] = self.scaler.get_scale()  # halved the scale
             self.log(rec)
             self.bar.set_postfix_str(f"loss={rec['loss']:.4f}, {self.time_left()}")
             if not sys.stderr.isatty():  # no progress bar: the record is the progress

@@ -1,5 +1,6 @@
-"""GPU check: every model's tiny and paper configs train a few bf16 steps on one GPU, 2-process
-DDP runs where two GPUs exist, the evaluation runs on the GPU, and the benchmark table is printed.
+"""GPU check: every model's tiny and paper configs train a few bf16 steps on one GPU, fp16 with
+gradient accumulation resumes, 2-process DDP runs where two GPUs exist, the evaluation runs on the
+GPU, and the benchmark table is printed.
 
     python .ci/gpu_check.py                   # needs CUDA; prints one table, exits 1 on a failure
     python .ci/gpu_check.py --budget 480      # stop starting checks after 8 minutes
@@ -9,9 +10,10 @@ Not part of the CPU test suite (CI machines have no GPU; tests/test_gpu_check.py
 and eval commands on the CPU). Paper configs start from random weights (`--random-init`): this
 checks that the paper path runs, not what it learns. Each check is its own process, so a crash
 or an out-of-memory in one does not hide the others. Checks run most informative first (the
-paper-size benchmark in bf16, then each model's paper config, its tiny config, DDP, the other
-paper configs, the tiny benchmark, channels-last), so that a time budget drops the least: a check
-cut by the budget, or not started, is reported as such, not as a failure.
+paper-size benchmark in bf16, then each model's paper config, its tiny config, fp16 with gradient
+accumulation and a resume, DDP, the other paper configs, the tiny benchmark, channels-last), so
+that a time budget drops the least: a check cut by the budget, or not started, is reported as
+such, not as a failure.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def train_cmd(model: str, config: str, out: str, steps: int, nproc: int = 1,
     return cmd + (["--random-init"] if config != "tiny" else [])
 
 
+def fp16_resume_cmds(model: str, config: str, out: str, steps: int) -> list[list[str]]:
+    """fp16 with its GradScaler and 2-step gradient accumulation, then one more step resumed
+    from that run's last.pt (optimiser, scaler and RNG states restored)."""
+    first = train_cmd(model, config, out, steps, amp="fp16") + ["--accum-steps", "2"]
+    return [first, train_cmd(model, config, out, steps + 1, amp="fp16") + [
+        "--accum-steps", "2", "--resume", "auto", "--resume-override", "max_steps"]]
+
+
 def eval_cmd(checkpoint: str, device: str = "cuda") -> list[str]:
     return [sys.executable, "eval.py", "--checkpoint", checkpoint, "--shapes-eval-size", "16",
             "--device", device]
@@ -79,11 +89,12 @@ def plan(models: list[str], gpus: int) -> list[tuple]:
     """The checks in the order they run: (kind, model, config, nproc or benchmark flags)."""
     first = [("train", m, PAPER_CONFIGS[m][0], 1) for m in models]
     tiny = [("train", m, "tiny", 1) for m in models]
+    fp16 = [("fp16", m, "tiny", 1) for m in models]
     ddp = [("train", m, "tiny", 2) for m in models] if gpus >= 2 else []
     rest = [("train", m, c, 1) for m in models for c in PAPER_CONFIGS[m][1:]]
     bench = [("benchmark", "all", config, flags)
              for config, flags in (("paper", ()), ("tiny", ()), ("paper", ("--channels-last",)))]
-    return bench[:1] + first + tiny + ddp + rest + bench[1:]
+    return bench[:1] + first + tiny + fp16 + ddp + rest + bench[1:]
 
 
 def main() -> int:
@@ -126,7 +137,12 @@ def main() -> int:
                     check(model, config, "benchmark bf16" + " NHWC" * bool(option),
                           benchmark_cmd(config, *option), table=True)
                 continue
-            out = os.path.join(tmp, f"{model}-{config}-{option}")
+            out = os.path.join(tmp, f"{kind}-{model}-{config}-{option}")
+            if kind == "fp16":
+                first, resume = fp16_resume_cmds(model, config, out, args.steps)
+                if check(model, config, "train fp16 accum 2", first) == "ok":
+                    check(model, config, "resume fp16", resume)
+                continue
             done = check(model, config, f"train bf16 x{option}",
                          train_cmd(model, config, out, args.steps, option))
             if done == "ok" and option == 1:  # evaluate that checkpoint on the GPU

@@ -100,8 +100,10 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     train_flops = count_flops(lambda: step(model))
     if compiled:  # compile the training graph before anything is timed
         step()
-    ref, ref_flops = matmul(device, torch.bfloat16 if amp == "bf16" else torch.float32)
+    ref, ref_flops = matmul(device, train.AMP_DTYPES.get(amp, torch.float32))  # the step's dtype
     ref()  # its first call allocates; the peak is its rate between the steps, not before them
+    if device.type == "cuda":  # the memory of the timed steps, not of the counting passes
+        torch.cuda.reset_peak_memory_stats(device)
     step_time, ref_time = median_times([step, ref], device, warmup, repeats)
     peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # the process's RSS

@@ -3,6 +3,9 @@ same seed and steps, and compares them in one table."""
 
 import json
 
+import pytest
+from helpers import build, make_batch
+
 import train
 from common import ablations
 
@@ -39,3 +42,17 @@ def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch
     monkeypatch.setattr(ablations, "run", lambda cmd: ran.append(cmd[1]))
     ablations.main(argv)  # both rows trained to the step: only the comparison runs again
     assert ran == ["eval.py"]
+
+
+@pytest.mark.parametrize("name", sorted(train.MODELS))
+def test_every_trainable_parameter_gets_a_gradient_in_every_row(name):
+    """DDP (train.py keeps find_unused_parameters off) stops a multi-process run whose trainable
+    parameters get no gradient: in the full model and in every ablation row, one training step
+    reaches them all (parameters a row leaves untouched must be frozen)."""
+    module = train.load_model_module(name)
+    for label, overrides in {"full": {}, **module.ABLATIONS}.items():
+        model = build(name, **overrides).train()
+        batch = make_batch(model, n=2)
+        model(**model.inputs_from(batch), target=batch["mask"])["loss"].backward()
+        untouched = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not untouched, (label, untouched)

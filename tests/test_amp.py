@@ -8,6 +8,7 @@ fp32 on this CPU: batches of two, tiny configs.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -76,6 +77,33 @@ def test_train_cli_runs_under_autocast(name, amp, tmp_path):
     ckpt = train.load_checkpoint(str(out / "last.pt"))
     assert ckpt["step"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_run_resumes_in_another_precision(tmp_path):
+    """An fp32 (or bf16) run saved no loss scaler: resumed as fp16 (`--resume-override amp`) it
+    starts one; resumed back, the fp16 run's scaler is dropped."""
+    args = ["--model", "mmnet", "--batch-size", "2", "--shapes-train-size", "8", "--no-val",
+            "--workers", "0", "--log-every", "1", "--out", str(tmp_path / "run")]
+    train.main(args + ["--max-steps", "1"])
+    train.main(args + ["--max-steps", "2", "--amp", "fp16", "--resume", "auto",
+                       "--resume-override", "amp,max_steps"])
+    ckpt = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ckpt["step"] == 2 and ckpt["scaler"]["scale"] > 0
+    train.main(args + ["--max-steps", "3", "--resume", "auto",
+                       "--resume-override", "amp,max_steps"])
+    ckpt = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert ckpt["step"] == 3 and ckpt["scaler"] == {}
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        steps = [json.loads(line) for line in f if '"step"' in line]
+    assert ["loss_scale" in r for r in steps if "loss" in r] == [False, True, False]
+
+
+def test_cuda_index_maps_local_rank_to_a_visible_gpu():
+    """torchrun shows each process all the node's GPUs, SLURM's --gpus-per-task=1 only its own."""
+    assert [train.cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [train.cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(RuntimeError, match="at most one process per GPU"):
+        train.cuda_index(2, 2)
 
 
 def test_token_batchnorm_statistics_stay_fp32_under_autocast():

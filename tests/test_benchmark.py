@@ -76,3 +76,22 @@ def test_a_compiled_row_times_the_compiled_model_and_counts_eager_flops(monkeypa
     assert compiled["model"] == "mmnet compiled" and eager["model"] == "mmnet"
     assert compiled["step_GFLOPs"] == pytest.approx(eager["step_GFLOPs"], rel=1e-9)
     assert compiled["fwd_GFLOPs"] == pytest.approx(eager["fwd_GFLOPs"], rel=1e-9)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_mfu_divides_by_a_matmul_in_the_steps_dtype(amp, monkeypatch):
+    """Under --amp fp16 the model runs fp16 matmuls (tensor cores on a GPU): an fp32 reference
+    would put MFU an order of magnitude too high there. The reference matmul is timed here at a
+    small size, as half-precision matmuls are slow on this CPU."""
+    from common import benchmark, measure
+
+    dtypes = []
+
+    def small(device, dtype):
+        dtypes.append(dtype)
+        return measure.matmul(device, dtype, n=64)
+
+    monkeypatch.setattr(benchmark, "matmul", small)
+    row = benchmark.bench_model("mmnet", "tiny", torch.device("cpu"), 1, amp, 0, 1, False, False)
+    assert dtypes == [{"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]]
+    assert row["amp"] == amp and row["MFU"] > 0

@@ -27,6 +27,15 @@ def test_the_train_and_eval_commands_run(model, tmp_path):
     assert "mIoU" in log or "oIoU" in log, log
 
 
+def test_the_fp16_accumulation_and_resume_commands_run(tmp_path):
+    out = str(tmp_path / "run")
+    first, resume = gpu_check.fp16_resume_cmds("mmnet", "tiny", out, steps=1)
+    for cmd in (first, resume):
+        result, _, log = gpu_check.run(cmd, timeout=300)
+        assert result == "ok", log
+    assert "resumed at step 1" in log
+
+
 def test_paper_configs_are_the_models_and_random_init_only_for_them(tmp_path):
     import train
 
@@ -42,7 +51,8 @@ def test_the_plan_runs_paper_checks_first_and_ddp_only_on_two_gpus():
     one, two = gpu_check.plan(["mail", "maris"], gpus=1), gpu_check.plan(["mail", "maris"], gpus=2)
     assert one[0] == ("benchmark", "all", "paper", ())
     assert one[1:3] == [("train", "mail", "paper", 1), ("train", "maris", "paper-vit-b", 1)]
-    assert one[3:5] == [("train", "mail", "tiny", 1), ("train", "maris", "tiny", 1)]
+    assert one[3:7] == [("train", "mail", "tiny", 1), ("train", "maris", "tiny", 1),
+                        ("fp16", "mail", "tiny", 1), ("fp16", "maris", "tiny", 1)]
     assert not [c for c in one if c[3] == 2]
     assert [c for c in two if c[3] == 2] == [("train", "mail", "tiny", 2),
                                            ("train", "maris", "tiny", 2)]

@@ -145,7 +145,7 @@ def test_accumulated_gradients_equal_one_larger_batch(name):
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     base = data.build_dataset("shapes", "val", shapes_size=4, shapes_image_size=96,
-                              candidates=train.candidate_source(tiny_args(), type(model)))
+                              candidates=train.candidate_source(tiny_args(), model.input_names))
     items = [dict(prep(base[i]), index=i) for i in range(4)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
@@ -394,11 +394,12 @@ def test_recipe_and_candidates_come_from_the_model():
     assert run["clip_grad"] == 0.5 and run["augment"] is False
     args = train.parse_args(["--model", "maris", "--clip-grad", "0"])
     assert train.run_settings(args, maris.CONFIGS["tiny"], plan, None)["clip_grad"] == 0
-    assert train.candidate_source(args, maris.MODEL) is None
+    assert train.candidate_source(args, maris.MODEL.input_names) is None
     mail = train.load_model_module("mail")
-    assert train.candidate_source(train.parse_args(["--model", "mail"]), mail.MODEL) == "simulated"
+    names = mail.MODEL.input_names_for(mail.CONFIGS["tiny"])
+    assert train.candidate_source(train.parse_args(["--model", "mail"]), names) == "simulated"
     oracle = train.parse_args(["--model", "mail", "--oracle-candidates"])
-    assert train.candidate_source(oracle, mail.MODEL) == "oracle"
+    assert train.candidate_source(oracle, names) == "oracle"
     run = train.run_settings(oracle, mail.CONFIGS["tiny"], plan, "oracle")
     assert run["candidates"] == "oracle"
 
