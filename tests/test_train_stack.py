@@ -222,6 +222,80 @@ def test_ddp_accumulation_equals_one_process(tmp_path, name, channels_last):
     assert (a - b).norm() <= 1e-5 * b.norm()
 
 
+def _token_bn_model(sync: bool):
+    """M3Dec tiny with only its TokenBatchNorms in training mode (batch statistics; the conv
+    BatchNorms, which sync only on CUDA as SyncBatchNorm, in eval mode), synchronised or not."""
+    from common.layers import TokenBatchNorm
+
+    model = build("m3dec").eval()
+    for m in model.modules():
+        if isinstance(m, TokenBatchNorm):
+            m.train()
+            m.sync = sync
+    return model
+
+
+def _token_bn_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One rank of test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                           world_size=world)
+    model = _token_bn_model(sync=True)  # as train.py's sync_batchnorm leaves it on GPUs
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    items = _prepared(model)
+    keys = [i for _, i in train.TrainSampler(len(items), rank, world, seed=0)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for micro in range(2):
+        group = [items[i] for i in keys[2 * micro: 2 * micro + 2]]
+        with train.sync_context(ddp, sync=micro == 1):
+            _, out = train.forward_loss(ddp, model, data.collate(group, model.tokenizer.pad_id),
+                                        torch.device("cpu"), "none")
+            train.backward(out["loss"], scaler, accum=2)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                   out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path):
+    """M3Dec's TokenBatchNorm all-reduces its statistics inside the forward and their gradients
+    inside the backward, while DDP all-reduces the parameters' gradients: 2 gloo processes x 2
+    samples x 2 accumulation steps give the gradient of 1 process x 4 samples (both ranks'
+    micro-batch) x 2 steps, whose statistics are the same global ones. Tolerance 1e-4 of the
+    gradient's norm (measured 1.6e-5: normalising by statistics of 4 samples' tokens amplifies
+    the summation order); without the synchronisation the gradient differs by 1.6x its norm."""
+    import torch.multiprocessing as mp
+
+    out_file = str(tmp_path / "grads.pt")
+    mp.start_processes(_token_bn_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2,
+                       start_method="spawn")
+    ddp = torch.load(out_file)
+    model = _token_bn_model(sync=False)
+    items = _prepared(model)
+    keys = [[i for _, i in train.TrainSampler(len(items), r, 2, seed=0)] for r in range(2)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for micro in range(2):
+        group = [items[i] for k in keys for i in k[2 * micro: 2 * micro + 2]]
+        _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
+                                    torch.device("cpu"), "none")
+        train.backward(out["loss"], scaler, accum=2)
+    one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert one.keys() == ddp.keys()
+    a, b = torch.cat([ddp[k].flatten() for k in one]), torch.cat([one[k].flatten() for k in one])
+    assert (a - b).norm() <= 1e-4 * b.norm()
+    # without the synchronisation each rank normalises with its own 2 samples: not the same
+    model = _token_bn_model(sync=False)
+    group = [items[i] for i in keys[0][:2]]
+    _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
+                                torch.device("cpu"), "none")
+    out["loss"].backward()
+    local = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in one])
+    assert (local - b).norm() > 0.1 * b.norm()
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs: frozen encoders from weight files, checkpoints, resume, logs
 # ---------------------------------------------------------------------------------------------
