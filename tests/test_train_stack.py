@@ -162,15 +162,17 @@ def test_accumulated_gradients_equal_one_larger_batch(name):
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, name: str,
-                channels_last: bool) -> None:
+                channels_last: bool, token_bn: bool = False) -> None:
     """One rank of test_ddp_accumulation_equals_one_process: two micro-batches of 2 samples
-    (its TrainSampler share of a global batch of 8), accumulated under DDP with no_sync."""
+    (its TrainSampler share of a global batch of 8), accumulated under DDP with no_sync.
+    token_bn: M3Dec with its synchronised TokenBatchNorms in training mode (_token_bn_model)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                            world_size=world)
-    model = build(name).to(memory_format=train.memory_format(channels_last)).eval()
+    model = (_token_bn_model(sync=True) if token_bn else  # as sync_batchnorm leaves it on GPUs
+             build(name).to(memory_format=train.memory_format(channels_last)).eval())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     items = _prepared(model)
     keys = [i for _, i in train.TrainSampler(len(items), rank, world, seed=0)]
@@ -235,30 +237,6 @@ def _token_bn_model(sync: bool):
     return model
 
 
-def _token_bn_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    """One rank of test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                           world_size=world)
-    model = _token_bn_model(sync=True)  # as train.py's sync_batchnorm leaves it on GPUs
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    items = _prepared(model)
-    keys = [i for _, i in train.TrainSampler(len(items), rank, world, seed=0)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for micro in range(2):
-        group = [items[i] for i in keys[2 * micro: 2 * micro + 2]]
-        with train.sync_context(ddp, sync=micro == 1):
-            _, out = train.forward_loss(ddp, model, data.collate(group, model.tokenizer.pad_id),
-                                        torch.device("cpu"), "none")
-            train.backward(out["loss"], scaler, accum=2)
-    if rank == 0:
-        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                   out_file)
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path):
     """M3Dec's TokenBatchNorm all-reduces its statistics inside the forward and their gradients
@@ -270,8 +248,8 @@ def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path
     import torch.multiprocessing as mp
 
     out_file = str(tmp_path / "grads.pt")
-    mp.start_processes(_token_bn_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file, "m3dec", False,
+                                          True), nprocs=2, start_method="spawn")
     ddp = torch.load(out_file)
     model = _token_bn_model(sync=False)
     items = _prepared(model)
