@@ -144,12 +144,13 @@ def print_bench(rows: list[dict]) -> None:
               + ("peak allocated" if r["device"].startswith("cuda") else "peak process RSS"))
 
 
-def run_benchmark(args, script: str) -> list[dict]:
-    """The rows `args` asks for. Several rows run one process each (`script --row-json -`, the
-    command line that called this), so that each row's peak memory is its own."""
+def run_benchmark(args, script: str) -> tuple[list[dict], list[str]]:
+    """The rows `args` asks for, and the errors of those that failed. Several rows run one
+    process each (`script --row-json -`, the command line that called this), so that each row's
+    peak memory is its own, and a row that fails (an out-of-memory) does not stop the others."""
     names = train.MODELS if args.model == "all" else [args.model]
     names = [n for n in names if importlib.util.find_spec(n) is not None]
-    rows = []
+    rows, failed = [], []
     for name in names:
         module = train.load_model_module(name)
         if args.config not in module.CONFIGS:
@@ -175,9 +176,10 @@ def run_benchmark(args, script: str) -> list[dict]:
             cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
             res = subprocess.run(cmd, capture_output=True, text=True)  # one process: its own RSS
             if res.returncode:
-                raise RuntimeError(f"benchmark of {name}/{config} failed:\n{res.stderr[-3000:]}")
+                failed.append(f"{name}/{config}: {res.stderr[-3000:]}")
+                continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    return rows
+    return rows, failed
 
 
 def benchmark_command(args, script: str) -> dict:
@@ -193,9 +195,11 @@ def benchmark_command(args, script: str) -> dict:
                           args.compile)
         print(json.dumps(row))
         return row
-    rows = run_benchmark(args, script)
+    rows, failed = run_benchmark(args, script)
     print_bench(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if failed:  # after the table of the others
+        raise RuntimeError("benchmark rows failed:\n" + "\n\n".join(failed))
     return {"rows": rows}

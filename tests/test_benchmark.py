@@ -95,3 +95,28 @@ def test_mfu_divides_by_a_matmul_in_the_steps_dtype(amp, monkeypatch):
     row = benchmark.bench_model("mmnet", "tiny", torch.device("cpu"), 1, amp, 0, 1, False, False)
     assert dtypes == [{"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]]
     assert row["amp"] == amp and row["MFU"] > 0
+
+
+def test_a_failing_row_does_not_hide_the_others(monkeypatch, capsys):
+    """Each row is its own process: one that fails (an out-of-memory on a GPU) is reported after
+    the table of the others, and the command fails."""
+    import json
+    import subprocess
+    import types
+
+    import eval as evaluate
+    from common import benchmark
+
+    def fake_run(cmd, **kwargs):  # a row process: MaIL's fails, the others print their row
+        name = cmd[cmd.index("--model") + 1]
+        if name == "mail":
+            return subprocess.CompletedProcess(cmd, 1, "", "CUDA out of memory")
+        row = {key: 1.0 for key, _, _ in benchmark.COLUMNS}
+        row.update(model=name, config="tiny", batch=8, device="cpu", amp="none", threads=2)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(benchmark, "subprocess", types.SimpleNamespace(run=fake_run))
+    with pytest.raises(RuntimeError, match="mail/tiny: CUDA out of memory"):
+        evaluate.main(["--benchmark", "--model", "all", "--config", "tiny", "--device", "cpu"])
+    table = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in table[1:4]) == ["m3dec", "maris", "mmnet"]
