@@ -147,15 +147,10 @@ def test_accumulated_gradients_equal_one_larger_batch(name):
     base = data.build_dataset("shapes", "val", shapes_size=4, shapes_image_size=96,
                               candidates=train.candidate_source(tiny_args(), model.input_names))
     items = [dict(prep(base[i]), index=i) for i in range(4)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def gradient(groups):
         model.zero_grad()
-        for group in groups:
-            _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
-                                        torch.device("cpu"), "none")
-            train.backward(out["loss"], scaler, accum=len(groups))
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return torch.cat([g.flatten() for g in _accumulated_gradients(model, groups).values()])
 
     accumulated, large = gradient([items[:2], items[2:]]), gradient([items])
     assert (accumulated - large).norm() <= 1e-5 * large.norm()
@@ -189,6 +184,17 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, name: str,
     dist.destroy_process_group()
 
 
+def _accumulated_gradients(model, groups: list[list[dict]]) -> dict:
+    """One process, as train.py steps: the micro-batches `groups`, each loss scaled by
+    1/len(groups), their gradients summed; {name: gradient} of the parameters that got one."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for group in groups:
+        _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
+                                    torch.device("cpu"), "none")
+        train.backward(out["loss"], scaler, accum=len(groups))
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _prepared(model):
     prep = data.Preprocess(model.input_spec, model.tokenizer, keep_original=True)
     base = data.ShapesDataset("train", 8, 64, 0)
@@ -212,13 +218,8 @@ def test_ddp_accumulation_equals_one_process(tmp_path, name, channels_last):
     model = build(name).to(memory_format=train.memory_format(channels_last)).eval()
     items = _prepared(model)
     order = [i for _, i in train.TrainSampler(len(items), 0, 1, seed=0)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for micro in range(4):
-        group = [items[i] for i in order[2 * micro: 2 * micro + 2]]
-        _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
-                                    torch.device("cpu"), "none")
-        train.backward(out["loss"], scaler, accum=4)
-    one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    one = _accumulated_gradients(model, [[items[i] for i in order[2 * micro: 2 * micro + 2]]
+                                         for micro in range(4)])
     assert one.keys() == ddp.keys()
     a, b = torch.cat([ddp[k].flatten() for k in one]), torch.cat([one[k].flatten() for k in one])
     assert (a - b).norm() <= 1e-5 * b.norm()
@@ -254,13 +255,8 @@ def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path
     model = _token_bn_model(sync=False)
     items = _prepared(model)
     keys = [[i for _, i in train.TrainSampler(len(items), r, 2, seed=0)] for r in range(2)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for micro in range(2):
-        group = [items[i] for k in keys for i in k[2 * micro: 2 * micro + 2]]
-        _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
-                                    torch.device("cpu"), "none")
-        train.backward(out["loss"], scaler, accum=2)
-    one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    one = _accumulated_gradients(model, [[items[i] for k in keys for i in k[2 * m: 2 * m + 2]]
+                                         for m in range(2)])  # both ranks' micro-batch m
     assert one.keys() == ddp.keys()
     a, b = torch.cat([ddp[k].flatten() for k in one]), torch.cat([one[k].flatten() for k in one])
     assert (a - b).norm() <= 1e-4 * b.norm()
