@@ -42,110 +42,78 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import data
-import train
-from common.benchmark import benchmark_command
-from common.metrics import THRESHOLDS
+from common.cache import frozen_features
+from common.candidates import candidate_masks, candidate_source, load_candidates
+from common.checkpoint import build_model_from_checkpoint, export_checkpoint, load_checkpoint
+from common.distributed import autocast, is_rank0, memory_format, setup_distributed, unwrap
+from common.images import load_image
+from common.logs import plot_log
+from common.metrics import IoUAccumulator, intersection_union
+from common.refer import DEFAULT_SPLIT_BY, SPLITS
+from common.report import (
+    candidate_title,
+    describe_candidates,
+    json_report,
+    print_comparison,
+    print_table,
+)
+from common.shapes import SENTENCE_TYPES
+from common.visualise import visual
 
 # ---------------------------------------------------------------------------------------------
-# Visualisation
+# Evaluation: metrics at each image's original resolution, summed over ranks
 # ---------------------------------------------------------------------------------------------
 
-# Mask colours that no synthetic shape has (data.COLOURS: red, green, blue, yellow, purple), so
-# that a mask stays visible on the very shape it covers.
-PRED_COLOUR = np.array([0, 230, 255])  # cyan
-GT_COLOUR = np.array([255, 0, 255])  # magenta
-PANEL_WIDTH = 256  # pixels; outlines are drawn at this size, so they look alike for any image
-OUTLINE_PX, FILL_ALPHA = 2, 0.25  # a solid edge says where the mask is, a light fill what it covers
-HEADER_PX, TITLE_PX, LEGEND_BOX = 32, 14, 10  # header (sentence, legend) and panel-title heights
+@torch.no_grad()
+def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None,
+             progress: bool = True) -> dict:
+    """Metrics of common.metrics over a loader, at each image's original resolution, summed
+    across ranks. Where samples carry a sentence type (the synthetic data: SENTENCE_TYPES),
+    "by_type" adds the same metrics for each type. `on_batch(batch, out, ious)` sees every batch
+    (visualisations); `cache`, a common.cache.FeatureCache, supplies frozen encoders' features.
 
+    The model runs under `amp`; the logits are cast to fp32 before resizing and thresholding, so
+    the reported numbers do not depend on the autocast dtype's rounding near 0. Every tensor of
+    the batch, the ground truth included, is on `device` (data.to_device). A progress bar shows
+    on rank 0 when stderr is a terminal and `progress` is set."""
+    from tqdm import tqdm
 
-def to_width(array: np.ndarray, width: int, resample) -> np.ndarray:
-    """An image (H, W, 3) uint8 or a mask (H, W) bool resized to `width`, keeping its aspect."""
-    height = max(1, round(array.shape[0] * width / array.shape[1]))
-    return np.asarray(Image.fromarray(array).resize((width, height), resample))
-
-
-def edge(mask: np.ndarray, px: int) -> np.ndarray:
-    """The pixels of `mask` within `px` pixels of its border (4-neighbour erosion; the image's
-    border counts as outside, so a mask touching it is outlined there too)."""
-    inner = mask
-    for _ in range(px):
-        p = np.pad(inner, 1)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask & ~inner
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """`mask` on `image`: a light fill of `colour` and a solid OUTLINE_PX outline of it."""
-    out = image.astype(np.float32).copy()
-    out[mask] = (1 - FILL_ALPHA) * out[mask] + FILL_ALPHA * colour
-    out[edge(mask, OUTLINE_PX)] = colour
-    return out.astype(np.uint8)
-
-
-def heatmap(image: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """A map in [0, 1] of any size, resized onto the image and blended as a blue-red heat map."""
-    v = np.asarray(Image.fromarray((np.clip(value, 0, 1) * 255).astype(np.uint8))
-                   .resize(image.shape[1::-1], Image.BILINEAR), dtype=np.float32)[:, :, None] / 255
-    heat = np.concatenate([v, 0.2 * np.ones_like(v), 1 - v], 2) * 255
-    return (0.45 * image + 0.55 * heat).astype(np.uint8)
-
-
-def compose(panels: list[tuple[str, np.ndarray]], header: str,
-            legend: Sequence[tuple[str, np.ndarray]] = (),
-            width: int = PANEL_WIDTH) -> Image.Image:
-    """Panels (title, uint8 image) side by side, wrapping every 6, under a header: one line of
-    text and a legend line of (label, colour) boxes."""
-    font = ImageFont.load_default()
-    tiles = []
-    for title, img in panels:
-        im = Image.fromarray(img)
-        im = im.resize((width, max(1, round(im.height * width / im.width))), Image.BILINEAR)
-        tile = Image.new("RGB", (width, im.height + TITLE_PX), "white")
-        tile.paste(im, (0, TITLE_PX))
-        ImageDraw.Draw(tile).text((2, 1), title[:42], fill="black", font=font)
-        tiles.append(tile)
-    cols = min(6, len(tiles))
-    rows = -(-len(tiles) // cols)
-    th = max(t.height for t in tiles)
-    sheet = Image.new("RGB", (cols * width, rows * th + HEADER_PX), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((2, 3), header[:160], fill="black", font=font)
-    x = 2
-    for label, colour in legend:  # a box of the colour, then its label
-        draw.rectangle((x, 18, x + LEGEND_BOX, 18 + LEGEND_BOX), fill=tuple(int(c) for c in colour),
-                       outline="black")
-        draw.text((x + LEGEND_BOX + 4, 17), label, fill="black", font=font)
-        x += LEGEND_BOX + 12 + round(draw.textlength(label, font=font))
-    for k, t in enumerate(tiles):
-        sheet.paste(t, ((k % cols) * width, HEADER_PX + (k // cols) * th))
-    return sheet
-
-
-def visual(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, sentence: str,
-           extra: list[tuple[str, torch.Tensor]], iou: float | None = None) -> Image.Image:
-    """The prediction and the ground truth (when known) outlined on the image, then the model's
-    own panels (vis_panels: the paper's figures) as heat maps, under the sentence and a legend."""
-    image = to_width(image, PANEL_WIDTH, Image.BILINEAR)  # outlines at the size they are seen
-    panels = [("prediction", overlay(image, to_width(pred, PANEL_WIDTH, Image.NEAREST),
-                                     PRED_COLOUR))]
-    legend = [("prediction", PRED_COLOUR)]
-    if gt is not None:
-        panels.append(("ground truth", overlay(image, to_width(gt, PANEL_WIDTH, Image.NEAREST),
-                                               GT_COLOUR)))
-        legend.append(("ground truth", GT_COLOUR))
-    for title, value in extra:
-        panels.append((title, heatmap(image, value.detach().float().cpu().numpy())))
-    header = f'"{sentence}"' + (f"  IoU={iou:.3f}" if iou is not None else "")
-    return compose(panels, header, legend)
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    acc = IoUAccumulator()
+    by_type = {t: IoUAccumulator() for t in SENTENCE_TYPES}
+    bar = tqdm(loader, desc="val", leave=False, file=sys.stderr,
+               disable=not (progress and is_rank0() and sys.stderr.isatty()))
+    for batch in bar:
+        batch = data.to_device(batch, device, raw.input_spec)
+        with autocast(device, amp):
+            feats = frozen_features(raw, batch, cache)
+            out = raw(**raw.inputs_from(batch), **feats)
+        logits = out["mask_logits"].float()  # (B, 1, H, W), fp32 whatever the autocast dtype
+        ious = []
+        for i in range(len(batch["gt"])):
+            pred = data.to_original(logits[i], batch["valid_hw"][i], batch["orig_hw"][i]) > 0
+            inter, union = intersection_union(pred[None], batch["gt"][i][None])
+            ious.append(acc.add(inter[0], union[0]))
+            group = by_type.get(batch["sentence_type"][i])  # None: no type (RefCOCO)
+            if group is not None:
+                group.add(inter[0], union[0])
+        if on_batch is not None:
+            on_batch(batch, out, ious)
+    raw.train(was_training)
+    metrics = acc.all_reduce().compute()
+    by_type = {t: a.all_reduce().compute() for t, a in by_type.items()}  # same calls on every rank
+    if any(m["n"] for m in by_type.values()):
+        metrics["by_type"] = {t: m for t, m in by_type.items() if m["n"]}
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +141,7 @@ def predict(model, image: np.ndarray, sentence: str, device="cpu",
     item["index"] = 0
     batch = data.to_device(data.collate([item], model.tokenizer.pad_id), device, model.input_spec)
     model.eval()
-    with train.autocast(device, amp):
+    with autocast(device, amp):
         out = model(**model.inputs_from(batch))
     # to_original upsamples in fp32: the threshold never sees bf16/fp16 rounding
     logits = data.to_original(out["mask_logits"][0], batch["valid_hw"][0], batch["orig_hw"][0])
@@ -183,10 +151,6 @@ def predict(model, image: np.ndarray, sentence: str, device="cpu",
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-
-RENAMED = {"--out": "--save-mask"}  # eval.py flags renamed so that a flag means one thing in
-# train.py and eval.py (train.py's --out is a run folder)
 
 
 def parse_args(argv=None):
@@ -201,8 +165,7 @@ def parse_args(argv=None):
     p.add_argument("--save-vis", default=None, metavar="DIR", help="write overlay PNGs here")
     p.add_argument("--num-vis", type=int, default=16,
                    help="how many samples to visualise per split")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="evaluation: 8; benchmark: 8 tiny, 1 paper")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
                    help="the model's precision (default bf16 on CUDA, none on CPU); metrics are "
                         "computed in fp32 either way")
@@ -217,45 +180,25 @@ def parse_args(argv=None):
     p.add_argument("--text", default=None, help="the referring expression for --image")
     p.add_argument("--save-mask", default=None, metavar="PNG",
                    help="mask PNG for --image (default IMAGE.mask.png); the overlay goes beside it")
-    for old in RENAMED:
-        p.add_argument(old, dest="renamed_" + old.strip("-"), default=None,
-                       help=argparse.SUPPRESS)
     p.add_argument("--image-id", type=int, default=None,
                    help="MaIL: --image's id in --candidates (default: the file's only image)")
     p.add_argument("--export", default=None, metavar="OUT.pt",
                    help="write --checkpoint as a self-contained weights-only file "
-                        "(train.export_checkpoint) and stop")
+                        "(common.checkpoint.export_checkpoint) and stop")
     p.add_argument("--plot", default=None, metavar="RUN_DIR",
                    help="draw the loss and validation curves of a run's log.jsonl to a PNG "
-                        "(train.plot_log) and stop; no checkpoint needed")
+                        "(common.logs.plot_log) and stop; no checkpoint needed")
     p.add_argument("--plot-out", default=None, metavar="PNG",
                    help="where --plot writes (default RUN_DIR/curves.png)")
-    train.add_data_args(p)
-    train.add_layout_arg(p)
-    g = p.add_argument_group("benchmark (no checkpoint needed)")
-    g.add_argument("--benchmark", action="store_true", help="print the speed/memory table")
-    g.add_argument("--model", default="all", help="a model name or all")
-    g.add_argument("--config", default="tiny", help="config of each model to benchmark")
-    g.add_argument("--warmup", type=int, default=2)
-    g.add_argument("--repeats", type=int, default=5)
-    g.add_argument("--freeze-encoders", action="store_true",
-                   help="freeze encoders (the paper's MARIS setting) and add a row training "
-                        "from cached features")
-    g.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
-                   help="with --freeze-encoders, add a row whose batch holds K sentences of each "
-                        "image (train.py --sentences-per-image: one encoder pass per image)")
-    g.add_argument("--compile", action="store_true",
-                   help="time the model through torch.compile (FLOPs counted on the eager model)")
-    g.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--row-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes per rank")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last weights and activations (see train.py --channels-last)")
+    data.add_data_args(p, defaults=False)  # default: the checkpoint's training run's
     args = p.parse_args(argv)
-    for old, new in RENAMED.items():
-        if getattr(args, "renamed_" + old.strip("-")) is not None:
-            p.error(f"eval.py {old} is now {new} (in train.py, {old} is the run folder)")
     if (args.image is None) != (args.text is None):
         p.error("--image and --text go together")
-    if args.plot is None and not args.benchmark and args.checkpoint is None:
-        p.error("--checkpoint is needed (except with --benchmark or --plot)")
+    if args.plot is None and args.checkpoint is None:
+        p.error("--checkpoint is needed (except with --plot)")
     args.runs = [split_label(c) for c in args.checkpoint or []]
     if len(args.runs) > 1:
         single = [flag for flag, value in (("--image", args.image), ("--save-mask", args.save_mask),
@@ -296,21 +239,21 @@ def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
         print("no --candidates: MaIL segments from the image and the sentence alone (one empty "
               "candidate mask)")
         return None
-    by_image = data.load_candidates(args.candidates)
+    by_image = load_candidates(args.candidates)
     image_id = args.image_id
     if image_id is None:
         if len(by_image) != 1:
             raise ValueError(f"{args.candidates!r} holds {len(by_image)} images: say which one "
                              "is --image with --image-id")
         image_id = next(iter(by_image))
-    masks = data.candidate_masks(by_image.get(image_id, []), *image.shape[:2])
+    masks = candidate_masks(by_image.get(image_id, []), *image.shape[:2])
     if not len(masks):
         raise ValueError(f"{args.candidates!r} has no candidates for image_id {image_id}")
     return masks
 
 
 def run_predict(args, model, device) -> None:
-    image = data.load_image(args.image, exif=True)  # the user's photo, as their viewer shows it
+    image = load_image(args.image, exif=True)  # the user's photo, as their viewer shows it
     mask, out = predict(model, image, args.text, device, predict_candidates(args, model, image),
                         getattr(args, "amp", None) or "none")
     path = args.save_mask or os.path.splitext(args.image)[0] + ".mask.png"
@@ -321,8 +264,9 @@ def run_predict(args, model, device) -> None:
 
 
 def pick_device(requested: str | None, rank_device: torch.device, world: int) -> torch.device:
-    """--device, or the process's own device (train.setup_distributed: its GPU, else the CPU).
-    Under torchrun each process keeps its own device, whose type must be the requested one."""
+    """--device, or the process's own device (common.distributed.setup_distributed: its GPU,
+    else the CPU). Under torchrun each process keeps its own device, whose type must be the
+    requested one."""
     if requested is None:
         return rank_device
     device = torch.device(requested)
@@ -349,34 +293,18 @@ def resolve_candidates(args, trained: dict, model) -> str | None:
     if not args.candidates and not args.oracle_candidates:  # the training run's source
         args.candidates = trained.get("candidates")
         args.oracle_candidates = bool(trained.get("oracle_candidates"))
-    return data.candidate_source(args.dataset, args.candidates, args.oracle_candidates)
-
-
-CANDIDATE_WORDS = {"oracle": "the annotated instances, the referred object's exact mask among "
-                             "them: an upper bound, not comparable with the paper",
-                   "simulated": "a simulated detector's proposals (common.proposals)"}
-
-
-def candidate_title(source: str) -> str:
-    """The candidate source as the results table names it: an oracle says it is one."""
-    label = data.candidate_label(source)
-    return "oracle (upper bound)" if label == "oracle" else label
-
-
-def describe_candidates(source: str) -> str:
-    words = CANDIDATE_WORDS.get(source, f"proposals file {source}")
-    return f"{candidate_title(source)}: {words}"
+    return candidate_source(args.dataset, args.candidates, args.oracle_candidates)
 
 
 def run_tool(args) -> dict:
-    """--plot and --export: the two train.py helpers, from eval.py's command line."""
+    """--plot (common.logs.plot_log) and --export (common.checkpoint.export_checkpoint)."""
     if args.plot is not None:
         png = args.plot_out or os.path.join(args.plot, "curves.png")
-        train.plot_log(args.plot, png)
+        plot_log(args.plot, png)
         print(f"curves of {args.plot} -> {png}")
         return {"plot": png}
     path = args.runs[0][0]
-    train.export_checkpoint(path, args.export)
+    export_checkpoint(path, args.export)
     print(f"{path} -> {args.export} (self-contained, weights only)")
     return {"export": args.export}
 
@@ -391,13 +319,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.plot is not None or args.export is not None:
         return run_tool(args)
-    if args.benchmark:  # common.benchmark; several rows rerun this script, one per process
-        return benchmark_command(args, os.path.abspath(__file__))
-    rank, world, rank_device = train.setup_distributed()
+    rank, world, rank_device = setup_distributed()
     device = pick_device(args.device, rank_device, world)
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if args.image is not None:
-        model, _, _ = train.build_model_from_checkpoint(train.load_checkpoint(args.runs[0][0]),
+        model, _, _ = build_model_from_checkpoint(load_checkpoint(args.runs[0][0]),
                                                         device)
         if rank == 0:
             run_predict(args, model.eval(), device)
@@ -430,15 +356,12 @@ def main(argv=None) -> dict:
 
 
 def data_args(args, trained: dict) -> argparse.Namespace:
-    """A copy of the command line's args whose data flags the user did not give come from the
-    training run (`trained`, the checkpoint's args)."""
+    """A copy of the command line's args whose data flags the user did not give (None) come from
+    the training run (`trained`, the checkpoint's args), or else train.py's defaults."""
     run = argparse.Namespace(**vars(args))
-    defaults = vars(parse_args(["--checkpoint", "unused.pt"]))
-    for key in DATA_FLAGS:
-        if getattr(args, key) == defaults[key] and trained.get(key) is not None:
-            setattr(run, key, trained[key])
-    if run.workers is None:
-        run.workers = 0
+    for key, default in data.DATA_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(run, key, trained.get(key, default) if key in DATA_FLAGS else default)
     run.seed = trained.get("seed", 0)
     return run
 
@@ -449,7 +372,7 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
     "checkpoint", "model", "config", "dataset", "source" (data.candidate_source or None),
     "changes", "data" (its resolved DATA_FLAGS), "results" {SPLIT: metrics}}. `same_data`:
     another row's "data", which this checkpoint's must equal (a comparison on the same data)."""
-    ckpt = train.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     trained = ckpt.get("args", {})
     run = data_args(args, trained)
     resolved = {key: getattr(run, key) for key in DATA_FLAGS}
@@ -458,13 +381,13 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
         raise ValueError(f"{path} was trained on other data than the first checkpoint "
                          f"(flag: (first, this) {differ}); give these flags on the command "
                          "line so that every checkpoint is evaluated on the same data")
-    model, module, _ = train.build_model_from_checkpoint(ckpt, device)
-    model.to(memory_format=train.memory_format(args.channels_last)).eval()
+    model, module, _ = build_model_from_checkpoint(ckpt, device)
+    model.to(memory_format=memory_format(args.channels_last)).eval()
     source = resolve_candidates(run, trained, model)
     splits = run.split
     if splits == ["all"]:
-        split_by = run.split_by or data.DEFAULT_SPLIT_BY.get(run.dataset)
-        splits = [s for s in data.SPLITS.get((run.dataset, split_by), ("train", "val", "test"))
+        split_by = run.split_by or DEFAULT_SPLIT_BY.get(run.dataset)
+        splits = [s for s in SPLITS.get((run.dataset, split_by), ("train", "val", "test"))
                   if s != "train"]
     if rank == 0 and source is not None:
         who = f"{label}: " if len(args.runs) > 1 else ""
@@ -478,13 +401,13 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
                              run.cache_storage or trained.get("cache_storage", "fp16"))
     results = {}
     for split in splits:
-        loader = train.make_eval_loader(run, split, model, rank, world, run.batch_size or 8)
+        loader = data.make_eval_loader(run, split, model, rank, world, run.batch_size)
         on_batch = None
         if run.save_vis:
             os.makedirs(run.save_vis, exist_ok=True)
             on_batch = make_visualiser(run, split, model, loader.dataset)
-        # train.evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
-        results[split] = train.evaluate(model, loader, device, run.amp, on_batch, cache)
+        # evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
+        results[split] = evaluate(model, loader, device, run.amp, on_batch, cache)
     return dict(label=label, checkpoint=path, model=ckpt["model_name"],
                 config=trained.get("config"), dataset=run.dataset, source=source,
                 changes=config_changes(ckpt, module), data=resolved, results=results)
@@ -508,24 +431,6 @@ def config_changes(ckpt: dict, module) -> dict:
             if k in ckpt["config"] and as_list(ckpt["config"][k]) != as_list(declared.get(k))}
 
 
-def json_report(row: dict, alone: bool = False) -> dict:
-    """--json's layout for one checkpoint (see the module docstring): alone, exactly the one
-    layout, the synthetic data's per-type rows printed, not written; in a comparison, also its
-    label, its config changes and the per-type metrics."""
-    report = {
-        "model": row["model"],
-        "config": row["config"],
-        "checkpoint": row["checkpoint"],
-        "dataset": row["dataset"],
-        "candidates": None if row["source"] is None else data.candidate_label(row["source"]),
-        "splits": {split: {k: v for k, v in m.items() if not alone or k != "by_type"}
-                   for split, m in row["results"].items()},
-    }
-    if not alone:
-        report = {"label": row["label"], **report, "changes": row["changes"]}
-    return report
-
-
 def make_visualiser(args, split: str, model, dataset):
     count = {"n": 0}
 
@@ -542,47 +447,6 @@ def make_visualiser(args, split: str, model, dataset):
                 os.path.join(args.save_vis, f"{split}_{idx:06d}.png"))
 
     return on_batch
-
-
-def print_table(results: dict, title: str) -> None:
-    cols = ["mIoU", "oIoU"] + [f"Pr@{t}" for t in THRESHOLDS]
-    print(title)
-    print(f"{'split':<10}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>8}")
-    row = lambda label, m: print(f"{label:<10}" + "".join(f"{100 * m[c]:>9.2f}" for c in cols)
-                                 + f"{m['n']:>8}")
-    for split, m in results.items():
-        row(split, m)
-        for stype, mt in m.get("by_type", {}).items():  # the synthetic data's sentence types
-            row("  " + stype, mt)
-    sys.stdout.flush()
-
-
-def print_comparison(rows: list[dict]) -> None:
-    """One table per split, a row per checkpoint (module docstring); on the synthetic data the
-    per-type columns are each sentence type's mIoU."""
-    metrics = ["mIoU", "oIoU"] + [f"Pr@{t}" for t in THRESHOLDS]
-    text = lambda row: [row["label"], row["model"], str(row["config"]),
-                        "-" if row["source"] is None else candidate_title(row["source"])]
-    width = [max(len(h), *(len(text(r)[k]) for r in rows)) + 2
-             for k, h in enumerate(("checkpoint", "model", "config", "candidates"))]
-    for split in rows[0]["results"]:
-        types = [t for t in data.SENTENCE_TYPES
-                 if any(t in r["results"][split].get("by_type", {}) for r in rows)]
-        print(f"{split} on {rows[0]['dataset']}" + (" (sentence types: mIoU)" if types else ""))
-        head = ["checkpoint", "model", "config", "candidates"]
-        print("".join(f"{h:<{w}}" for h, w in zip(head, width))
-              + "".join(f"{c:>9}" for c in metrics) + "".join(f"{t:>10}" for t in types)
-              + f"{'n':>8}  changes")
-        for row in rows:
-            m = row["results"][split]
-            by_type = m.get("by_type", {})
-            changes = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "-"
-            print("".join(f"{t:<{w}}" for t, w in zip(text(row), width))
-                  + "".join(f"{100 * m[c]:>9.2f}" for c in metrics)
-                  + "".join(f"{100 * by_type[t]['mIoU']:>10.2f}" if t in by_type else f"{'-':>10}"
-                            for t in types)
-                  + f"{m['n']:>8}  {changes}")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def eval_cmd(checkpoint: str, device: str = "cuda") -> list[str]:
 
 
 def benchmark_cmd(config: str, *extra: str) -> list[str]:
-    return [sys.executable, "eval.py", "--benchmark", "--model", "all", "--config", config,
+    return [sys.executable, "-m", "common.benchmark", "--model", "all", "--config", config,
             "--device", "cuda", "--amp", "bf16", *extra]
 
 

@@ -25,7 +25,8 @@ import sys
 
 import torch
 
-import train
+from common.checkpoint import load_checkpoint
+from common.runconfig import MODELS, load_model_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,14 +39,14 @@ def slug(label: str) -> str:
 def rows(model: str, only: str | None = None) -> dict[str, dict[str, object]]:
     """{"full": {}, LABEL: overrides, ...} from the model module's ABLATIONS (a row without
     overrides is the full model, already first); `only`: the labels this regex finds."""
-    module = train.load_model_module(model)
+    module = load_model_module(model)
     table = {label: o for label, o in getattr(module, "ABLATIONS", {}).items() if o}
     return {"full": {}} | {k: v for k, v in table.items() if only is None or re.search(only, k)}
 
 
 def trained_to(run_dir: str, steps: int) -> bool:
     path = os.path.join(run_dir, "last.pt")
-    return os.path.isfile(path) and train.load_checkpoint(path)["step"] >= steps
+    return os.path.isfile(path) and load_checkpoint(path)["step"] >= steps
 
 
 def run(cmd: list[str]) -> None:
@@ -102,7 +103,7 @@ def main(argv=None) -> list[str]:
                    help="after --: more train.py flags for every run (e.g. -- --batch-size 8)")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
-    names = train.MODELS if args.model == "all" else [args.model]
+    names = MODELS if args.model == "all" else [args.model]
     torch.set_num_threads(1)  # this process only waits for its children
     reports = [ablate(name, args) for name in names]
     tables = "\n\n".join(f"{os.path.basename(path)[:-5]}\n\n{markdown(path)}" for path in reports)

@@ -1,16 +1,22 @@
-"""The speed and memory table of `eval.py --benchmark`: per model and config, parameters,
-forward GFLOPs and latency, training-step time, achieved GFLOP/s against a matmul timed between
-the steps (MFU), and peak memory. README, "Speed", says how to read it.
+"""The speed and memory table: per model and config, parameters, forward GFLOPs and latency,
+training-step time, achieved GFLOP/s against a matmul timed between the steps (MFU), and peak
+memory. docs/speed.md says how to read it.
 
-It builds models and synthetic batches, so it sits above the model files: it imports `data` and
-`train` (the model registry and autocast), which a model file never does.
+  python -m common.benchmark --model all --config tiny            # one row per model, CPU fp32
+  python -m common.benchmark --model maris --config paper --amp bf16 --device cuda
+  python -m common.benchmark --model maris --config paper --freeze-encoders --sentences-per-image 4
+
+A command-line tool: it builds models and synthetic batches, so it imports `data`, which nothing
+under common/ that a model or the training loop uses does. Several rows run one process each.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,10 +25,15 @@ import warnings
 import torch
 
 import data
-import train
+from common.cache import frozen_features
+from common.distributed import AMP_DTYPES, autocast, flush_denormals, memory_format
 from common.encoders import quiet_random_init
 from common.measure import count_flops, matmul, median_times
 from common.model import count_parameters
+from common.runconfig import MODELS, load_model_module
+from common.shapes import ShapesDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 
 # --- One row: a model's forward and training step ------------------------------------------------
 
@@ -31,7 +42,7 @@ def bench_batch(model, n: int, device) -> dict:
     """A real batch of synthetic shapes at the model's own input size."""
     spec = model.input_spec
     side = spec.max_size if spec.resize == "shorter" else spec.size
-    base = data.ShapesDataset("val", n, side, seed=0,
+    base = ShapesDataset("val", n, side, seed=0,
                               instances="cand_masks" in model.input_names)
     prep = data.Preprocess(spec, model.tokenizer, candidates="cand_masks" in model.input_names)
     items = [dict(prep(base[i]), index=i) for i in range(n)]
@@ -51,16 +62,16 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
                 per_image: int = 1, channels_last: bool = False, compiled: bool = False) -> dict:
     """One row of the benchmark table (see README, "Reading the benchmark"). per_image k > 1:
     the step's batch holds k sentences of each of batch_size / k images (grouped encoding)."""
-    module = train.load_model_module(name)
+    module = load_model_module(name)
     cfg = module.CONFIGS[config]
     if freeze:
         cfg = dataclasses.replace(cfg, freeze_encoders=True)
     if hasattr(module, "prepare_config"):  # a vocabulary from synthetic sentences (M3Dec's GRU)
-        cfg = module.prepare_config(cfg, data.sentences(data.ShapesDataset("train", 200)))
+        cfg = module.prepare_config(cfg, data.sentences(ShapesDataset("train", 200)))
     torch.manual_seed(0)
     with quiet_random_init(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = module.MODEL(cfg).to(device, memory_format=train.memory_format(channels_last))
+        model = module.MODEL(cfg).to(device, memory_format=memory_format(channels_last))
     total, trainable = count_parameters(model)
     one = bench_batch(model, 1, device)
     if per_image > 1:
@@ -81,7 +92,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
 
     @torch.no_grad()
     def forward(m=run):
-        with train.autocast(device, amp):
+        with autocast(device, amp):
             m(**model.inputs_from(one))
 
     fwd_flops = count_flops(lambda: forward(model))
@@ -91,8 +102,8 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
 
     def step(m=run):
         optimizer.zero_grad(set_to_none=True)
-        with train.autocast(device, amp):  # grouped: one encoder pass per distinct image
-            shared = feats or train.frozen_features(model, batch)
+        with autocast(device, amp):  # grouped: one encoder pass per distinct image
+            shared = feats or frozen_features(model, batch)
             loss = m(**model.inputs_from(batch), **shared, target=batch["mask"])["loss"]
         loss.backward()
         optimizer.step()
@@ -100,7 +111,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     train_flops = count_flops(lambda: step(model))
     if compiled:  # compile the training graph before anything is timed
         step()
-    ref, ref_flops = matmul(device, train.AMP_DTYPES.get(amp, torch.float32))  # the step's dtype
+    ref, ref_flops = matmul(device, AMP_DTYPES.get(amp, torch.float32))  # the step's dtype
     ref()  # its first call allocates; the peak is its rate between the steps, not before them
     if device.type == "cuda":  # the memory of the timed steps, not of the counting passes
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,15 +155,15 @@ def print_bench(rows: list[dict]) -> None:
               + ("peak allocated" if r["device"].startswith("cuda") else "peak process RSS"))
 
 
-def run_benchmark(args, script: str) -> tuple[list[dict], list[str]]:
+def run_benchmark(args) -> tuple[list[dict], list[str]]:
     """The rows `args` asks for, and the errors of those that failed. Several rows run one
-    process each (`script --row-json -`, the command line that called this), so that each row's
-    peak memory is its own, and a row that fails (an out-of-memory) does not stop the others."""
-    names = train.MODELS if args.model == "all" else [args.model]
+    process each (`python -m common.benchmark --row`), so that each row's peak memory is its
+    own, and a row that fails (an out-of-memory) does not stop the others."""
+    names = MODELS if args.model == "all" else [args.model]
     names = [n for n in names if importlib.util.find_spec(n) is not None]
     rows, failed = [], []
     for name in names:
-        module = train.load_model_module(name)
+        module = load_model_module(name)
         if args.config not in module.CONFIGS:
             continue
         config, batch = args.config, args.batch_size or (8 if args.config == "tiny" else 1)
@@ -168,13 +179,14 @@ def run_benchmark(args, script: str) -> tuple[list[dict], list[str]]:
                                         args.warmup, args.repeats, args.freeze_encoders, cached,
                                         per_image, args.channels_last, args.compile))
                 continue
-            cmd = [sys.executable, script, "--benchmark", "--model", name, "--config", config,
+            cmd = [sys.executable, "-m", "common.benchmark", "--model", name, "--config", config,
                    "--device", args.device, "--batch-size", str(batch), "--amp", args.amp,
-                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--row-json", "-",
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--row",
                    "--sentences-per-image", str(per_image)]
             cmd += ["--freeze-encoders"] * args.freeze_encoders + ["--cached"] * cached
             cmd += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
-            res = subprocess.run(cmd, capture_output=True, text=True)  # one process: its own RSS
+            res = subprocess.run(cmd, capture_output=True, text=True,  # one process: its own RSS
+                                 cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT})
             if res.returncode:
                 failed.append(f"{name}/{config}: {res.stderr[-3000:]}")
                 continue
@@ -182,20 +194,47 @@ def run_benchmark(args, script: str) -> tuple[list[dict], list[str]]:
     return rows, failed
 
 
-def benchmark_command(args, script: str) -> dict:
-    """`eval.py --benchmark`: one row as JSON in this process (`--row-json`, how run_benchmark
-    calls `script`), or the whole table, printed and written to --json."""
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all", help="a model name or all")
+    p.add_argument("--config", default="tiny", help="config of each model to benchmark")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 tiny, 1 paper")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
+                   help="default bf16 on CUDA, none on CPU")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--freeze-encoders", action="store_true",
+                   help="freeze encoders (the paper's MARIS setting) and add a row training "
+                        "from cached features")
+    p.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
+                   help="with --freeze-encoders, add a row whose batch holds K sentences of each "
+                        "image (train.py --sentences-per-image: one encoder pass per image)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the model through torch.compile (FLOPs counted on the eager model)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last (NHWC) weights and activations (train.py --channels-last)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--cached", action="store_true", help="internal: a row from cached features")
+    p.add_argument("--row", action="store_true", help="internal: print one row as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """One row as JSON in this process (`--row`, how run_benchmark calls itself), or the whole
+    table, printed and written to --json."""
+    args = parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-    if args.row_json:
-        train.flush_denormals()  # as training does
+    if args.row:
+        flush_denormals()  # as training does
         row = bench_model(args.model, args.config, torch.device(args.device), args.batch_size,
                           args.amp, args.warmup, args.repeats, args.freeze_encoders, args.cached,
-                          getattr(args, "sentences_per_image", 1), args.channels_last,
-                          args.compile)
+                          args.sentences_per_image, args.channels_last, args.compile)
         print(json.dumps(row))
         return row
-    rows, failed = run_benchmark(args, script)
+    rows, failed = run_benchmark(args)
     print_bench(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -203,3 +242,7 @@ def benchmark_command(args, script: str) -> dict:
     if failed:  # after the table of the others
         raise RuntimeError("benchmark rows failed:\n" + "\n\n".join(failed))
     return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,9 @@ recomputed); an unreadable entry is recomputed too. The fingerprint hashes every
 depend on: the encoder's weights, the model config fields that shape the encoder, the
 preprocessing (InputSpec: size, resize, mean/std) and, for text, the tokenizer. Entries are
 loaded memory-mapped.
-Once every image of a split is cached (`holds`), train.py reads that split without its images.
+Once every image of a split is cached (`holds`), train.py reads that split without its images
+(data.cached_splits). `frozen_features` is what the training step and evaluation call.
+`python -m common.cache_error` measures what each storage costs in accuracy.
 """
 
 from __future__ import annotations
@@ -204,41 +206,14 @@ def storage_error(model, batch: dict, storages=STORAGE) -> dict[str, dict[str, f
     return report
 
 
-def main(argv=None) -> dict:
-    """python -m common.cache --model maris --config paper-vit-b [--image-weights F
-    --text-weights F]: storage_error on a batch of synthetic images at the model's input size
-    (random encoders unless weight files are given: then the numbers are your encoder's)."""
-    import argparse
-    import dataclasses
-    import warnings
-
-    import train
-    from common.benchmark import bench_batch
-    from common.encoders import quiet_random_init
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default="maris")
-    p.add_argument("--config", default="paper-vit-b")
-    p.add_argument("--image-weights", default=None)
-    p.add_argument("--text-weights", default=None)
-    p.add_argument("--batch-size", type=int, default=2)
-    args = p.parse_args(argv)
-    module = train.load_model_module(args.model)
-    cfg = dataclasses.replace(module.CONFIGS[args.config], freeze_encoders=True,
-                              image_weights=args.image_weights, text_weights=args.text_weights)
-    torch.manual_seed(0)
-    with quiet_random_init(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = module.MODEL(cfg)
-    report = storage_error(model, bench_batch(model, args.batch_size, torch.device("cpu")))
-    weights = "given weights" if args.image_weights else "random encoders"
-    print(f"{args.model}/{args.config} ({weights}), {args.batch_size} synthetic images; "
-          "against fp32 features:")
-    for storage, r in report.items():
-        print(f"  {storage}: feature rel. L2 error {r['feature_rel_error']:.1e}, loss rel. change "
-              f"{r['loss_rel_change']:.1e}, pixels flipped {r['pixels_flipped']:.2%}")
-    return report
-
-
-if __name__ == "__main__":
-    main()
+def frozen_features(raw, batch: dict, cache=None) -> dict:
+    """Features of frozen encoders that the forward should not compute itself: from the feature
+    cache; else, when samples of the batch share an image (equal `image_key`, see
+    TrainSampler's k), a frozen image encoder's, computed once per distinct image."""
+    if cache is not None:
+        return cache.features(raw, batch)
+    keys = batch.get("image_key")
+    if (batch.get("image") is None or not keys or len(set(keys)) == len(keys)
+            or "image" not in getattr(raw, "frozen_parts", set)()):
+        return {}
+    return {"image_feats": raw.encode_distinct_images(batch["image"], keys)}

@@ -3,8 +3,8 @@
 MaIL (Sec. 4.1) selects among the masks of "a ResNet-50 Mask R-CNN pre-trained on instances in
 train splits of RefCOCO/RefCOCO+/G-Ref". `python -m common.detector` runs a torchvision Mask R-CNN
 (`maskrcnn_resnet50_fpn` or `_v2`) loaded from a local weights file (nothing is downloaded) over
-every image of a REFER split once and writes the COCO results file that `data.load_candidates`
-reads (`--candidates`):
+every image of a REFER split once and writes the COCO results file that
+`common.candidates.load_candidates` reads (`--candidates`):
 
   python -m common.detector --dataset refcoco --data-root /data/refer --split train \
       --weights maskrcnn_resnet50_fpn.pth --out props_train.json
@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import torch
 
+from common.candidates import encode_candidates, load_candidates
 from common.proposals import proposal_recall
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's soft masks are binarised at 0.5 (torchvision, detectron2)
@@ -71,9 +72,8 @@ def _image_ids(dataset) -> list[int]:
 def write_maskrcnn_proposals(dataset, model: torch.nn.Module, out: str,
                              device: str = "cpu", log_every: int = 100) -> dict:
     """Run `model` (load_maskrcnn) once on every distinct image of a raw dataset and write its
-    masks and scores as a COCO results file (data.encode_candidates; read by
-    data.load_candidates). Returns {"images": ..., "proposals": ...}."""
-    import data  # lazily: common must not depend on data.py
+    masks and scores as a COCO results file (common.candidates.encode_candidates;
+    read by common.candidates.load_candidates). Returns {"images": ..., "proposals": ...}."""
 
     first = {}  # image_id -> the first sample showing it
     for i, image_id in enumerate(_image_ids(dataset)):
@@ -85,7 +85,7 @@ def write_maskrcnn_proposals(dataset, model: torch.nn.Module, out: str,
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
         det = model([x.to(device)])[0]  # torchvision normalises and resizes internally
         masks = (det["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()  # (P, H, W)
-        entries += data.encode_candidates(image_id, masks, det["scores"].cpu().numpy())
+        entries += encode_candidates(image_id, masks, det["scores"].cpu().numpy())
         if log_every and (n + 1) % log_every == 0:
             print(f"{n + 1}/{len(first)} images, {len(entries)} proposals", file=sys.stderr)
     tmp = out + ".tmp"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {summary['proposals']} proposals for {summary['images']} images of "
           f"{ds.name} to {args.out}")
     if args.recall:
-        cands = data.WithCandidates(ds, data.load_candidates(args.out))
+        cands = data.WithCandidates(ds, load_candidates(args.out))
         summary["recall"] = proposal_recall(cands)
         print(json.dumps(summary["recall"]))
     return summary

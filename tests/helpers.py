@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import data
-import train
+from common.runconfig import MODELS, load_model_module
 
-MODEL_NAMES = [m for m in train.MODELS if importlib.util.find_spec(m) is not None]
+MODEL_NAMES = [m for m in MODELS if importlib.util.find_spec(m) is not None]
 
 
 def build(name: str, config: str = "tiny", **changes):
-    module = train.load_model_module(name)
+    module = load_model_module(name)
     cfg = dataclasses.replace(module.CONFIGS[config], **changes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,6 +12,7 @@ from helpers import build, make_batch
 
 import m3dec
 import train
+from common.runconfig import build_config
 
 SWITCHES = ("shared_attention", "attention", "imi", "lfr", "mask_decoder", "dec_layers")
 
@@ -48,7 +49,7 @@ def test_every_row_builds_through_set_and_trains(row):
     for field, value in overrides.items():
         assert isinstance(value, (bool, int, str)) and value != "none", (row, field)
         argv += ["--set", f"{field}={value}"]
-    cfg = train.build_config(m3dec, train.parse_args(argv))
+    cfg = build_config(m3dec, train.parse_args(argv))
     assert all(getattr(cfg, f) == v for f, v in overrides.items())
     model = build("m3dec", **overrides)
     assert model.cfg == cfg

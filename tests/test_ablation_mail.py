@@ -13,6 +13,7 @@ from helpers import build, make_batch, ref, write_refer
 import eval as evaluate
 import mail
 import train
+from common.runconfig import build_config
 
 # the full model's parameters outside ViLT, as before the ablation switches existed
 FULL_DECODER_AND_MASK_PARAMS = [
@@ -92,7 +93,7 @@ def test_each_row_is_settable_from_the_command_line_on_tiny():
         assert overrides and all(isinstance(v, (bool, int, float, str)) for v in overrides.values())
         sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
         args = train.parse_args(["--model", "mail", "--config", "tiny", *sets])
-        cfg = train.build_config(mail, args)
+        cfg = build_config(mail, args)
         assert cfg == dataclasses.replace(mail.CONFIGS["tiny"], **overrides), name
 
 

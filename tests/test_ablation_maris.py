@@ -9,7 +9,7 @@ from helpers import build, make_batch
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
 import maris
-import train
+from common.runconfig import parse_value
 
 # The full model's own parts (the tiny config's parameter prefixes before the switches existed)
 FULL = {"image_encoder", "text_encoder", "enhance", "mutual", "query", "decoder", "upsample",
@@ -85,7 +85,7 @@ def test_ablation_overrides_are_set_able_scalars(row):
     tiny = maris.CONFIGS["tiny"]
     for field, value in maris.ABLATIONS[row].items():
         assert isinstance(value, (bool, int, float, str))
-        parsed = train.parse_value(str(value), getattr(tiny, field))
+        parsed = parse_value(str(value), getattr(tiny, field))
         assert parsed == value and type(parsed) is type(value)
 
 

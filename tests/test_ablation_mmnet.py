@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import build, make_batch
 
 import mmnet
-import train
+from common.runconfig import parse_value
 
 SWITCHES = ("multi_mask_projector", "query_estimator", "global_visual_feature")
 # the parameters each switch removes (Table 3's single mask removes none: it reuses them all)
@@ -45,7 +45,7 @@ def test_ablations_are_the_papers_rows_as_settable_overrides():
         for field, value in overrides.items():
             default = getattr(tiny, field)  # a field of the config
             assert isinstance(value, (bool, int)) and type(value) is type(default), (name, field)
-            assert train.parse_value(str(value), default) == value  # what --set gives back
+            assert parse_value(str(value), default) == value  # what --set gives back
 
 
 @pytest.mark.parametrize("name", list(mmnet.ABLATIONS),

@@ -8,16 +8,17 @@ from helpers import build, make_batch
 
 import train
 from common import ablations
+from common.runconfig import MODELS, build_config, load_model_module
 
 
 def test_every_model_lists_its_paper_ablations_as_settable_rows():
-    for name in train.MODELS:
+    for name in MODELS:
         table = ablations.rows(name)
         assert table["full"] == {} and len(table) > 1, name
         for label, overrides in table.items():
             sets = [f"{k}={v}" for k, v in overrides.items()]
             args = train.parse_args(["--model", name] + [f"--set={s}" for s in sets])
-            cfg = train.build_config(train.load_model_module(name), args)
+            cfg = build_config(load_model_module(name), args)
             assert all(str(getattr(cfg, k)) == str(v) for k, v in overrides.items()), label
     assert ablations.slug("w/o IMI") == "wo-imi"
     assert ablations.slug("II #3 baseline + IMI*") == "ii-3-baseline-imi"
@@ -25,7 +26,7 @@ def test_every_model_lists_its_paper_ablations_as_settable_rows():
 
 
 def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch):
-    module = train.load_model_module("maris")
+    module = load_model_module("maris")
     label, overrides = next(iter(module.ABLATIONS.items()))
     monkeypatch.setattr(ablations, "rows", lambda name, only: {"full": {}, label: overrides})
     argv = ["--model", "maris", "--max-steps", "1", "--out", str(tmp_path), "--",
@@ -44,12 +45,12 @@ def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch
     assert ran == ["eval.py"]
 
 
-@pytest.mark.parametrize("name", sorted(train.MODELS))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_trainable_parameter_gets_a_gradient_in_every_row(name):
     """DDP (train.py keeps find_unused_parameters off) stops a multi-process run whose trainable
     parameters get no gradient: in the full model and in every ablation row, one training step
     reaches them all (parameters a row leaves untouched must be frozen)."""
-    module = train.load_model_module(name)
+    module = load_model_module(name)
     for label, overrides in {"full": {}, **module.ABLATIONS}.items():
         model = build(name, **overrides).train()
         batch = make_batch(model, n=2)

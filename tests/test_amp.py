@@ -19,6 +19,8 @@ from helpers import MODEL_NAMES, build, make_batch
 
 import data
 import train
+from common.checkpoint import load_checkpoint
+from common.distributed import cuda_index
 from common.layers import TokenBatchNorm, sync_batchnorm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,7 +76,7 @@ def test_train_cli_runs_under_autocast(name, amp, tmp_path):
     out = tmp_path / "run"
     train.main(["--model", name, "--amp", amp, "--max-steps", "1", "--batch-size", "2",
                 "--shapes-train-size", "8", "--no-val", "--workers", "0", "--out", str(out)])
-    ckpt = train.load_checkpoint(str(out / "last.pt"))
+    ckpt = load_checkpoint(str(out / "last.pt"))
     assert ckpt["step"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -87,11 +89,11 @@ def test_a_run_resumes_in_another_precision(tmp_path):
     train.main(args + ["--max-steps", "1"])
     train.main(args + ["--max-steps", "2", "--amp", "fp16", "--resume", "auto",
                        "--resume-override", "amp,max_steps"])
-    ckpt = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert ckpt["step"] == 2 and ckpt["scaler"]["scale"] > 0
     train.main(args + ["--max-steps", "3", "--resume", "auto",
                        "--resume-override", "amp,max_steps"])
-    ckpt = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert ckpt["step"] == 3 and ckpt["scaler"] == {}
     with open(tmp_path / "run" / "log.jsonl") as f:
         steps = [json.loads(line) for line in f if '"step"' in line]
@@ -100,10 +102,10 @@ def test_a_run_resumes_in_another_precision(tmp_path):
 
 def test_cuda_index_maps_local_rank_to_a_visible_gpu():
     """torchrun shows each process all the node's GPUs, SLURM's --gpus-per-task=1 only its own."""
-    assert [train.cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
-    assert [train.cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
     with pytest.raises(RuntimeError, match="at most one process per GPU"):
-        train.cuda_index(2, 2)
+        cuda_index(2, 2)
 
 
 def test_token_batchnorm_statistics_stay_fp32_under_autocast():

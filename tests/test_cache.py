@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers import build, make_batch
 
+import data
 import train
 from common.cache import FeatureCache
+from common.checkpoint import load_checkpoint
 from common.model import CacheableEncoders, RISModel, freeze
 
 
@@ -115,17 +117,18 @@ def test_a_fully_cached_split_is_read_without_its_images(tmp_path, monkeypatch):
     """Once every image of a split is cached, the loader stops shipping images, and the run is
     the same run: identical losses and val metrics to one that keeps reading them."""
     seen = []  # (epoch, "image" in batch) for every training batch
-    forward_loss, evaluate = train.forward_loss, train.evaluate
+    features, evaluate = train.frozen_features, train.evaluate
 
-    def spy_forward(model, raw, batch, *a, **k):
-        seen.append(("train", "image" in batch))
-        return forward_loss(model, raw, batch, *a, **k)
+    def spy_features(raw, batch, cache=None):
+        if raw.training:  # the training step's; evaluation's are counted by spy_evaluate
+            seen.append(("train", batch.get("image") is not None))
+        return features(raw, batch, cache)
 
     def spy_evaluate(model, loader, *a, **k):
         seen.append(("val", loader.dataset.base.with_images))
         return evaluate(model, loader, *a, **k)
 
-    monkeypatch.setattr(train, "forward_loss", spy_forward)
+    monkeypatch.setattr(train, "frozen_features", spy_features)
     monkeypatch.setattr(train, "evaluate", spy_evaluate)
     args = ["--model", "maris", "--freeze-encoders", "--no-augment", "--shapes-train-size", "8",
             "--batch-size", "4", "--shapes-eval-size", "4", "--epochs", "3", "--workers", "0",
@@ -135,7 +138,7 @@ def test_a_fully_cached_split_is_read_without_its_images(tmp_path, monkeypatch):
     assert seen == [("train", True)] * 2 + [("val", True)] + [("train", False)] * 2 + \
         [("val", False)] + [("train", False)] * 2 + [("val", False)]
     seen.clear()
-    monkeypatch.setattr(train.Run, "stop_reading_cached_images", lambda self: None)
+    monkeypatch.setattr(data, "cached_splits", lambda *a: [])
     train.main(args + ["--cache-features", str(tmp_path / "c2"), "--out", str(tmp_path / "b")])
     assert all(with_images for _, with_images in seen)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
@@ -169,7 +172,7 @@ def test_two_processes_switch_to_cached_features_together(tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "holds every train image" in res.stdout and "holds every val image" in res.stdout
-    assert train.load_checkpoint(str(tmp_path / "r" / "last.pt"))["epoch"] == 2
+    assert load_checkpoint(str(tmp_path / "r" / "last.pt"))["epoch"] == 2
 
 
 @pytest.mark.parametrize("storage, bound", [("fp16", 2**-11), ("bf16", 2**-8), ("int8", None)])

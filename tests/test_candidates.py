@@ -8,6 +8,7 @@ import pytest
 from helpers import ref, write_refer
 
 import data
+from common.candidates import candidate_label, encode_candidates
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_oracle_max_candidates_keeps_the_target():
 def test_proposals_file_bounds_by_score_and_count(tmp_path):
     shapes = data.ShapesDataset("val", 4, 64)
     masks = shapes[0]["instances"]
-    entries = data.encode_candidates(0, masks[:3], scores=[0.2, 0.9, 0.5])
+    entries = encode_candidates(0, masks[:3], scores=[0.2, 0.9, 0.5])
     path = tmp_path / "props.json"
     path.write_text(json.dumps(entries))
     kw = dict(shapes_size=4, shapes_image_size=64, candidates=str(path))
@@ -102,5 +103,5 @@ def test_candidate_source_and_label():
     assert "python -m common.detector" in str(err.value) and "refcoco" in str(err.value)
     with pytest.raises(ValueError, match="exclude each other"):
         data.candidate_source("shapes", "p.json", oracle=True)
-    assert [data.candidate_label(s) for s in ("oracle", "simulated", "/runs/a/props.json")] == \
+    assert [candidate_label(s) for s in ("oracle", "simulated", "/runs/a/props.json")] == \
         ["oracle", "simulated", "props.json"]

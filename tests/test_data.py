@@ -6,8 +6,11 @@ import pytest
 import torch
 from helpers import write_refer
 
+import common.refer
 import data
 from common.model import InputSpec
+from common.refer import decode_segmentation, load_refs
+from common.shapes import COLOURS, EXTREMES, KINDS, RELATIONS, SENTENCE_TYPES
 from common.tokenizers import ClipTokenizer
 
 
@@ -76,7 +79,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     with open(path, "wb") as f:
         pickle.dump([{"ref": Evil()}], f, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data.load_refs(str(path))
+        load_refs(str(path))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -114,11 +117,11 @@ def test_shapes_sentences_refer_to_their_target():
     for i in range(len(ds)):
         s = ds[i]
         words = s["sentence"].split()
-        head = words[: words.index(next(w for w in words if w in data.KINDS + ("shape",))) + 1]
-        colours = [w for w in head if w in data.COLOURS]
+        head = words[: words.index(next(w for w in words if w in KINDS + ("shape",))) + 1]
+        colours = [w for w in head if w in COLOURS]
         if colours:  # the target's own colour, measured from the image
             rgb = s["image"][s["mask"]].mean(0)
-            nearest = min(data.COLOURS, key=lambda c: np.abs(np.array(data.COLOURS[c]) - rgb).sum())
+            nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - rgb).sum())
             assert nearest == colours[0], s["sentence"]
             checked += 1
     assert checked > 10
@@ -128,8 +131,8 @@ def test_shapes_sentence_types_match_their_words():
     """Each sample names its sentence type (eval.py reports metrics per type): a relation names
     another shape, a position an extreme, an attribute sentence neither."""
     ds = data.ShapesDataset("val", 80, 128, seed=0)
-    relation = [r for r in data.RELATIONS]
-    position = [w for *_, words in data.EXTREMES for w in words]
+    relation = [r for r in RELATIONS]
+    position = [w for *_, words in EXTREMES for w in words]
     seen = set()
     for i in range(len(ds)):
         s, kind = ds[i]["sentence"], ds[i]["sentence_type"]
@@ -138,7 +141,7 @@ def test_shapes_sentence_types_match_their_words():
         expected = "relation" if has_rel else "position" if has_pos else "attribute"
         assert kind == expected, (s, kind)
         seen.add(kind)
-    assert seen == set(data.SENTENCE_TYPES)
+    assert seen == set(SENTENCE_TYPES)
 
 
 def test_flip_sentence():
@@ -247,8 +250,8 @@ def test_instances_are_decoded_only_for_a_model_that_takes_candidates(refer_root
     assert np.array_equal(oracle[0]["instances"][oracle[0]["target_index"]], shapes[0]["mask"])
 
     decoded = []
-    real = data.decode_segmentation
-    monkeypatch.setattr(data, "decode_segmentation",
+    real = decode_segmentation
+    monkeypatch.setattr(common.refer, "decode_segmentation",
                         lambda *a: decoded.append(1) or real(*a))
     plain = data.build_dataset("refcoco", "train", data_root=str(refer_root))[0]
     assert "instances" not in plain and len(decoded) == 1  # the referred object alone
@@ -262,13 +265,13 @@ def test_degenerate_polygons_are_skipped():
     """Polygons of fewer than 6 coordinates (a point, a line) cover no pixel: skipped; an
     annotation made only of them is an empty mask. (pycocotools reads 4 numbers as a box.)"""
     square = [2, 2, 12, 2, 12, 12, 2, 12]
-    alone = data.decode_segmentation([square], 20, 30)
+    alone = decode_segmentation([square], 20, 30)
     assert alone.sum() == 100
     for degenerate in ([5, 5], [1, 2, 3, 4], []):
-        assert np.array_equal(data.decode_segmentation([degenerate, square], 20, 30), alone)
-        empty = data.decode_segmentation([degenerate], 20, 30)
+        assert np.array_equal(decode_segmentation([degenerate, square], 20, 30), alone)
+        empty = decode_segmentation([degenerate], 20, 30)
         assert empty.shape == (20, 30) and empty.dtype == bool and not empty.any()
-    assert not data.decode_segmentation([], 20, 30).any()
+    assert not decode_segmentation([], 20, 30).any()
 
 
 def test_mask_resize_is_nearest_exact():

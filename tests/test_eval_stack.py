@@ -11,10 +11,11 @@ import torch
 from helpers import build
 from PIL import Image
 
-import data
 import eval as eval_cli
-import train
+from common import visualise
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.metrics import THRESHOLDS
+from common.shapes import COLOURS
 
 DATA = {"dataset": "shapes", "shapes_eval_size": 4, "shapes_image_size": 64, "seed": 0}
 
@@ -23,7 +24,7 @@ def checkpoint(tmp_path, name: str, **trained) -> str:
     """A checkpoint as train.py writes it, of an untrained tiny model (no training needed)."""
     model = build(name)
     path = str(tmp_path / f"{name}.pt")
-    train.save_checkpoint(dict(model_name=name, config=dataclasses.asdict(model.cfg),
+    save_checkpoint(dict(model_name=name, config=dataclasses.asdict(model.cfg),
                                model=model.state_dict(),
                                args=dict(DATA, model=name, config="tiny", **trained)), path)
     return path
@@ -68,13 +69,6 @@ def test_candidate_source_is_printed_and_an_oracle_labelled(tmp_path, capsys):
     assert read(path)["candidates"] == "oracle"
 
 
-def test_out_means_a_run_folder_only_in_train_py(maris_ckpt, capsys):
-    with pytest.raises(SystemExit):
-        eval_cli.main(["--checkpoint", maris_ckpt, "--image", "x.png", "--text", "a",
-                       "--out", "m.png"])
-    assert "--out is now --save-mask" in capsys.readouterr().err
-
-
 def test_device_is_honoured_for_evaluation_and_prediction(maris_ckpt, monkeypatch, tmp_path):
     seen = []
 
@@ -82,7 +76,7 @@ def test_device_is_honoured_for_evaluation_and_prediction(maris_ckpt, monkeypatc
         seen.append((torch.device(device), next(model.parameters()).device))
         return {"mIoU": 0.0, "oIoU": 0.0, "n": 0, **{f"Pr@{t}": 0.0 for t in THRESHOLDS}}
 
-    monkeypatch.setattr(train, "evaluate", spy)
+    monkeypatch.setattr(eval_cli, "evaluate", spy)
     eval_cli.main(["--checkpoint", maris_ckpt, "--device", "meta"])
     assert seen == [(torch.device("meta"), torch.device("meta"))]
 
@@ -117,7 +111,7 @@ def test_prediction_under_autocast_thresholds_in_fp32():
 def test_export_writes_a_weights_only_checkpoint_that_evaluates(maris_ckpt, tmp_path):
     out = str(tmp_path / "weights.pt")
     eval_cli.main(["--checkpoint", maris_ckpt, "--export", out])
-    exported = train.load_checkpoint(out)
+    exported = load_checkpoint(out)
     assert "optimizer" not in exported and exported["model_name"] == "maris"
     a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
     eval_cli.main(["--checkpoint", maris_ckpt, "--json", a])
@@ -142,21 +136,21 @@ def test_masks_are_outlined_in_colours_no_shape_has():
     """A prediction and a ground truth on a red shape: each panel has its mask's colour on the
     mask's border (a filled red or green overlay vanishes on a red or green shape), and neither
     colour is a synthetic shape's."""
-    side = eval_cli.PANEL_WIDTH  # drawn at its own size: panel pixels are image pixels
+    side = visualise.PANEL_WIDTH  # drawn at its own size: panel pixels are image pixels
     image = np.full((side, side, 3), 128, np.uint8)
     gt = np.zeros((side, side), bool)
     gt[60:160, 80:180] = True
-    image[gt] = data.COLOURS["red"]
+    image[gt] = COLOURS["red"]
     pred = np.roll(gt, 20, axis=1)
-    sheet = np.asarray(eval_cli.visual(image, pred, gt, "the red square", [], iou=0.67))
-    top = eval_cli.HEADER_PX + eval_cli.TITLE_PX
-    for k, (mask, colour) in enumerate([(pred, eval_cli.PRED_COLOUR), (gt, eval_cli.GT_COLOUR)]):
+    sheet = np.asarray(visualise.visual(image, pred, gt, "the red square", [], iou=0.67))
+    top = visualise.HEADER_PX + visualise.TITLE_PX
+    for k, (mask, colour) in enumerate([(pred, visualise.PRED_COLOUR), (gt, visualise.GT_COLOUR)]):
         panel = sheet[top:top + side, k * side:(k + 1) * side]
         inner = mask.copy()
         inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
         border = mask & ~inner  # the mask's outermost pixels
         assert border.sum() > 300 and (panel[border] == colour).all()
         assert not (panel[~mask] == colour).all(-1).any()  # outside the mask: untouched
-    for shape_colour in data.COLOURS.values():
-        for colour in (eval_cli.PRED_COLOUR, eval_cli.GT_COLOUR):
+    for shape_colour in COLOURS.values():
+        for colour in (visualise.PRED_COLOUR, visualise.GT_COLOUR):
             assert np.abs(colour - np.array(shape_colour)).max() > 90

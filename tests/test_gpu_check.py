@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from common.runconfig import load_model_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("gpu_check", f"{ROOT}/.ci/gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
@@ -37,10 +39,9 @@ def test_the_fp16_accumulation_and_resume_commands_run(tmp_path):
 
 
 def test_paper_configs_are_the_models_and_random_init_only_for_them(tmp_path):
-    import train
 
     for model, configs in gpu_check.PAPER_CONFIGS.items():
-        assert set(configs) <= set(train.load_model_module(model).CONFIGS), model
+        assert set(configs) <= set(load_model_module(model).CONFIGS), model
     assert "--random-init" in gpu_check.train_cmd("mail", "paper", "o", 1)
     assert "--random-init" not in gpu_check.train_cmd("mail", "tiny", "o", 1)
     assert gpu_check.train_cmd("mail", "tiny", "o", 1, nproc=2)[1:3] == [

@@ -9,6 +9,9 @@ import torch
 from helpers import build, make_batch, ref, write_refer
 
 import train
+from common.cache import frozen_features
+from common.checkpoint import load_checkpoint
+from common.samplers import TrainSampler
 
 KEYS = [f"im{(i * 7) % 9}" for i in range(40)]  # 40 sentences of 9 images, 4-5 each
 
@@ -17,7 +20,7 @@ def micro_batches(world, per, k=3, epoch=0):
     """Each rank's micro-batches of sample indices."""
     out = []
     for r in range(world):
-        s = train.TrainSampler(40, r, world, seed=3, image_keys=KEYS, k=k, batch=per)
+        s = TrainSampler(40, r, world, seed=3, image_keys=KEYS, k=k, batch=per)
         s.set_epoch(epoch)
         idx = [i for _, i in s]
         out.append([idx[j : j + per] for j in range(0, len(idx), per)])
@@ -51,7 +54,7 @@ def test_grouped_steps_use_the_same_samples_whatever_the_split():
 
     assert steps(2, 4, 1) == steps(1, 8, 1) == steps(1, 4, 2)
     with pytest.raises(ValueError, match="image_key"):
-        train.TrainSampler(40, 0, 1, seed=0, k=2)
+        TrainSampler(40, 0, 1, seed=0, k=2)
 
 
 def test_shared_image_features_give_the_per_sample_loss():
@@ -63,7 +66,7 @@ def test_shared_image_features_give_the_per_sample_loss():
     encoded = []
     encode_image = model.encode_image
     model.encode_image = lambda image: encoded.append(len(image)) or encode_image(image)
-    feats = train.frozen_features(model, batch)
+    feats = frozen_features(model, batch)
     assert encoded == [2]  # one encoder pass, two images
     torch.manual_seed(0)
     shared = model(**model.inputs_from(batch), **feats, target=batch["mask"])
@@ -74,8 +77,8 @@ def test_shared_image_features_give_the_per_sample_loss():
     assert shared["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
     # a flipped copy of an image is another image; distinct keys: the forward encodes as usual
     batch["image_key"] = [k + "|hflip" * (i == 1) for i, k in enumerate(batch["image_key"])]
-    assert len(train.frozen_features(model, batch)["image_feats"]["f_v1"]) == 4
-    assert train.frozen_features(model, two) == {}
+    assert len(frozen_features(model, batch)["image_feats"]["f_v1"]) == 4
+    assert frozen_features(model, two) == {}
 
 
 def test_training_with_sentences_per_image_encodes_each_image_once(tmp_path, monkeypatch):
@@ -101,19 +104,19 @@ def test_training_with_sentences_per_image_encodes_each_image_once(tmp_path, mon
     train.main(args + ["--out", str(tmp_path / "a")])
     assert encoded == [1] * 6  # 2 epochs x 3 steps, one image each
     # a run killed in its 5th step (last.pt after epoch 0, step 3) resumes to the same weights
-    forward_loss, calls = train.forward_loss, []
+    features, calls = train.frozen_features, []
 
-    def killed(*a, **k):
+    def killed(*a, **k):  # the training step calls it once per micro-batch (no validation)
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return forward_loss(*a, **k)
+        return features(*a, **k)
 
-    monkeypatch.setattr(train, "forward_loss", killed)
+    monkeypatch.setattr(train, "frozen_features", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "b")])
-    monkeypatch.setattr(train, "forward_loss", forward_loss)
+    monkeypatch.setattr(train, "frozen_features", features)
     train.main(args + ["--out", str(tmp_path / "b"), "--resume", "auto"])
-    a = train.load_checkpoint(os.path.join(tmp_path, "a", "last.pt"))["model"]
-    b = train.load_checkpoint(os.path.join(tmp_path, "b", "last.pt"))["model"]
+    a = load_checkpoint(os.path.join(tmp_path, "a", "last.pt"))["model"]
+    b = load_checkpoint(os.path.join(tmp_path, "b", "last.pt"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

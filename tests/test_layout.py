@@ -16,6 +16,8 @@ from helpers import build, make_batch
 import eval as evaluate
 import train
 from common.benchmark import bench_model
+from common.checkpoint import load_checkpoint
+from common.distributed import memory_format
 
 # MaIL: its segmentation head is 3x3 convs and bilinear upsampling, what the layout speeds up
 SMALL = ["--model", "mail", "--shapes-train-size", "8", "--shapes-eval-size", "4",
@@ -38,8 +40,8 @@ def runs(tmp_path_factory):
 
 
 def test_a_channels_last_run_trains_the_same_model(runs):
-    nchw = train.load_checkpoint(os.path.join(runs["nchw"], "last.pt"))["model"]
-    nhwc = train.load_checkpoint(os.path.join(runs["nhwc"], "last.pt"))["model"]
+    nchw = load_checkpoint(os.path.join(runs["nchw"], "last.pt"))["model"]
+    nhwc = load_checkpoint(os.path.join(runs["nhwc"], "last.pt"))["model"]
     conv = nhwc[HEAD_CONV]
     assert conv.dim() == 4 and min(conv.shape[:2]) > 1  # a layout-sensitive tensor
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -55,7 +57,7 @@ def test_channels_last_gives_the_same_loss_and_gradients(name):
     amplify rounding to ~1e-4 and hide a layout bug that this 1e-5 bound catches."""
     grads = {}
     for nhwc in (False, True):
-        model = build(name).to(memory_format=train.memory_format(nhwc)).eval()
+        model = build(name).to(memory_format=memory_format(nhwc)).eval()
         batch = make_batch(model, n=2, image_size=model.input_spec.size)
         loss = model(**model.inputs_from(batch), target=batch["mask"])["loss"]
         loss.backward()

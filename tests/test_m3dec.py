@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import build, make_batch
 
 import m3dec
-import train
+from common.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from common.encoders import Darknet53, GRUTextEncoder, load_glove
 from common.encoders.bert import BERT_VOCAB_SIZE
 from common.tokenizers import split_words
@@ -110,7 +110,7 @@ def test_vocabulary_round_trips_through_a_checkpoint(tmp_path):
     torch.save(dict(model_name="m3dec", config=dataclasses.asdict(cfg), model=model.state_dict()),
                path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    again, _, cfg2 = train.build_model_from_checkpoint(ckpt)
+    again, _, cfg2 = build_model_from_checkpoint(ckpt)
     assert cfg2.vocab == cfg.vocab and isinstance(cfg2.vocab, tuple)
     for s in ("the zebra left of a red cube", "ball"):
         assert again.tokenizer(s) == model.tokenizer(s)
@@ -217,7 +217,7 @@ def test_eval_save_vis_draws_the_word_panels(tmp_path):
     model = build("m3dec")
     ckpt = dict(model_name="m3dec", config=dataclasses.asdict(model.cfg), model=model.state_dict())
     path = str(tmp_path / "c.pt")
-    train.save_checkpoint(ckpt, path)
+    save_checkpoint(ckpt, path)
     evaluate.main(["--checkpoint", path, "--save-vis", str(tmp_path / "vis"), "--num-vis", "2",
                    "--shapes-eval-size", "4", "--shapes-image-size", "64", "--batch-size", "2"])
     assert len(os.listdir(tmp_path / "vis")) == 2
@@ -245,9 +245,9 @@ def test_bert_vocabulary_follows_the_checkpoint(tmp_path):
                                                             "text_weights", "bert_vocab")})
     assert model.tokenizer("The red circle")[0] == [2, 5, 6, 7, 3]
     path = str(tmp_path / "c.pt")
-    train.save_checkpoint(dict(model_name="m3dec", config=dataclasses.asdict(model.cfg),
+    save_checkpoint(dict(model_name="m3dec", config=dataclasses.asdict(model.cfg),
                                model=model.state_dict()), path)
-    again, _, cfg2 = train.build_model_from_checkpoint(train.load_checkpoint(path))
+    again, _, cfg2 = build_model_from_checkpoint(load_checkpoint(path))
     assert cfg2.text_weights is None
     assert again.tokenizer("the red circle") == model.tokenizer("the red circle")
     ids = torch.tensor([model.tokenizer("the red circle")[0]])

@@ -19,8 +19,12 @@ from helpers import build, make_batch, nearest_patch_tokens, vilt_padded_outputs
 import data
 import mail
 import train
+from common.candidates import encode_candidates, load_candidates
+from common.checkpoint import build_model_from_checkpoint
 from common.encoders import VILT_ARCHS, ViLTEncoder
 from common.layers import coord_map, extend_border, patch_coord_map, real_patches
+from common.refer import decode_segmentation
+from common.runconfig import build_config
 from common.tokenizers import WordPieceTokenizer
 
 
@@ -227,7 +231,7 @@ def test_vilt_checkpoint_from_save_pretrained_loads(tmp_path):
     assert torch.isfinite(out["loss"])
     # a checkpoint keeps the resolved vocabulary, so it rebuilds without the ViLT folder
     ckpt = dict(model_name="mail", config=dataclasses.asdict(model.cfg), model=model.state_dict())
-    again, _, _ = train.build_model_from_checkpoint(ckpt)
+    again, _, _ = build_model_from_checkpoint(ckpt)
     model.eval(), again.eval()
     with torch.no_grad():
         assert torch.equal(model(**model.inputs_from(batch))["mask_logits"],
@@ -337,23 +341,23 @@ def test_real_patches_and_border_extension_follow_each_images_real_area():
 def test_candidate_file_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     masks = rng.random((3, 20, 30)) > 0.5
-    entries = data.encode_candidates(7, masks, scores=[0.2, 0.9, 0.6])
-    entries += data.encode_candidates(8, masks[:1])
+    entries = encode_candidates(7, masks, scores=[0.2, 0.9, 0.6])
+    entries += encode_candidates(8, masks[:1])
     path = tmp_path / "cands.json"
     path.write_text(json.dumps(entries))
-    cands = data.load_candidates(str(path), min_score=0.5)
+    cands = load_candidates(str(path), min_score=0.5)
     assert sorted(cands) == [7, 8]
     assert [c["score"] for c in cands[7]] == [0.9, 0.6]  # best first, 0.2 dropped
-    got = np.stack([data.decode_segmentation(c["segmentation"], 20, 30) for c in cands[7]])
+    got = np.stack([decode_segmentation(c["segmentation"], 20, 30) for c in cands[7]])
     assert np.array_equal(got, masks[[1, 2]])
     path.write_text(json.dumps({"annotations": entries}))
-    assert len(data.load_candidates(str(path), max_per_image=1)[7]) == 1
+    assert len(load_candidates(str(path), max_per_image=1)[7]) == 1
     path.write_text(json.dumps([{"image_id": 1}]))
     with pytest.raises(ValueError, match="segmentation"):
-        data.load_candidates(str(path))
+        load_candidates(str(path))
     path.write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
-        data.load_candidates(str(path))
+        load_candidates(str(path))
 
 
 def test_vis_panels_show_scored_candidates_and_mark_the_selected(model, batch):
@@ -390,7 +394,7 @@ def test_candidate_bound_is_a_config_field_reachable_from_set():
     assert mail.CONFIGS["paper"].max_candidates == 20 and mail.CONFIGS["paper"].min_score == 0.05
     args = train.parse_args(["--model", "mail", "--set", "max_candidates=2",
                              "--set", "min_score=0.3"])
-    cfg = train.build_config(mail, args)
+    cfg = build_config(mail, args)
     assert cfg.max_candidates == 2 and cfg.min_score == 0.3
     ds = data.build_dataset("shapes", "val", shapes_size=12, shapes_image_size=64,
                             candidates="simulated", max_candidates=cfg.max_candidates,
@@ -408,7 +412,7 @@ def test_candidates_file_end_to_end(tmp_path):
     shapes = data.ShapesDataset("train", 8, 64, 0)
     entries = []
     for i in range(0, 8, 2):  # odd images have no proposals; even ones lose their first shape
-        entries += data.encode_candidates(i, shapes[i]["instances"][1:])
+        entries += encode_candidates(i, shapes[i]["instances"][1:])
     path = tmp_path / "props.json"
     path.write_text(json.dumps(entries))
     ds = data.build_dataset("shapes", "train", shapes_size=8, shapes_image_size=64,
@@ -434,7 +438,7 @@ def test_candidates_file_end_to_end(tmp_path):
 
     Image.fromarray(shapes[0]["image"]).save(image)
     single = tmp_path / "one.json"
-    single.write_text(json.dumps(data.encode_candidates(5, shapes[0]["instances"])))
+    single.write_text(json.dumps(encode_candidates(5, shapes[0]["instances"])))
     eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",
                    "--candidates", str(single), "--save-mask", str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size == (64, 64)

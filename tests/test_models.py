@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers import MODEL_NAMES, build, make_batch
 
-import train
+from common.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from common.layers import PostNormEncoderLayer
 from common.model import check_choices, freeze_encoders
 from common.optim import pretrained_groups
+from common.runconfig import load_model_module
 
 
 @pytest.fixture(scope="module", params=MODEL_NAMES)
@@ -138,7 +139,7 @@ def test_padding_does_not_change_the_output(tiny):
 
 
 def paper_configs():
-    return [(n, c) for n in MODEL_NAMES for c in train.load_model_module(n).CONFIGS if c != "tiny"]
+    return [(n, c) for n in MODEL_NAMES for c in load_model_module(n).CONFIGS if c != "tiny"]
 
 
 @pytest.mark.parametrize("name,config", paper_configs())
@@ -165,8 +166,8 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     name, model, batch = tiny
     ckpt = dict(model_name=name, config=dataclasses.asdict(model.cfg), model=model.state_dict())
     path = str(tmp_path / "c.pt")
-    train.save_checkpoint(ckpt, path)
-    again, _, _ = train.build_model_from_checkpoint(train.load_checkpoint(path))
+    save_checkpoint(ckpt, path)
+    again, _, _ = build_model_from_checkpoint(load_checkpoint(path))
     model.eval(), again.eval()
     with torch.no_grad():
         a = model(**model.inputs_from(batch))["mask_logits"]

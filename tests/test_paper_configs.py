@@ -18,6 +18,8 @@ import weights
 
 import eval as evaluate_cli
 import train
+from common.checkpoint import build_model_from_checkpoint, load_checkpoint
+from common.runconfig import load_model_module
 
 SHAPES_WORDS = ("the", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle",
                 "diamond", "shape", "small", "big", "left", "right", "leftmost", "rightmost",
@@ -76,7 +78,7 @@ PAPER_RUNS = [
                          ids=[f"{r[0]}-{r[1]}" for r in PAPER_RUNS])
 def test_paper_config_trains_a_step_and_evaluates(name, config, image_file, text_file, files,
                                                   tmp_path, capsys):
-    module = train.load_model_module(name)
+    module = load_model_module(name)
     assert set(module.PAPER_WEIGHTS[config]) == {"image_weights"} | (
         {"text_weights"} if text_file else set())
     out = tmp_path / "run"
@@ -89,11 +91,11 @@ def test_paper_config_trains_a_step_and_evaluates(name, config, image_file, text
     train.main(argv)
     printed = capsys.readouterr().out
     assert "loaded" in printed  # every weight load says what it loaded (common.encoders)
-    ckpt = train.load_checkpoint(str(out / "last.pt"))
+    ckpt = load_checkpoint(str(out / "last.pt"))
     assert ckpt["step"] == 1
     cfg = module.CONFIGS[config]
     size = cfg.image_size
-    model, _, _ = train.build_model_from_checkpoint(ckpt)
+    model, _, _ = build_model_from_checkpoint(ckpt)
     assert model.input_spec.size == size  # the paper's input size, not a reduced one
     results = evaluate_cli.main(["--checkpoint", str(out / "last.pt"), "--split", "val",
                                  "--shapes-eval-size", "2", "--batch-size", "1", "--workers", "0"])
@@ -105,7 +107,7 @@ def test_paper_config_trains_a_step_and_evaluates(name, config, image_file, text
 def test_paper_config_without_its_weight_files_is_refused(name, tmp_path):
     """`train.py --config paper` without the encoder files the paper starts from stops and names
     the missing flags and files (a paper run never silently starts from random weights)."""
-    module = train.load_model_module(name)
+    module = load_model_module(name)
     required = module.PAPER_WEIGHTS["paper"]
     with pytest.raises((SystemExit, ValueError)) as err:
         train.main(["--model", name, "--config", "paper", "--max-steps", "1", "--no-val",

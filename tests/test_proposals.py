@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 from common import detector, masks
+from common.candidates import candidate_masks, load_candidates
 from common.proposals import (
     DEFAULT_NOISE,
     ProposalNoise,
@@ -215,10 +216,10 @@ def test_maskrcnn_writer_covers_every_image_of_the_split(tmp_path, capsys):
                              "--min-score", "0.0", "--max-per-image", "3", "--min-size", "64",
                              "--recall", "--out", str(out)])
     assert summary["images"] == 2 and "wrote" in capsys.readouterr().out
-    cands = data.load_candidates(str(out))
+    cands = load_candidates(str(out))
     assert sorted(cands) == [3, 5]  # every image of val once, none of train
     assert all(1 <= len(c) <= 3 for c in cands.values())
-    masks = data.candidate_masks(cands[3], 40, 56)
+    masks = candidate_masks(cands[3], 40, 56)
     assert masks.shape[1:] == (40, 56)
     assert summary["recall"]["n"] == 3  # three val sentences, two images
     with pytest.raises(ValueError, match="num_classes=91"):

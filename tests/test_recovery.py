@@ -16,6 +16,7 @@ from helpers import build
 import eval as eval_cli
 import maris
 import train
+from common.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--model", "maris", "--shapes-train-size", "24", "--batch-size", "4", "--epochs", "2",
@@ -33,7 +34,7 @@ def torchrun(*args):
 
 
 def weights(path):
-    return train.load_checkpoint(path)["model"]
+    return load_checkpoint(path)["model"]
 
 
 def logged_steps(out):
@@ -74,7 +75,7 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_weights(tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step" in done.stdout
-    assert train.load_checkpoint(os.path.join(run, "last.pt"))["step"] == 12
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 12
     assert_same_weights(weights(os.path.join(ref, "last.pt")),
                         weights(os.path.join(run, "last.pt")))
     assert not [f for f in os.listdir(run) if ".tmp." in f]
@@ -112,7 +113,7 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed at step" in out
-    assert train.load_checkpoint(os.path.join(run, "last.pt"))["step"] == 6
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 6
     assert_same_weights(weights(os.path.join(ref, "last.pt")),
                         weights(os.path.join(run, "last.pt")))
 
@@ -137,7 +138,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             train.main(args)
     # calls 3 and 4 were skipped (steps 3, 4 are the 5th and 6th calls), then calls 9-11 failed
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
-    ckpt = train.load_checkpoint(os.path.join(out, "last.pt"))
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 6 and all(torch.isfinite(v.float()).all()
                                      for v in ckpt["model"].values())
 
@@ -149,7 +150,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     # 13 samples: not divisible by 2 processes
     args = dict(dataset="shapes", shapes_eval_size=13, shapes_image_size=128, data_seed=0,
                 split_by=None, data_root=None, image_dir=None, seed=0)
-    train.save_checkpoint(dict(model_name="maris", config=dataclasses.asdict(model.cfg),
+    save_checkpoint(dict(model_name="maris", config=dataclasses.asdict(model.cfg),
                                model=model.state_dict(), args=args), path)
     one = eval_cli.main(["--checkpoint", path, "--batch-size", "4"])["val"]
     two_json = str(tmp_path / "two.json")
@@ -181,22 +182,22 @@ def test_an_interrupted_accumulating_run_resumes_exactly(tmp_path, monkeypatch):
             "--ckpt-every", "2", "--no-tensorboard", "--resume", "auto"]
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     train.main(args + ["--out", ref])
-    step = train.optimizer_step
+    clip = torch.nn.utils.clip_grad_norm_  # called once per optimiser step, before it steps
     calls = {"n": 0}
 
     def stop_in_step_4(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return step(*a, **kw)
+        return clip(*a, **kw)
 
-    monkeypatch.setattr(train, "optimizer_step", stop_in_step_4)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", run])
-    stopped = train.load_checkpoint(os.path.join(run, "last.pt"))
+    stopped = load_checkpoint(os.path.join(run, "last.pt"))
     assert stopped["step"] == 2 and stopped["batch_in_epoch"] == 4  # micro-batches
-    monkeypatch.setattr(train, "optimizer_step", step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     train.main(args + ["--out", run])
-    done = train.load_checkpoint(os.path.join(run, "last.pt"))
+    done = load_checkpoint(os.path.join(run, "last.pt"))
     assert done["step"] == 4 and done["epoch"] == 1 and done["batch_in_epoch"] == 0
     assert_same_weights(weights(os.path.join(ref, "last.pt")), done["model"])

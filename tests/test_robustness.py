@@ -14,7 +14,9 @@ from PIL import Image
 
 import data
 import eval as eval_cli
-import train
+from common.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from common.images import load_image
+from common.refer import load_instances, load_refs
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_image_modes_become_rgb(tmp_path, kind, model):
         path = save(p, tmp_path / "x.png", transparency=0)
     else:
         path = save(im.convert(kind), tmp_path / "x.png")
-    arr = data.load_image(path)
+    arr = load_image(path)
     assert arr.shape == (24, 36, 3) and arr.dtype == np.uint8
     if kind == "I;16":  # 16 bits scaled to 8, not clipped: the brightest pixel stays bright
         assert arr.max() > 200 and arr.min() == 0
@@ -58,7 +60,7 @@ def test_image_modes_become_rgb(tmp_path, kind, model):
 def test_transparent_pixels_are_composited_on_white(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 255  # red, fully transparent
-    arr = data.load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "t.png"))
+    arr = load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "t.png"))
     assert (arr == 255).all()
 
 
@@ -67,8 +69,8 @@ def test_exif_rotation_gives_the_mask_in_the_orientation_the_user_sees(tmp_path,
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     path = save(Image.fromarray(RGB), tmp_path / "r.jpg", exif=exif)
-    assert data.load_image(path).shape == (24, 36, 3)  # stored orientation by default
-    arr = data.load_image(path, exif=True)
+    assert load_image(path).shape == (24, 36, 3)  # stored orientation by default
+    arr = load_image(path, exif=True)
     assert arr.shape == (36, 24, 3)
     mask, _ = eval_cli.predict(model, arr, "the shape")
     assert mask.shape == (36, 24)
@@ -108,9 +110,9 @@ def test_truncated_and_corrupt_images_name_the_file(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
     for name in ("half.jpg", "junk.png"):
         with pytest.raises(data.ImageError, match=name):
-            data.load_image(str(tmp_path / name))
+            load_image(str(tmp_path / name))
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        data.load_image(str(tmp_path / "missing.png"))
+        load_image(str(tmp_path / "missing.png"))
 
 
 class Broken(torch.utils.data.Dataset):
@@ -159,34 +161,34 @@ def test_corrupt_annotation_files(tmp_path):
     good = pickle.dumps([{"ref_id": 0}], protocol=2)
     (tmp_path / "trunc.p").write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="corrupt REFER refs file"):
-        data.load_refs(str(tmp_path / "trunc.p"))
+        load_refs(str(tmp_path / "trunc.p"))
     (tmp_path / "notlist.p").write_bytes(pickle.dumps({"a": 1}, protocol=2))
     with pytest.raises(ValueError, match="not a REFER refs file"):
-        data.load_refs(str(tmp_path / "notlist.p"))
+        load_refs(str(tmp_path / "notlist.p"))
     (tmp_path / "bad.json").write_text('{"images": [')
     with pytest.raises(ValueError, match="corrupt COCO instances file"):
-        data.load_instances(str(tmp_path / "bad.json"))
+        load_instances(str(tmp_path / "bad.json"))
     (tmp_path / "other.json").write_text(json.dumps({"info": {}}))
     with pytest.raises(ValueError, match="not a COCO instances file"):
-        data.load_instances(str(tmp_path / "other.json"))
+        load_instances(str(tmp_path / "other.json"))
     with pytest.raises(FileNotFoundError, match="expected layout"):
-        data.load_instances(str(tmp_path / "none.json"))
+        load_instances(str(tmp_path / "none.json"))
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path, model):
     path = str(tmp_path / "c.pt")
     ckpt = dict(model_name="maris", config=dataclasses.asdict(model.cfg), model=model.state_dict())
-    train.save_checkpoint(ckpt, path)
+    save_checkpoint(ckpt, path)
     raw = open(path, "rb").read()
     (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        train.load_checkpoint(str(tmp_path / "trunc.pt"))
+        load_checkpoint(str(tmp_path / "trunc.pt"))
     # another config: the mismatching weights are listed
     other = dict(ckpt, config=dict(ckpt["config"], dim=32))
     with pytest.raises(ValueError, match="shape mismatch.*enhance"):
-        train.build_model_from_checkpoint(other)
+        build_model_from_checkpoint(other)
     with pytest.raises(ValueError, match="not fields of MARISConfig"):
-        train.build_model_from_checkpoint(dict(ckpt, config=dict(ckpt["config"], n_queries=24)))
+        build_model_from_checkpoint(dict(ckpt, config=dict(ckpt["config"], n_queries=24)))
     # a checkpoint that would run code when unpickled is refused by weights_only loading
     class Evil:
         def __reduce__(self):
@@ -194,5 +196,5 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path, model):
 
     torch.save({"model_name": "maris", "model": {}, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        train.load_checkpoint(str(tmp_path / "evil.pt"))
+        load_checkpoint(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "pwned").exists()

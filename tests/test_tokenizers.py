@@ -6,6 +6,7 @@ import pytest
 from weights import write_vocab
 
 import data
+from common.shapes import COLOURS, EXTREMES, KINDS, RELATIONS, SIZES
 from common.tokenizers import (
     SHAPES_VOCAB,
     MissingVocabulary,
@@ -36,10 +37,10 @@ def test_word_tokenizer_and_vocabulary():
 
 
 def test_shapes_vocabulary_covers_the_synthetic_sentences():
-    words = {"the", "shape", *data.COLOURS, *data.KINDS, *data.SIZES}
-    for _, _, phrases in data.EXTREMES:
+    words = {"the", "shape", *COLOURS, *KINDS, *SIZES}
+    for _, _, phrases in EXTREMES:
         words.update(w for p in phrases for w in p.split())
-    words.update(w for rel in data.RELATIONS for w in rel.split())
+    words.update(w for rel in RELATIONS for w in rel.split())
     assert set(SHAPES_VOCAB) == {"<pad>", "<unk>"} | words
     ds = data.ShapesDataset("train", 60, 64, 0)
     tok = WordTokenizer(SHAPES_VOCAB, 15)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import eval as eval_cli
 import train
+from common.checkpoint import load_checkpoint
+from common.shapes import SENTENCE_TYPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--model", "maris", "--shapes-train-size", "48", "--shapes-eval-size", "12",
@@ -34,7 +35,7 @@ def trained(tmp_path_factory):
 def test_training_writes_checkpoints_and_log(trained):
     assert os.path.isfile(os.path.join(trained, "last.pt"))
     assert os.path.isfile(os.path.join(trained, "best.pt"))
-    ckpt = train.load_checkpoint(os.path.join(trained, "last.pt"))
+    ckpt = load_checkpoint(os.path.join(trained, "last.pt"))
     assert ckpt["step"] == 12 and ckpt["epoch"] == 1 and ckpt["batch_in_epoch"] == 0
     for key in ("optimizer", "scheduler", "scaler", "rng", "config", "best"):
         assert key in ckpt
@@ -53,7 +54,7 @@ def test_resume_continues_at_the_saved_step(trained, tmp_path):
                         "--resume-override", "epochs"])  # a longer run, asked explicitly
     steps = [r["step"] for r in read_log(out) if "loss" in r]
     assert steps == list(range(13, 25))
-    assert train.load_checkpoint(os.path.join(out, "last.pt"))["step"] == 24
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 24
 
 
 def test_eval_cli_writes_json(trained, tmp_path):
@@ -77,7 +78,7 @@ def test_eval_reports_each_sentence_type(trained, capsys):
     results = eval_cli.main(["--checkpoint", os.path.join(trained, "best.pt")])
     m = results["val"]
     parts = m["by_type"].values()
-    assert set(m["by_type"]) <= set(data.SENTENCE_TYPES)
+    assert set(m["by_type"]) <= set(SENTENCE_TYPES)
     assert sum(p["n"] for p in parts) == m["n"]
     for key in ("mIoU", "Pr@0.5"):
         assert sum(p[key] * p["n"] for p in parts) / m["n"] == pytest.approx(m[key])
@@ -105,7 +106,7 @@ def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    ckpt = train.load_checkpoint(os.path.join(out, "last.pt"))
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 48 // (2 * 4)  # each rank took half the data
     assert read_log(out)[-1]["val"]["n"] == 12  # every val sample counted exactly once
     assert torch.isfinite(torch.stack([v.float().sum() for v in ckpt["model"].values()])).all()

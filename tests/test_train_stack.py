@@ -1,6 +1,7 @@
 """The training stack around the models: device placement, loaders, batch split and gradient
 accumulation, strict resume, checkpoints with frozen encoders by reference, logs."""
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,19 +16,43 @@ from helpers import MODEL_NAMES, build, make_batch
 from torch.utils.data import DataLoader
 
 import data
+import eval as eval_cli
 import maris
 import train
+from common.cache import frozen_features
+from common.checkpoint import build_model_from_checkpoint, export_checkpoint, load_checkpoint
+from common.distributed import memory_format
+from common.logs import duration, open_tensorboard, plot_log, time_left
+from common.metrics import IoUAccumulator
+from common.resume import restore_rng, resume_position, rng_state, seed_rank, set_rng_state
+from common.runconfig import (
+    BatchPlan,
+    build_config,
+    load_model_module,
+    paper_batch_note,
+    plan_batches,
+    run_settings,
+)
+from common.samplers import EpochKeyed, TrainSampler
+from eval import evaluate
 
 SEEN_DEVICES: list = []
 
 
-class DeviceRecorder(train.IoUAccumulator):
+class DeviceRecorder(IoUAccumulator):
     """Meta tensors hold no values, so this accumulator records the device of what it is given
     instead of reading it; everything before it (resizing, thresholding, intersection) runs."""
 
     def add(self, inter, union):
         SEEN_DEVICES.append((inter.device, union.device))
         return 0.0
+
+
+def step_loss(model, raw, batch: dict, device) -> dict:
+    """train.train_one_epoch's forward, restated (consistency, not fidelity): the batch to the
+    device, frozen features once per image, the model with its target."""
+    batch = data.to_device(batch, device, raw.input_spec)
+    return model(**raw.inputs_from(batch), **frozen_features(raw, batch), target=batch["mask"])
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -44,15 +69,16 @@ def test_a_training_step_and_an_evaluation_leave_nothing_on_the_cpu(name, monkey
     meta = torch.device("meta")
     model.to(meta).train()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, out = train.forward_loss(model, model, batch, meta, "none")
-    train.backward(out["loss"], scaler, accum=1)
+    out = step_loss(model, model, batch, meta)
+    scaler.scale(out["loss"]).backward()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    norm = train.optimizer_step(model, optimizer, scheduler, scaler, clip=1.0)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+    scaler.step(optimizer)
     assert norm.device == meta and out["loss"].device == meta
-    monkeypatch.setattr(train, "IoUAccumulator", DeviceRecorder)
+    monkeypatch.setattr(eval_cli, "IoUAccumulator", DeviceRecorder)
     SEEN_DEVICES.clear()
-    train.evaluate(model, [batch], meta, progress=False)
+    evaluate(model, [batch], meta, progress=False)
     assert SEEN_DEVICES and all(d == (meta, meta) for d in SEEN_DEVICES)
 
 
@@ -66,14 +92,14 @@ def test_loaders_start_workers_under_spawn():
     the dataset and the collate function; a lambda collate_fn failed with "Can't pickle local
     object". Both loaders' collate functions pickle, and a spawned worker reads a batch."""
     model = build("maris")
-    loader = train.make_eval_loader(tiny_args(), "val", model, rank=0, world=1, batch_size=2)
+    loader = data.make_eval_loader(tiny_args(), "val", model, rank=0, world=1, batch_size=2)
     spawned = DataLoader(loader.dataset, batch_size=2, sampler=loader.sampler,
                          collate_fn=loader.collate_fn, num_workers=1,
                          multiprocessing_context="spawn")
     batch = next(iter(spawned))
     assert batch["image"].shape[0] == 2 and len(batch["gt"]) == 2
-    sampler = train.TrainSampler(len(loader.dataset), 0, 1, seed=0)
-    train_loader = train.make_train_loader(loader.dataset, sampler, 2, model.tokenizer.pad_id,
+    sampler = TrainSampler(len(loader.dataset), 0, 1, seed=0)
+    train_loader = data.make_train_loader(loader.dataset, sampler, 2, model.tokenizer.pad_id,
                                            workers=0, cuda=False, seed=0)
     pickle.dumps((train_loader.collate_fn, train_loader.dataset))
 
@@ -85,8 +111,8 @@ def test_persistent_workers_see_each_epoch():
     model = build("maris")
     prep = data.Preprocess(model.input_spec, model.tokenizer, augment=True)
     ds = data.PreparedDataset(data.ShapesDataset("train", 16, 64, 0), prep, seed=0)
-    sampler = train.TrainSampler(len(ds), 0, 1, seed=0)
-    loader = DataLoader(train.EpochKeyed(ds), batch_size=16, sampler=sampler, num_workers=1,
+    sampler = TrainSampler(len(ds), 0, 1, seed=0)
+    loader = DataLoader(EpochKeyed(ds), batch_size=16, sampler=sampler, num_workers=1,
                         persistent_workers=True,
                         collate_fn=functools.partial(data.collate, pad_id=0))
     for epoch in (0, 1):
@@ -99,17 +125,17 @@ def test_persistent_workers_see_each_epoch():
 
 
 def test_batch_plan_is_exact_or_refused():
-    assert train.plan_batches(128, 2, global_batch=128, batch_size=16) == train.BatchPlan(16, 4, 2)
-    assert train.plan_batches(128, 2, global_batch=128, accum_steps=2) == train.BatchPlan(32, 2, 2)
-    assert train.plan_batches(128, 4, accum_steps=2) == train.BatchPlan(16, 2, 4)
+    assert plan_batches(128, 2, global_batch=128, batch_size=16) == BatchPlan(16, 4, 2)
+    assert plan_batches(128, 2, global_batch=128, accum_steps=2) == BatchPlan(32, 2, 2)
+    assert plan_batches(128, 4, accum_steps=2) == BatchPlan(16, 2, 4)
     with pytest.raises(ValueError, match="--global-batch 128 is not 3 process"):
-        train.plan_batches(128, 3, global_batch=128)  # MaIL's 128 on 3 GPUs
+        plan_batches(128, 3, global_batch=128)  # MaIL's 128 on 3 GPUs
     with pytest.raises(ValueError, match="--global-batch"):
-        train.plan_batches(128, 2, global_batch=128, batch_size=16, accum_steps=2)
+        plan_batches(128, 2, global_batch=128, batch_size=16, accum_steps=2)
     # without --global-batch the split is not forced, but said: 128 on 3 GPUs is 126
-    plan = train.plan_batches(128, 3)
+    plan = plan_batches(128, 3)
     cfg = dataclasses.replace(maris.CONFIGS["tiny"], batch_size=128)
-    assert plan.global_batch == 126 and "not the config's 128" in train.paper_batch_note(cfg, plan)
+    assert plan.global_batch == 126 and "not the config's 128" in paper_batch_note(cfg, plan)
 
 
 def test_an_optimiser_step_uses_the_same_samples_whatever_the_split():
@@ -118,7 +144,7 @@ def test_an_optimiser_step_uses_the_same_samples_whatever_the_split():
     with another split (equal global batch) continues with the same remaining samples."""
 
     def steps(world, per, accum, start=0):
-        keys = [list(train.TrainSampler(40, r, world, seed=3)) for r in range(world)]
+        keys = [list(TrainSampler(40, r, world, seed=3)) for r in range(world)]
         for r in range(world):
             keys[r] = keys[r][start * per * accum:]
         n = min(len(k) for k in keys) // (per * accum)
@@ -128,11 +154,12 @@ def test_an_optimiser_step_uses_the_same_samples_whatever_the_split():
 
     two = steps(2, 2, 2)
     assert two == steps(1, 2, 4)[: len(two)]
-    ckpt = dict(batch_in_epoch=2 * 2, run=dict(batch_size=2, accum_steps=2, world_size=2))
-    start, restarted = train.resume_position(ckpt, train.BatchPlan(4, 2, 1))  # 1 proc x 4 x 2
+    ckpt = dict(batch_in_epoch=2 * 2, samples_in_epoch=2 * 2 * 2 * 2,
+                run=dict(batch_size=2, accum_steps=2, world_size=2))
+    start, restarted = resume_position(ckpt, BatchPlan(4, 2, 1))  # 1 proc x 4 x 2
     assert not restarted and start == 4  # micro-batches of 4 already done: 16 samples = 2 steps
     assert steps(1, 4, 2, start=start // 2)[0] == two[2]
-    assert train.resume_position(ckpt, train.BatchPlan(2, 1, 1)) == (0, True)  # global 2 != 8
+    assert resume_position(ckpt, BatchPlan(2, 1, 1)) == (0, True)  # global 2 != 8
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -145,7 +172,7 @@ def test_accumulated_gradients_equal_one_larger_batch(name):
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     base = data.build_dataset("shapes", "val", shapes_size=4, shapes_image_size=96,
-                              candidates=train.candidate_source(tiny_args(), model.input_names))
+                              candidates=data.model_candidates(tiny_args(), model.input_names))
     items = [dict(prep(base[i]), index=i) for i in range(4)]
 
     def gradient(groups):
@@ -167,17 +194,17 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, name: str,
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                            world_size=world)
     model = (_token_bn_model(sync=True) if token_bn else  # as sync_batchnorm leaves it on GPUs
-             build(name).to(memory_format=train.memory_format(channels_last)).eval())
+             build(name).to(memory_format=memory_format(channels_last)).eval())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     items = _prepared(model)
-    keys = [i for _, i in train.TrainSampler(len(items), rank, world, seed=0)]
+    keys = [i for _, i in TrainSampler(len(items), rank, world, seed=0)]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for micro in range(2):
         group = [items[i] for i in keys[2 * micro: 2 * micro + 2]]
-        with train.sync_context(ddp, sync=micro == 1):
-            _, out = train.forward_loss(ddp, model, data.collate(group, model.tokenizer.pad_id),
-                                        torch.device("cpu"), "none")
-            train.backward(out["loss"], scaler, accum=2)
+        with ddp.no_sync() if micro == 0 else contextlib.nullcontext():
+            out = step_loss(ddp, model, data.collate(group, model.tokenizer.pad_id),
+                            torch.device("cpu"))
+            scaler.scale(out["loss"] / 2).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
                    out_file)
@@ -189,9 +216,9 @@ def _accumulated_gradients(model, groups: list[list[dict]]) -> dict:
     1/len(groups), their gradients summed; {name: gradient} of the parameters that got one."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for group in groups:
-        _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
-                                    torch.device("cpu"), "none")
-        train.backward(out["loss"], scaler, accum=len(groups))
+        out = step_loss(model, model, data.collate(group, model.tokenizer.pad_id),
+                        torch.device("cpu"))
+        scaler.scale(out["loss"] / len(groups)).backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -215,9 +242,9 @@ def test_ddp_accumulation_equals_one_process(tmp_path, name, channels_last):
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file, name,
                                           channels_last), nprocs=2, start_method="spawn")
     ddp = torch.load(out_file)
-    model = build(name).to(memory_format=train.memory_format(channels_last)).eval()
+    model = build(name).to(memory_format=memory_format(channels_last)).eval()
     items = _prepared(model)
-    order = [i for _, i in train.TrainSampler(len(items), 0, 1, seed=0)]
+    order = [i for _, i in TrainSampler(len(items), 0, 1, seed=0)]
     one = _accumulated_gradients(model, [[items[i] for i in order[2 * micro: 2 * micro + 2]]
                                          for micro in range(4)])
     assert one.keys() == ddp.keys()
@@ -254,7 +281,7 @@ def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path
     ddp = torch.load(out_file)
     model = _token_bn_model(sync=False)
     items = _prepared(model)
-    keys = [[i for _, i in train.TrainSampler(len(items), r, 2, seed=0)] for r in range(2)]
+    keys = [[i for _, i in TrainSampler(len(items), r, 2, seed=0)] for r in range(2)]
     one = _accumulated_gradients(model, [[items[i] for k in keys for i in k[2 * m: 2 * m + 2]]
                                          for m in range(2)])  # both ranks' micro-batch m
     assert one.keys() == ddp.keys()
@@ -263,8 +290,8 @@ def test_synchronised_token_batchnorm_under_ddp_equals_the_global_batch(tmp_path
     # without the synchronisation each rank normalises with its own 2 samples: not the same
     model = _token_bn_model(sync=False)
     group = [items[i] for i in keys[0][:2]]
-    _, out = train.forward_loss(model, model, data.collate(group, model.tokenizer.pad_id),
-                                torch.device("cpu"), "none")
+    out = step_loss(model, model, data.collate(group, model.tokenizer.pad_id),
+                    torch.device("cpu"))
     out["loss"].backward()
     local = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in one])
     assert (local - b).norm() > 0.1 * b.norm()
@@ -301,12 +328,12 @@ def frozen_run(weight_files, tmp_path_factory):
 
 
 def test_frozen_encoders_are_stored_by_reference(frozen_run, weight_files):
-    last = train.load_checkpoint(os.path.join(frozen_run, "last.pt"))
-    best = train.load_checkpoint(os.path.join(frozen_run, "best.pt"))
+    last = load_checkpoint(os.path.join(frozen_run, "last.pt"))
+    best = load_checkpoint(os.path.join(frozen_run, "best.pt"))
     assert set(last["frozen"]) == {"image_encoder", "text_encoder"}
     assert last["frozen"]["image_encoder"]["path"] == os.path.abspath(weight_files[0])
     assert "optimizer" in last and "optimizer" not in best  # optimiser state: last.pt only
-    model, _, _ = train.build_model_from_checkpoint(last)
+    model, _, _ = build_model_from_checkpoint(last)
     encoders = {n for n, _ in model.named_parameters()
                 if n.startswith(("image_encoder.", "text_encoder."))}
     assert encoders and not encoders & set(last["model"])
@@ -319,28 +346,28 @@ def test_frozen_encoders_are_stored_by_reference(frozen_run, weight_files):
 
 
 def test_a_changed_or_missing_weight_file_is_named(frozen_run, weight_files, tmp_path):
-    ckpt = train.load_checkpoint(os.path.join(frozen_run, "last.pt"))
+    ckpt = load_checkpoint(os.path.join(frozen_run, "last.pt"))
     moved = str(tmp_path / "sam.pth")
     shutil.copy(weight_files[0], moved)
     with open(moved, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="--image-weights.*not the file"):
-        train.build_model_from_checkpoint(ckpt, weights={"image_weights": moved})
+        build_model_from_checkpoint(ckpt, weights={"image_weights": moved})
     ref = dict(ckpt["frozen"]["text_encoder"], path=str(tmp_path / "gone.pt"))
     with pytest.raises(FileNotFoundError, match="gone.pt.*--text-weights"):
-        train.build_model_from_checkpoint(dict(ckpt, frozen=dict(ckpt["frozen"],
+        build_model_from_checkpoint(dict(ckpt, frozen=dict(ckpt["frozen"],
                                                                  text_encoder=ref)))
 
 
 def test_export_writes_a_self_contained_weights_file(frozen_run, tmp_path):
     dst = str(tmp_path / "export.pt")
-    train.export_checkpoint(os.path.join(frozen_run, "last.pt"), dst)
-    exported = train.load_checkpoint(dst)
+    export_checkpoint(os.path.join(frozen_run, "last.pt"), dst)
+    exported = load_checkpoint(dst)
     assert "optimizer" not in exported and not exported.get("frozen")
     assert any(k.startswith("image_encoder.") for k in exported["model"])
-    model, _, _ = train.build_model_from_checkpoint(exported)
-    again, _, _ = train.build_model_from_checkpoint(
-        train.load_checkpoint(os.path.join(frozen_run, "last.pt")))
+    model, _, _ = build_model_from_checkpoint(exported)
+    again, _, _ = build_model_from_checkpoint(
+        load_checkpoint(os.path.join(frozen_run, "last.pt")))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -350,10 +377,10 @@ def test_self_contained_checkpoints_hold_every_weight(weight_files, tmp_path):
     train.main(SMALL + ["--image-weights", image, "--text-weights", text, "--max-steps", "1",
                         "--no-val", "--no-tensorboard", "--out", out,
                         "--self-contained-checkpoints"])
-    ckpt = train.load_checkpoint(os.path.join(out, "last.pt"))
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     assert not ckpt["frozen"] and any(k.startswith("image_encoder.") for k in ckpt["model"])
     assert not os.path.exists(os.path.join(out, "tb"))  # --no-tensorboard
-    model, _, _ = train.build_model_from_checkpoint(ckpt)
+    model, _, _ = build_model_from_checkpoint(ckpt)
     assert model.frozen_parts() == {"image", "text"}  # frozen again, as in training
 
 
@@ -377,16 +404,16 @@ def test_logs_hold_throughput_gradients_memory_and_validation(frozen_run, tmp_pa
             "train/data_wait", "train/memory_mb", "val/mIoU"} <= tags
     pytest.importorskip("matplotlib")
     png = str(tmp_path / "curves.png")
-    train.plot_log(frozen_run, png)
+    plot_log(frozen_run, png)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_is_optional_unless_asked_for(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    assert train.open_tensorboard(None, str(tmp_path)) is None
+    assert open_tensorboard(None, str(tmp_path)) is None
     with pytest.raises(ImportError, match="pip install tensorboard"):
-        train.open_tensorboard(True, str(tmp_path))
+        open_tensorboard(True, str(tmp_path))
 
 
 def test_resume_refuses_changed_settings_or_applies_them(frozen_run, weight_files, tmp_path):
@@ -436,46 +463,44 @@ def test_a_paper_config_without_its_weight_files_stops(tmp_path):
 
 
 def test_recipe_and_candidates_come_from_the_model():
-    plan = train.BatchPlan(4, 1, 1)
+    plan = BatchPlan(4, 1, 1)
     args = train.parse_args(["--model", "maris", "--set", "clip_grad=0.5", "--set", "hflip=false"])
-    run = train.run_settings(args, train.build_config(maris, args), plan, None)
+    run = run_settings(args, build_config(maris, args), plan, None)
     assert run["clip_grad"] == 0.5 and run["augment"] is False
     args = train.parse_args(["--model", "maris", "--clip-grad", "0"])
-    assert train.run_settings(args, maris.CONFIGS["tiny"], plan, None)["clip_grad"] == 0
-    assert train.candidate_source(args, maris.MODEL.input_names) is None
-    mail = train.load_model_module("mail")
+    assert run_settings(args, maris.CONFIGS["tiny"], plan, None)["clip_grad"] == 0
+    assert data.model_candidates(args, maris.MODEL.input_names) is None
+    mail = load_model_module("mail")
     names = mail.MODEL.input_names_for(mail.CONFIGS["tiny"])
-    assert train.candidate_source(train.parse_args(["--model", "mail"]), names) == "simulated"
+    assert data.model_candidates(train.parse_args(["--model", "mail"]), names) == "simulated"
     oracle = train.parse_args(["--model", "mail", "--oracle-candidates"])
-    assert train.candidate_source(oracle, names) == "oracle"
-    run = train.run_settings(oracle, mail.CONFIGS["tiny"], plan, "oracle")
+    assert data.model_candidates(oracle, names) == "oracle"
+    run = run_settings(oracle, mail.CONFIGS["tiny"], plan, "oracle")
     assert run["candidates"] == "oracle"
 
 
 def test_random_states_are_per_rank_and_cuda_only_for_existing_devices(monkeypatch):
-    train.seed_rank(0, 1)
+    seed_rank(0, 1)
     one = torch.rand(3)
-    train.seed_rank(0, 2)
+    seed_rank(0, 2)
     assert not torch.equal(one, torch.rand(3))
-    states = [dict(train.rng_state(), torch=torch.manual_seed(r).get_state()) for r in range(2)]
-    train.restore_rng(states, rank=1, world=2, seed=0, step=5)
+    states = [dict(rng_state(), torch=torch.manual_seed(r).get_state()) for r in range(2)]
+    restore_rng(states, rank=1, world=2, seed=0, step=5)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
-    # a checkpoint written on 8 GPUs, resumed where 1 exists: only device 0 is restored
+    # each rank saves and restores its own device's generator only, never every device's
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i="cuda": restored.append(i))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(range(len(s))))
-    old = dict(train.rng_state(), cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
-    train.set_rng_state(old)
-    assert restored == [0]
+    set_rng_state(dict(rng_state(), cuda_device=torch.zeros(16, dtype=torch.uint8)))
+    assert restored == ["cuda"]
 
 
 def test_workers_pin_memory_and_persist_on_cuda_only():
-    assert train.loader_options(2, cuda=True) == dict(num_workers=2, pin_memory=True,
+    assert data.loader_options(2, cuda=True) == dict(num_workers=2, pin_memory=True,
                                                      persistent_workers=True)
-    assert train.loader_options(2, cuda=False)["persistent_workers"] is False
-    assert train.loader_options(0, cuda=True)["persistent_workers"] is False
+    assert data.loader_options(2, cuda=False)["persistent_workers"] is False
+    assert data.loader_options(0, cuda=True)["persistent_workers"] is False
 
 
 def test_each_epoch_prints_the_elapsed_and_the_remaining_time(tmp_path, capsys):
@@ -491,6 +516,6 @@ def test_each_epoch_prints_the_elapsed_and_the_remaining_time(tmp_path, capsys):
 
 
 def test_remaining_time_is_the_mean_step_time_times_the_steps_left():
-    assert train.time_left(120.0, 10, 25) == "elapsed 2m00s, ETA 5m00s"
-    assert train.time_left(5.0, 0, 25) == "elapsed 5s, ETA ?"  # no step measured yet
-    assert train.duration(3725) == "1h02m"
+    assert time_left(120.0, 10, 25) == "elapsed 2m00s, ETA 5m00s"
+    assert time_left(5.0, 0, 25) == "elapsed 5s, ETA ?"  # no step measured yet
+    assert duration(3725) == "1h02m"
