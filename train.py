@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import time
@@ -47,45 +46,11 @@ from contextlib import nullcontext
 import torch
 
 import data
+from common import checkpoint, distributed, resume, runconfig
 from common.cache import FeatureCache, frozen_features
-from common.checkpoint import (
-    build_model_from_checkpoint,
-    frozen_references,
-    model_state,
-    prepare_run_folder,
-    save_checkpoint,
-)
-from common.distributed import (
-    all_finite,
-    all_sum,
-    autocast,
-    memory_format,
-    setup_distributed,
-    setup_warnings,
-    wrap_model,
-)
-from common.logs import RunLog, memory_mb, metrics_line, percent
-from common.model import config_from_dict, count_parameters
-from common.resume import (
-    check_run_folder,
-    find_resume,
-    gather_rng,
-    restore_training,
-    resume_settings,
-    seed_rank,
-)
-from common.runconfig import (
-    MODELS,
-    WEIGHT_FLAGS,
-    BatchPlan,
-    build_config,
-    check_paper_weights,
-    fill_defaults,
-    load_model_module,
-    paper_batch_note,
-    plan_batches,
-    run_settings,
-)
+from common.logs import RunLog, memory_mb, metrics_line, percent, print_header
+from common.model import config_from_dict
+from common.runconfig import BatchPlan
 from common.samplers import TrainSampler
 from eval import evaluate
 
@@ -107,27 +72,27 @@ class Progress:
 def main(argv=None) -> dict:
     """Train as the command line asks; returns the last validation's metrics ({} without)."""
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     is_main = rank == 0  # rank 0 alone prints, logs and writes checkpoints
-    setup_warnings(rank)
-    fill_defaults(args, device, world)  # loader workers, --amp, --out
-    prepare_run_folder(args.out, is_main)
+    distributed.setup_warnings(rank)
+    runconfig.fill_defaults(args, device, world)  # loader workers, --amp, --out
+    checkpoint.prepare_run_folder(args.out, is_main)
 
     # Settings: what this command line asks for. A resumed run computes them exactly as a fresh
     # one does, then compares: a silently changed lr or batch would make two halves of two runs.
-    module = load_model_module(args.model)
-    ckpt, resume_path = find_resume(args)
-    check_run_folder(args.out, resuming=ckpt is not None or args.resume == "auto")
-    asked = build_config(module, args)
+    module = runconfig.load_model_module(args.model)
+    ckpt, resume_path = resume.find_resume(args)
+    resume.check_run_folder(args.out, resuming=ckpt is not None or args.resume == "auto")
+    asked = runconfig.build_config(module, args)
     if ckpt is None:  # a resumed run already started from (or without) the encoder files
-        check_paper_weights(module, args, asked)
-    plan = plan_batches(asked.batch_size, world, args.batch_size, args.accum_steps,
-                        args.global_batch)
+        runconfig.check_paper_weights(module, args, asked)
+    plan = runconfig.plan_batches(asked.batch_size, world, args.batch_size, args.accum_steps,
+                                  args.global_batch)
     candidates = data.model_candidates(args, module.MODEL.input_names_for(asked))
-    settings = run_settings(args, asked, plan, candidates)
+    settings = runconfig.run_settings(args, asked, plan, candidates)
     overrides: set[str] = set()
     if ckpt is not None:
-        ckpt, overrides = resume_settings(ckpt, module, args, asked, settings, resume_path)
+        ckpt, overrides = resume.resume_settings(ckpt, module, args, asked, settings, resume_path)
     limits = (config_from_dict(next(iter(module.CONFIGS.values())), ckpt["config"])
               if ckpt is not None else asked)  # bounds MaIL's max_candidates
 
@@ -138,22 +103,22 @@ def main(argv=None) -> dict:
                               **data.dataset_kwargs(args, "train", candidates, limits))
 
     # The model, built right after seeding: the same on every rank, and rebuilt from a
-    # checkpoint's "init_seed" by build_model_from_checkpoint.
+    # checkpoint's "init_seed" by checkpoint.build_model_from_checkpoint.
     if ckpt is not None:  # --image-weights / --text-weights: where the files now live
-        moved = {f: getattr(args, f) for f in WEIGHT_FLAGS if getattr(args, f, None)}
-        raw, module, cfg = build_model_from_checkpoint(ckpt, weights=moved)
+        moved = {f: getattr(args, f) for f in runconfig.WEIGHT_FLAGS if getattr(args, f, None)}
+        raw, module, cfg = checkpoint.build_model_from_checkpoint(ckpt, weights=moved)
     else:
         if hasattr(module, "prepare_config"):  # a config filled from the training sentences
             asked = module.prepare_config(asked, data.sentences(base))
         torch.manual_seed(args.seed)
         raw = module.MODEL(asked)
         cfg = raw.cfg  # as the model completed it
-    seed_rank(args.seed, rank)  # dropout differs between ranks from here on
+    resume.seed_rank(args.seed, rank)  # dropout differs between ranks from here on
     # channels-last weights make each convolution return channels-last activations
-    raw = raw.to(device, memory_format=memory_format(args.channels_last))
+    raw = raw.to(device, memory_format=distributed.memory_format(args.channels_last))
     frozen_modules = [n for n, m in raw.named_modules() if getattr(m, "frozen", False)]
     # frozen encoders built from a weight file are stored as the file's path and sha256
-    refs = {} if args.self_contained_checkpoints else frozen_references(raw, cfg)
+    refs = {} if args.self_contained_checkpoints else checkpoint.frozen_references(raw, cfg)
 
     # Data: one shuffled order per epoch, split across ranks, prepared as the model expects.
     prep = data.Preprocess(raw.input_spec, raw.tokenizer, augment=settings["augment"],
@@ -194,28 +159,28 @@ def main(argv=None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     progress = Progress()
     if ckpt is not None:
-        progress.step, progress.epoch, progress.batch, progress.best = restore_training(
+        progress.step, progress.epoch, progress.batch, progress.best = resume.restore_training(
             ckpt, optimizer, scheduler, scaler, fresh_groups, overrides, plan, rank, world,
             args.seed)
     # `raw` is the model itself; `model`, its DDP / torch.compile wrapper, runs the forward
-    raw, model, ddp = wrap_model(raw, device, world, args.compile)
+    raw, model, ddp = distributed.wrap_model(raw, device, world, args.compile)
 
     def save(name: str) -> None:
         """Every rank calls it (their random states are gathered); rank 0 writes. Only
         between optimiser steps, so no accumulated gradient is ever lost."""
-        rng = gather_rng(world)
+        rng = resume.gather_rng(world)
         if not is_main:
             return
         state = dict(model_name=args.model, config=dataclasses.asdict(cfg),
-                     model=model_state(raw, refs), frozen=refs, frozen_modules=frozen_modules,
-                     init_seed=args.seed, step=progress.step, epoch=progress.epoch,
-                     batch_in_epoch=progress.batch,
+                     model=checkpoint.model_state(raw, refs), frozen=refs,
+                     frozen_modules=frozen_modules, init_seed=args.seed, step=progress.step,
+                     epoch=progress.epoch, batch_in_epoch=progress.batch,
                      samples_in_epoch=progress.batch * plan.per_process * world,
                      best=progress.best, rng=rng, args=vars(args), run=settings)
         if name == "last.pt":  # the optimiser state is for resuming, which reads last.pt
             state |= dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                           scaler=scaler.state_dict())
-        save_checkpoint(state, os.path.join(args.out, name))
+        checkpoint.save_checkpoint(state, os.path.join(args.out, name))
 
     log = RunLog(args.out, is_main, args.tensorboard, total_steps, progress.step)
     if is_main:
@@ -271,7 +236,7 @@ def main(argv=None) -> dict:
 
     # The data counts over all ranks: a data problem shows here, not as a slightly worse number.
     log.close()
-    truncated, skipped = all_sum([progress.truncated, progress.skipped], device, world)
+    truncated, skipped = distributed.all_sum([progress.truncated, progress.skipped], device, world)
     log.say(f"done: {progress.step} steps in {log.elapsed():.0f}s; {int(truncated)} sentences "
             f"truncated to the model's limit; {int(skipped)} undecodable images skipped; "
             f"checkpoints in {args.out}")
@@ -306,10 +271,10 @@ def train_one_epoch(model, raw, ddp, loader, optimizer, scheduler, scaler, progr
         with nullcontext() if ddp is None or micro == plan.accum else ddp.no_sync():
             # to the device: every tensor, uint8 images normalised there
             batch = data.to_device(batch, device, raw.input_spec)
-            with autocast(device, args.amp):  # the forward with the target returns the loss
+            with distributed.autocast(device, args.amp):  # forward with the target: the loss
                 feats = frozen_features(raw, batch, cache)  # cached, or once per image
                 out = model(**raw.inputs_from(batch), **feats, target=batch["mask"])
-            finite = all_finite(out["loss"], world)  # every rank agrees, or DDP would hang
+            finite = distributed.all_finite(out["loss"], world)  # all ranks agree, or DDP hangs
             if finite:
                 scaler.scale(out["loss"] / plan.accum).backward()
         good = good and finite
@@ -359,35 +324,10 @@ def train_one_epoch(model, raw, ddp, loader, optimizer, scheduler, scaler, progr
         good, parts = True, {}
 
 
-def print_header(args, cfg, raw, plan: BatchPlan, settings: dict, n_train: int,
-                 total_steps: int, device, ckpt) -> None:
-    """Rank 0's account of the run, before its first step (and args.json beside it)."""
-    total, trainable = count_parameters(raw)
-    label = settings["candidates"]
-    print(f"{args.model}/{args.config}: {total / 1e6:.2f}M parameters "
-          f"({trainable / 1e6:.2f}M trained); {args.dataset}: {n_train} train samples"
-          + (f", candidates: {label}" + (" (upper bound)" if label == "oracle" else "")
-             if label else "")
-          + f"; global batch {plan.global_batch} = {plan.world} process(es) x batch "
-          f"{plan.per_process} x {plan.accum} accumulation (config: {cfg.batch_size}); "
-          f"{total_steps} steps; amp={args.amp}; clip_grad={settings['clip_grad']}; "
-          f"augment={settings['augment']}; device={device}"
-          + (f"; {args.sentences_per_image} sentences per image"
-             if args.sentences_per_image > 1 else "")
-          + (f"; resumed at step {ckpt['step']}" if ckpt else ""), flush=True)
-    note = paper_batch_note(cfg, plan)
-    if note:  # a smaller batch changes the optimisation, not only the speed
-        warnings.warn(note, stacklevel=1)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args) | {"world_size": plan.world, "global_batch": plan.global_batch,
-                                "accum_steps": plan.accum, "candidates": label,
-                                "candidates_file": args.candidates}, f, indent=1)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="maris", choices=MODELS)
+    p.add_argument("--model", default="maris", choices=runconfig.MODELS)
     p.add_argument("--config", default="tiny",
                    help="a key of the model's CONFIGS (tiny, paper, ...)")
     data.add_data_args(p)

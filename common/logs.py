@@ -15,8 +15,12 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
+
+from common.model import count_parameters
+from common.runconfig import paper_batch_note
 
 
 def memory_mb(device: torch.device) -> float | None:
@@ -166,6 +170,31 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def print_header(args, cfg, raw, plan, settings: dict, n_train: int,
+                 total_steps: int, device, ckpt) -> None:
+    """Rank 0's account of the run, before its first step (and args.json beside it)."""
+    total, trainable = count_parameters(raw)
+    label = settings["candidates"]
+    print(f"{args.model}/{args.config}: {total / 1e6:.2f}M parameters "
+          f"({trainable / 1e6:.2f}M trained); {args.dataset}: {n_train} train samples"
+          + (f", candidates: {label}" + (" (upper bound)" if label == "oracle" else "")
+             if label else "")
+          + f"; global batch {plan.global_batch} = {plan.world} process(es) x batch "
+          f"{plan.per_process} x {plan.accum} accumulation (config: {cfg.batch_size}); "
+          f"{total_steps} steps; amp={args.amp}; clip_grad={settings['clip_grad']}; "
+          f"augment={settings['augment']}; device={device}"
+          + (f"; {args.sentences_per_image} sentences per image"
+             if args.sentences_per_image > 1 else "")
+          + (f"; resumed at step {ckpt['step']}" if ckpt else ""), flush=True)
+    note = paper_batch_note(cfg, plan)
+    if note:  # a smaller batch changes the optimisation, not only the speed
+        warnings.warn(note, stacklevel=1)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args) | {"world_size": plan.world, "global_batch": plan.global_batch,
+                                "accum_steps": plan.accum, "candidates": label,
+                                "candidates_file": args.candidates}, f, indent=1)
 
 
 def plot_log(run_dir: str, png_path: str) -> None:
