@@ -46,6 +46,7 @@ from common.candidates import (
     candidate_source,
     read_candidates,
 )
+from common.cli import at_least
 from common.distributed import all_agree
 from common.images import ImageError, image_hw
 from common.model import InputSpec
@@ -299,11 +300,11 @@ def add_data_args(p, defaults: bool = True) -> None:
                    help="folder with refcoco/, refcoco+/, refcocog/, images/")
     g.add_argument("--image-dir", default=None,
                    help="COCO train2014 images (default DATA_ROOT/images/train2014)")
-    g.add_argument("--shapes-train-size", type=int, default=d["shapes_train_size"],
+    g.add_argument("--shapes-train-size", type=at_least(1), default=d["shapes_train_size"],
                    help="synthetic training samples")
-    g.add_argument("--shapes-eval-size", type=int, default=d["shapes_eval_size"],
+    g.add_argument("--shapes-eval-size", type=at_least(1), default=d["shapes_eval_size"],
                    help="synthetic val/test samples")
-    g.add_argument("--shapes-image-size", type=int, default=d["shapes_image_size"],
+    g.add_argument("--shapes-image-size", type=at_least(8), default=d["shapes_image_size"],
                    help="synthetic image side")
     g.add_argument("--data-seed", type=int, default=d["data_seed"],
                    help="seed of the synthetic data")
@@ -420,6 +421,9 @@ def make_eval_loader(args, split: str, model, rank: int, world: int, batch_size:
     prep = Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names, keep_original=True)
     ds = PreparedDataset(base, prep, seed=args.seed)
+    if len(ds) == 0:
+        raise ValueError(f"the {split} split of {args.dataset} holds no samples: nothing to "
+                         "evaluate")
     cuda = next(model.parameters()).device.type == "cuda"
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world),
                       collate_fn=functools.partial(collate, pad_id=model.tokenizer.pad_id),

@@ -12,31 +12,14 @@ sentence.
   python eval.py --plot runs/maris-tiny-shapes            # loss and val curves -> PNG
 
 Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution,
-in fp32 whatever --amp the model runs under: mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of
-samples. Data flags default to the ones the checkpoint was trained with, the candidate source of
-a model that takes candidate masks (MaIL) included. --json writes, for one checkpoint, one
-layout whatever the splits:
-  {"model": NAME, "config": CONFIG, "checkpoint": PATH, "dataset": NAME,
-   "candidates": "simulated" | "oracle" | PROPOSALS FILE NAME | null,
-   "splits": {SPLIT: {"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "n"}}}
-
-Several checkpoints (--checkpoint A.pt B.pt ..., each optionally PATH=LABEL; the default label
-is the checkpoint's folder and file name, runs/a/best.pt -> a/best.pt) are evaluated one after
-the other on the same data, each exactly as it would be alone (its own candidate source, its
-training run's data flags, which must then agree across checkpoints), and printed as one
-comparison table per split: a row per checkpoint with its label, model, config, candidate
-source ("oracle (upper bound)" for an oracle), the metrics, on the synthetic data the mIoU of
-each sentence type (attribute, position, relation), and "changes": the config fields its
-training run set with --set or --freeze-encoders to values other than its named config's.
---json then writes {"checkpoints": [ONE OBJECT PER CHECKPOINT]}, each object the layout above
-plus "label", "changes" {FIELD: VALUE} and, on the synthetic data, "by_type" {TYPE: metrics}
-in each split. --image, --save-mask, --save-vis and --export take one checkpoint.
+in fp32 whatever --amp the model runs under. Data flags default to the ones the checkpoint was
+trained with, MaIL's candidate source included. The tables, the --json layouts and how several
+checkpoints are compared: common/report.py. In Python, `Predictor` (below) is the way to a mask.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -49,23 +32,35 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
+from common import cli
 from common.cache import frozen_features
 from common.candidates import candidate_masks, candidate_source, load_candidates
 from common.checkpoint import build_model_from_checkpoint, export_checkpoint, load_checkpoint
-from common.distributed import autocast, is_rank0, memory_format, setup_distributed, unwrap
-from common.images import load_image
+from common.distributed import (
+    autocast,
+    is_rank0,
+    memory_format,
+    pick_device,
+    setup_distributed,
+    unwrap,
+)
+from common.images import load_image, to_rgb
 from common.logs import plot_log
 from common.metrics import IoUAccumulator, intersection_union
 from common.refer import DEFAULT_SPLIT_BY, SPLITS
 from common.report import (
     candidate_title,
+    config_changes,
     describe_candidates,
     json_report,
     print_comparison,
     print_table,
+    split_label,
 )
 from common.shapes import SENTENCE_TYPES
 from common.visualise import visual
+
+cli.check_own_modules("data", "common")
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: metrics at each image's original resolution, summed over ranks
@@ -121,13 +116,44 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
 # ---------------------------------------------------------------------------------------------
 
 
+def as_rgb(image) -> np.ndarray:
+    """What a user may pass as an image, as uint8 RGB (H, W, 3): a file path (EXIF orientation
+    applied, as a viewer shows it), a PIL image, or a uint8 array (H, W, 3) or (H, W). Any other
+    dtype is refused: a float image may be in [0, 1] or [0, 255], and a wrong guess gives an
+    empty mask without a word."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(os.fspath(image), exif=True)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if torch.is_tensor(image):
+        image = image.cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8 (H, W, 3), not {image.dtype}: convert "
+                         "it first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an image array must be (H, W, 3) RGB or (H, W), not {image.shape}")
+    return image
+
+
+def unknown_words(model, sentences: list[str]) -> int:
+    """How many words of `sentences` a word-level tokenizer (M3Dec's GRU vocabulary) does not
+    know; 0 for subword tokenizers, which know every word."""
+    unk = getattr(model.tokenizer, "unk_id", None)
+    return 0 if unk is None else sum(model.tokenizer(s)[0].count(unk) for s in sentences)
+
+
 @torch.no_grad()
-def predict(model, image: np.ndarray, sentence: str, device="cpu",
-            candidates: np.ndarray | None = None, amp: str = "none") -> tuple[np.ndarray, dict]:
-    """Mask (H0, W0) bool for one uint8 RGB image and one sentence, at the image's resolution,
-    with the model on `device` (and under `amp`: none | bf16 | fp16).
-    candidates: bool (K, H0, W0) instance masks for MaIL; without them it gets one empty
-    candidate and segments from the image and the words alone."""
+def predict_batch(model, image, sentences: list[str], device="cpu",
+                  candidates: np.ndarray | None = None, amp: str = "none"):
+    """Logits (N, H0, W0) fp32 for one image and N sentences, at the image's resolution, and the
+    model's outputs. A model whose image encoder's features do not depend on the sentence
+    (`encode_distinct_images`, MARIS) encodes the image once for all N; the others run one
+    batch of N. candidates: bool (K, H0, W0) instance masks for MaIL; without them it gets one
+    empty candidate and segments from the image and the words alone."""
+    image = as_rgb(image)
     prep = data.Preprocess(model.input_spec, model.tokenizer,
                            candidates="cand_masks" in model.input_names)
     device = torch.device(device)
@@ -135,17 +161,69 @@ def predict(model, image: np.ndarray, sentence: str, device="cpu",
         candidates = np.zeros((0, *image.shape[:2]), bool)
     if candidates.shape[1:] != image.shape[:2]:
         raise ValueError(f"candidate masks are {candidates.shape[1:]}, the image {image.shape[:2]}")
-    sample = dict(image=image, sentence=sentence, mask=np.zeros(image.shape[:2], bool),
-                  instances=candidates.astype(bool))
-    item = prep(sample)
-    item["index"] = 0
-    batch = data.to_device(data.collate([item], model.tokenizer.pad_id), device, model.input_spec)
+    if unknown_words(model, sentences):
+        warnings.warn(f"{unknown_words(model, sentences)} word(s) of the sentence(s) are not in "
+                      "the model's vocabulary and read as <unk>", stacklevel=2)
+    items = []
+    for i, sentence in enumerate(sentences):
+        item = prep(dict(image=image, sentence=sentence, mask=np.zeros(image.shape[:2], bool),
+                         instances=candidates.astype(bool), image_key="image"))
+        items.append(dict(item, index=i))
+    batch = data.to_device(data.collate(items, model.tokenizer.pad_id), device, model.input_spec)
     model.eval()
     with autocast(device, amp):
-        out = model(**model.inputs_from(batch))
+        feats = ({"image_feats": model.encode_distinct_images(batch["image"], batch["image_key"])}
+                 if hasattr(model, "encode_distinct_images") else {})
+        out = model(**model.inputs_from(batch), **feats)
     # to_original upsamples in fp32: the threshold never sees bf16/fp16 rounding
-    logits = data.to_original(out["mask_logits"][0], batch["valid_hw"][0], batch["orig_hw"][0])
-    return (logits > 0).cpu().numpy(), out
+    logits = torch.stack([data.to_original(out["mask_logits"][i], batch["valid_hw"][i],
+                                           batch["orig_hw"][i]) for i in range(len(items))])
+    return logits, out
+
+
+def predict(model, image, sentence: str, device="cpu", candidates: np.ndarray | None = None,
+            amp: str = "none") -> tuple[np.ndarray, dict]:
+    """Mask (H0, W0) bool for one image (see `as_rgb`) and one sentence, and the outputs."""
+    logits, out = predict_batch(model, image, [sentence], device, candidates, amp)
+    return (logits[0] > 0).cpu().numpy(), out
+
+
+class Predictor:
+    """A trained model ready for images and sentences (as segment-anything's SamPredictor):
+
+        predictor = Predictor.from_checkpoint("runs/maris-tiny-shapes/best.pt")
+        mask, prob = predictor("photo.jpg", "the red circle on the left")
+        masks, probs = predictor.predict_many(image, ["the red circle", "the blue square"])
+
+    An image is a path, a PIL image or a uint8 (H, W, 3) array; a mask is bool (H, W) and a
+    probability map float32 (H, W) in [0, 1], both at the image's own resolution. MaIL takes
+    its candidate masks, bool (K, H, W), as `candidates=`."""
+
+    def __init__(self, model, device="cpu", amp: str = "none"):
+        self.model, self.device, self.amp = model.eval(), torch.device(device), amp
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str | None = None, amp: str | None = None,
+                        weights: dict | None = None) -> Predictor:
+        """A checkpoint written by train.py (or eval.py --export). device: default cuda when
+        available; amp: default bf16 on CUDA, none on CPU; weights: {"image_weights": path,
+        ...} where a frozen encoder's file now lives."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _, _ = build_model_from_checkpoint(load_checkpoint(path), device, weights)
+        return cls(model, device, amp or ("bf16" if device.type == "cuda" else "none"))
+
+    def __call__(self, image, sentence: str, candidates=None) -> tuple[np.ndarray, np.ndarray]:
+        masks, probs = self.predict_many(image, [sentence], candidates)
+        return masks[0], probs[0]
+
+    def predict_many(self, image, sentences: list[str],
+                     candidates=None) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (N, H, W) bool and probabilities (N, H, W) for N sentences of one image."""
+        if isinstance(sentences, str):
+            raise TypeError("predict_many takes a list of sentences; call the predictor for one")
+        logits, _ = predict_batch(self.model, image, list(sentences), self.device, candidates,
+                                  self.amp)
+        return (logits > 0).cpu().numpy(), torch.sigmoid(logits).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,20 +291,6 @@ def parse_args(argv=None):
     return args
 
 
-def split_label(entry: str) -> tuple[str, str]:
-    """--checkpoint's PATH[=LABEL] as (path, label); without a label, the checkpoint's folder
-    and file name. The label starts after the first "=" that ends an existing file's name, so
-    labels may hold "=" ("N_q=24") and an existing file whose name holds "=" is a path; when no
-    prefix exists, after the first "=" (the missing path is then reported)."""
-    path, label = entry, None
-    cuts = [i for i, c in enumerate(entry) if c == "="]
-    if not os.path.isfile(entry) and cuts:
-        i = next((i for i in cuts if os.path.isfile(entry[:i])), cuts[0])
-        path, label = entry[:i], entry[i + 1:]
-    folder = os.path.basename(os.path.dirname(os.path.normpath(path)))
-    return path, label or os.path.join(folder, os.path.basename(path))
-
-
 def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
     """--image's candidate masks from --candidates (entries of --image-id, or of the file's only
     image), at the image's resolution; None when the model takes none or no file is given."""
@@ -253,32 +317,18 @@ def predict_candidates(args, model, image: np.ndarray) -> np.ndarray | None:
 
 
 def run_predict(args, model, device) -> None:
-    image = load_image(args.image, exif=True)  # the user's photo, as their viewer shows it
+    image = as_rgb(args.image)  # the user's photo, as their viewer shows it
     mask, out = predict(model, image, args.text, device, predict_candidates(args, model, image),
                         getattr(args, "amp", None) or "none")
     path = args.save_mask or os.path.splitext(args.image)[0] + ".mask.png"
+    root, ext = os.path.splitext(path)
+    if ext.lower() not in (".png", ".bmp", ".tif", ".tiff"):
+        raise ValueError(f"--save-mask {path}: a mask is saved losslessly, as .png (or .bmp/.tif)")
+    for out_path in (path, root + ".overlay.png"):
+        refuse_overwrite(out_path, args.image, "--image")
     Image.fromarray((mask * 255).astype(np.uint8)).save(path)
-    root, _ = os.path.splitext(path)
     visual(image, mask, None, args.text, model.vis_panels(out, 0)).save(root + ".overlay.png")
     print(f"mask ({mask.mean() * 100:.1f}% of the image) -> {path}; overlay -> {root}.overlay.png")
-
-
-def pick_device(requested: str | None, rank_device: torch.device, world: int) -> torch.device:
-    """--device, or the process's own device (common.distributed.setup_distributed: its GPU,
-    else the CPU). Under torchrun each process keeps its own device, whose type must be the
-    requested one."""
-    if requested is None:
-        return rank_device
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA device is available here")
-    if world > 1:
-        if device.type != rank_device.type:
-            raise ValueError(f"--device {requested} under torchrun: each process uses "
-                             f"{rank_device.type} (its own GPU when there is one); hide the GPUs "
-                             "(CUDA_VISIBLE_DEVICES=) to evaluate on CPUs")
-        return rank_device
-    return device
 
 
 def resolve_candidates(args, trained: dict, model) -> str | None:
@@ -296,6 +346,13 @@ def resolve_candidates(args, trained: dict, model) -> str | None:
     return candidate_source(args.dataset, args.candidates, args.oracle_candidates)
 
 
+def refuse_overwrite(path: str, source: str, flag: str) -> None:
+    """eval.py never writes over one of its inputs (a photo, a checkpoint)."""
+    if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+        raise ValueError(f"{path} is the {flag} file: eval.py does not write over its inputs; "
+                         "choose another output path")
+
+
 def run_tool(args) -> dict:
     """--plot (common.logs.plot_log) and --export (common.checkpoint.export_checkpoint)."""
     if args.plot is not None:
@@ -304,6 +361,7 @@ def run_tool(args) -> dict:
         print(f"curves of {args.plot} -> {png}")
         return {"plot": png}
     path = args.runs[0][0]
+    refuse_overwrite(args.export, path, "--checkpoint")
     export_checkpoint(path, args.export)
     print(f"{path} -> {args.export} (self-contained, weights only)")
     return {"export": args.export}
@@ -408,27 +466,12 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
             on_batch = make_visualiser(run, split, model, loader.dataset)
         # evaluate shows the progress bar (rank 0, on a terminal) and thresholds in fp32
         results[split] = evaluate(model, loader, device, run.amp, on_batch, cache)
+        if on_batch is not None and rank == 0:
+            print(f"{on_batch.count['n']} pictures of {split} (this process's share) -> "
+                  f"{run.save_vis}", flush=True)
     return dict(label=label, checkpoint=path, model=ckpt["model_name"],
                 config=trained.get("config"), dataset=run.dataset, source=source,
                 changes=config_changes(ckpt, module), data=resolved, results=results)
-
-
-def config_changes(ckpt: dict, module) -> dict:
-    """The config fields the training run set (--set, --freeze-encoders) to values other than
-    its named config's, with the checkpoint's values: what tells ablation runs of one model and
-    config apart. Fields a run fills from its data or weight files (a word vocabulary, weight
-    paths) are not changes of the config, so only the fields named on its command line count."""
-    trained = ckpt.get("args", {})
-    named = module.CONFIGS.get(trained.get("config"))
-    if named is None:
-        return {}
-    fields = [item.partition("=")[0] for item in trained.get("set") or []]
-    if trained.get("freeze_encoders"):
-        fields.append("freeze_encoders")
-    declared = dataclasses.asdict(named)
-    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # tuples may come back as lists
-    return {k: ckpt["config"][k] for k in dict.fromkeys(fields)
-            if k in ckpt["config"] and as_list(ckpt["config"][k]) != as_list(declared.get(k))}
 
 
 def make_visualiser(args, split: str, model, dataset):
@@ -446,8 +489,9 @@ def make_visualiser(args, split: str, model, dataset):
                    model.vis_panels(out, i), ious[i]).save(
                 os.path.join(args.save_vis, f"{split}_{idx:06d}.png"))
 
+    on_batch.count = count
     return on_batch
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -46,13 +46,15 @@ from contextlib import nullcontext
 import torch
 
 import data
-from common import checkpoint, distributed, resume, runconfig
+from common import checkpoint, cli, distributed, resume, runconfig
 from common.cache import FeatureCache, frozen_features
 from common.logs import RunLog, memory_mb, metrics_line, percent, print_header
 from common.model import config_from_dict
 from common.runconfig import BatchPlan
 from common.samplers import TrainSampler
 from eval import evaluate
+
+cli.check_own_modules("data", "eval", "common")
 
 
 @dataclasses.dataclass
@@ -76,13 +78,15 @@ def main(argv=None) -> dict:
     is_main = rank == 0  # rank 0 alone prints, logs and writes checkpoints
     distributed.setup_warnings(rank)
     runconfig.fill_defaults(args, device, world)  # loader workers, --amp, --out
-    checkpoint.prepare_run_folder(args.out, is_main)
 
     # Settings: what this command line asks for. A resumed run computes them exactly as a fresh
     # one does, then compares: a silently changed lr or batch would make two halves of two runs.
     module = runconfig.load_model_module(args.model)
     ckpt, resume_path = resume.find_resume(args)
-    resume.check_run_folder(args.out, resuming=ckpt is not None or args.resume == "auto")
+    # a resume continues its own run folder; with another --out it starts a new one there
+    resuming = ckpt is not None and os.path.abspath(args.out) == os.path.dirname(
+        os.path.abspath(resume_path))
+    resume.check_run_folder(args.out, resuming)
     asked = runconfig.build_config(module, args)
     if ckpt is None:  # a resumed run already started from (or without) the encoder files
         runconfig.check_paper_weights(module, args, asked)
@@ -182,9 +186,14 @@ def main(argv=None) -> dict:
                           scaler=scaler.state_dict())
         checkpoint.save_checkpoint(state, os.path.join(args.out, name))
 
+    # nothing is written before this point: a run refused above leaves no folder behind
+    checkpoint.claim_run_folder(args.out, is_main)
+    resume.check_run_folder(args.out, resuming)  # again, now that no other run can start here
     log = RunLog(args.out, is_main, args.tensorboard, total_steps, progress.step)
     if is_main:
         print_header(args, cfg, raw, plan, settings, len(base), total_steps, device, ckpt)
+        if ckpt is not None and not resuming:
+            log.say(f"continuing {resume_path} in {args.out}")
         if cache is not None:
             log.say(f"feature cache for the frozen {' and '.join(cache.parts)} encoder(s): "
                     f"{', '.join(cache.dirs.values())}")
@@ -324,12 +333,16 @@ def train_one_epoch(model, raw, ddp, loader, optimizer, scheduler, scaler, progr
         good, parts = True, {}
 
 
+CONFIG_HELP = ("a key of the model's CONFIGS: maris: tiny, paper, paper-vit-b; mmnet: tiny, "
+               "tiny-rn, paper, paper-rn50, paper-rn101, paper-vit-l; m3dec: tiny, paper "
+               "(= paper-cnn), paper-swin; mail: tiny, paper, paper-416, paper-gref")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="maris", choices=runconfig.MODELS)
-    p.add_argument("--config", default="tiny",
-                   help="a key of the model's CONFIGS (tiny, paper, ...)")
+    p.add_argument("--config", default="tiny", help=CONFIG_HELP)
     data.add_data_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--image-weights", default=None, help="local image-encoder weights (see README)")
@@ -340,25 +353,28 @@ def parse_args(argv=None):
                    help="allow a paper config without the encoder files its paper starts from")
     g.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="default: the config's")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--epochs", type=cli.at_least(1), default=None,
+                   help="default: the config's")
+    g.add_argument("--max-steps", type=cli.at_least(1), default=None,
+                   help="stop after this many steps")
+    g.add_argument("--batch-size", type=cli.at_least(1), default=None,
                    help="per process (default: the config's global batch / world / accum)")
-    g.add_argument("--accum-steps", type=int, default=None,
+    g.add_argument("--accum-steps", type=cli.at_least(1), default=None,
                    help="micro-batches per optimiser step (gradient accumulation; default 1)")
-    g.add_argument("--global-batch", type=int, default=None,
+    g.add_argument("--global-batch", type=cli.at_least(1), default=None,
                    help="world x batch x accum, exactly (see common.runconfig.plan_batches)")
-    g.add_argument("--sentences-per-image", type=int, default=1, metavar="K",
+    g.add_argument("--sentences-per-image", type=cli.at_least(1), default=1, metavar="K",
                    help="form batches of K sentences of each image (default 1: any sentences, "
                         "the papers' sampling); a frozen image encoder then runs once per image "
                         "of a batch (see common.samplers.TrainSampler)")
-    g.add_argument("--lr", type=float, default=None, help="default: the config's")
-    g.add_argument("--clip-grad", type=float, default=None,
+    g.add_argument("--lr", type=cli.number(0.0), default=None, help="default: the config's")
+    g.add_argument("--clip-grad", type=cli.number(0.0, strict=False), default=None,
                    help="max gradient norm, 0: off (default: the config's clip_grad)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None,
                    help="mixed precision (default bf16 on CUDA, none on CPU)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-bad-steps", type=int, default=5,
+    g.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and "
+                   "of the data order")
+    g.add_argument("--max-bad-steps", type=cli.at_least(1), default=5,
                    help="stop after this many consecutive non-finite losses")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/MODEL-CONFIG-DATASET)")
@@ -366,18 +382,21 @@ def parse_args(argv=None):
                    help="auto (OUT/last.pt if present) or a checkpoint path")
     g.add_argument("--resume-override", default=None, metavar="FIELD[,FIELD]",
                    help="resume with these settings changed (see common.resume)")
-    g.add_argument("--ckpt-every", type=int, default=0,
+    g.add_argument("--ckpt-every", type=cli.at_least(0), default=0,
                    help="also write last.pt every N optimiser steps")
     g.add_argument("--self-contained-checkpoints", action="store_true",
                    help="store frozen encoders' weights in checkpoints, not their file references")
-    g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--log-every", type=cli.at_least(1), default=20,
+                   help="a log record (and a console line without a terminal) every N steps")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                    help="TensorBoard logs in OUT/tb (default: on when it is installed)")
-    g.add_argument("--eval-batch-size", type=int, default=None)
+    g.add_argument("--eval-batch-size", type=cli.at_least(1), default=None,
+                   help="validation batch per process (default: --batch-size)")
     g.add_argument("--no-val", action="store_true", help="skip per-epoch validation")
     g.add_argument("--no-augment", action="store_true",
                    help="no training augmentation (the config's hflip)")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes per rank")
+    g.add_argument("--workers", type=cli.at_least(0), default=None,
+                   help="data-loading processes per rank")
     g.add_argument("--cache-features", default=None, metavar="DIR",
                    help="keep frozen encoders' features on disk and train from them (README)")
     g.add_argument("--cache-storage", choices=("fp16", "bf16", "int8"), default="fp16",
@@ -392,4 +411,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

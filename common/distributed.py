@@ -139,3 +139,21 @@ def all_agree(flag: bool, device: torch.device, world: int) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def pick_device(requested: str | None, rank_device: torch.device, world: int) -> torch.device:
+    """--device, or the process's own device (setup_distributed: its GPU,
+    else the CPU). Under torchrun each process keeps its own device, whose type must be the
+    requested one."""
+    if requested is None:
+        return rank_device
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: no CUDA device is available here")
+    if world > 1:
+        if device.type != rank_device.type:
+            raise ValueError(f"--device {requested} under torchrun: each process uses "
+                             f"{rank_device.type} (its own GPU when there is one); hide the GPUs "
+                             "(CUDA_VISIBLE_DEVICES=) to evaluate on CPUs")
+        return rank_device
+    return device

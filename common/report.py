@@ -1,9 +1,33 @@
 """eval.py's results as a person and a program read them: the metrics table of one checkpoint,
 the comparison table of several, the --json report, and how each names its candidate source
-(an oracle always says it is one). Metrics arrive as fractions and are printed in percent."""
+(an oracle always says it is one). Metrics arrive as fractions and are printed in percent.
+
+Metrics (common.metrics) are computed per (image, sentence) at the image's original resolution,
+in fp32 whatever --amp the model runs under: mIoU, oIoU, Pr@0.5 ... Pr@0.9, and n, the number of
+samples. Data flags default to the ones the checkpoint was trained with, the candidate source of
+a model that takes candidate masks (MaIL) included. --json writes, for one checkpoint, one
+layout whatever the splits:
+  {"model": NAME, "config": CONFIG, "checkpoint": PATH, "dataset": NAME,
+   "candidates": "simulated" | "oracle" | PROPOSALS FILE NAME | null,
+   "splits": {SPLIT: {"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "n"}}}
+
+Several checkpoints (--checkpoint A.pt B.pt ..., each optionally PATH=LABEL; the default label
+is the checkpoint's folder and file name, runs/a/best.pt -> a/best.pt) are evaluated one after
+the other on the same data, each exactly as it would be alone (its own candidate source, its
+training run's data flags, which must then agree across checkpoints), and printed as one
+comparison table per split: a row per checkpoint with its label, model, config, candidate
+source ("oracle (upper bound)" for an oracle), the metrics, on the synthetic data the mIoU of
+each sentence type (attribute, position, relation), and "changes": the config fields its
+training run set with --set or --freeze-encoders to values other than its named config's.
+--json then writes {"checkpoints": [ONE OBJECT PER CHECKPOINT]}, each object the layout above
+plus "label", "changes" {FIELD: VALUE} and, on the synthetic data, "by_type" {TYPE: metrics}
+in each split. --image, --save-mask, --save-vis and --export take one checkpoint.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 from common.candidates import candidate_label
@@ -83,3 +107,35 @@ def print_comparison(rows: list[dict]) -> None:
                             for t in types)
                   + f"{m['n']:>8}  {changes}")
     sys.stdout.flush()
+
+
+def split_label(entry: str) -> tuple[str, str]:
+    """--checkpoint's PATH[=LABEL] as (path, label); without a label, the checkpoint's folder
+    and file name. The label starts after the first "=" that ends an existing file's name, so
+    labels may hold "=" ("N_q=24") and an existing file whose name holds "=" is a path; when no
+    prefix exists, after the first "=" (the missing path is then reported)."""
+    path, label = entry, None
+    cuts = [i for i, c in enumerate(entry) if c == "="]
+    if not os.path.isfile(entry) and cuts:
+        i = next((i for i in cuts if os.path.isfile(entry[:i])), cuts[0])
+        path, label = entry[:i], entry[i + 1:]
+    folder = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    return path, label or os.path.join(folder, os.path.basename(path))
+
+
+def config_changes(ckpt: dict, module) -> dict:
+    """The config fields the training run set (--set, --freeze-encoders) to values other than
+    its named config's, with the checkpoint's values: what tells ablation runs of one model and
+    config apart. Fields a run fills from its data or weight files (a word vocabulary, weight
+    paths) are not changes of the config, so only the fields named on its command line count."""
+    trained = ckpt.get("args", {})
+    named = module.CONFIGS.get(trained.get("config"))
+    if named is None:
+        return {}
+    fields = [item.partition("=")[0] for item in trained.get("set") or []]
+    if trained.get("freeze_encoders"):
+        fields.append("freeze_encoders")
+    declared = dataclasses.asdict(named)
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # tuples may come back as lists
+    return {k: ckpt["config"][k] for k in dict.fromkeys(fields)
+            if k in ckpt["config"] and as_list(ckpt["config"][k]) != as_list(declared.get(k))}

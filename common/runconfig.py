@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 
 import torch
@@ -23,7 +24,7 @@ def load_model_module(name: str):
 
 
 def parse_value(text: str, default):
-    """Parse a --set value with the type of the field's default."""
+    """Parse a --set value with the type of the field's default (finite numbers only)."""
     if text.lower() in ("none", "null"):
         return None
     if isinstance(default, bool):
@@ -31,9 +32,15 @@ def parse_value(text: str, default):
             raise ValueError(f"expected true/false, got {text!r}")
         return text.lower() in ("true", "1")
     if isinstance(default, tuple):
-        return tuple(type(default[0])(v) if default else v for v in text.split(","))
+        return tuple(parse_value(v, default[0]) if default else v for v in text.split(","))
     if isinstance(default, (int, float)):
-        return type(default)(text)
+        try:
+            value = type(default)(text)
+        except ValueError:
+            raise ValueError(f"expected {type(default).__name__}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
     return text
 
 
@@ -55,7 +62,10 @@ def build_config(module, args):
         if key not in fields:
             raise ValueError(f"--set {key}: {type(cfg).__name__} has no field {key!r}; "
                              f"fields: {sorted(fields)}")
-        changes[key] = parse_value(value, fields[key])
+        try:
+            changes[key] = parse_value(value, fields[key])
+        except ValueError as err:
+            raise ValueError(f"--set {key}={value}: {err}") from None
     return dataclasses.replace(cfg, **changes)
 
 
@@ -85,6 +95,8 @@ def fill_defaults(args, device: torch.device, world: int) -> None:
         args.workers = 0 if device.type == "cpu" and cores <= 2 * world else 2
     # bf16 autocast is fast on GPUs, hundreds of times slower than fp32 on CPUs without bf16
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if args.out is None and args.resume not in (None, "auto"):  # a run continues in its folder
+        args.out = os.path.dirname(os.path.abspath(args.resume))
     args.out = args.out or os.path.join("runs", f"{args.model}-{args.config}-{args.dataset}")
 
 

@@ -1,0 +1,194 @@
+"""A careless user's commands: each mistake ends with exit status 2 and one line naming it, and
+nothing is written or lost. A traceback would mean a bug. Also the predictor a new user meets
+first: any image form in, a mask at the image's resolution out."""
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as eval_cli
+import train
+from common import cli
+from common.checkpoint import load_checkpoint
+
+TINY = ["--model", "maris", "--shapes-train-size", "8", "--shapes-eval-size", "4",
+        "--batch-size", "4", "--workers", "0", "--no-tensorboard"]
+
+
+def user_error(capsys, main, argv) -> str:
+    """Run a command's main as its __main__ does; returns stderr after checking exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda: main(argv))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--config", "big"], "has configs"),
+    (["--set", "nosuch=1"], "has no field 'nosuch'"),
+    (["--set", "dim=abc"], "--set dim=abc: expected int"),
+    (["--set", "tau=nan"], "--set tau=nan: expected a finite number"),
+    (["--epochs", "-1"], "--epochs: must be >= 1"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--lr", "0"], "--lr: must be a finite number > 0"),
+    (["--max-steps", "0"], "--max-steps: must be >= 1"),
+    (["--clip-grad", "inf"], "--clip-grad: must be a finite number"),
+    (["--config", "paper"], "--image-weights"),
+    (["--resume", "nowhere/last.pt"], "checkpoint not found"),
+])
+def test_a_bad_command_line_exits_2_naming_it_and_leaves_no_folder(flags, words, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "run"
+    err = user_error(capsys, train.main, TINY + ["--out", str(out)] + flags)
+    assert words in err
+    assert not out.exists()  # a refused start leaves nothing behind
+
+
+def test_missing_paper_weights_are_all_named_at_once(tmp_path, capsys):
+    err = user_error(capsys, train.main, TINY + ["--out", str(tmp_path / "r"), "--config",
+                                                 "paper"])
+    assert "--image-weights" in err and "--text-weights" in err
+
+
+def test_a_second_run_into_a_folder_in_use_refuses(tmp_path, capsys):
+    """Another process holds the run folder (as a running train.py does): this one stops before
+    writing anything into it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = user_error(capsys, train.main, TINY + ["--out", str(out), "--max-steps", "1"])
+        assert "another run is writing" in err
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r1") / "run"
+    train.main(TINY + ["--out", str(out), "--max-steps", "2", "--no-val"])
+    return out
+
+
+def test_resume_auto_needs_a_last_pt_and_never_restarts_over_a_run(finished_run, tmp_path,
+                                                                     capsys):
+    """A folder with best.pt and log.jsonl but no last.pt has nothing to resume from: a fresh
+    run there would overwrite best.pt and append to the old log."""
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / "log.jsonl").write_text((finished_run / "log.jsonl").read_text())
+    (out / "best.pt").write_bytes((finished_run / "last.pt").read_bytes())
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    err = user_error(capsys, train.main, TINY + ["--out", str(out), "--resume", "auto"])
+    assert "no last.pt" in err
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+
+
+def test_a_resume_continues_its_own_folder_or_a_fresh_one(finished_run, tmp_path, capsys):
+    """--resume PATH without --out continues PATH's folder; with an --out that holds another run
+    it refuses (it would overwrite that run's checkpoints)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.pt").write_bytes(b"another run's")
+    err = user_error(capsys, train.main, TINY + ["--resume", str(finished_run / "last.pt"),
+                                                 "--out", str(other), "--max-steps", "3",
+                                                 "--resume-override", "max_steps"])
+    assert "already holds a run" in err and (other / "last.pt").read_bytes() == b"another run's"
+    train.main(TINY + ["--resume", str(finished_run / "last.pt"), "--max-steps", "3",
+                       "--resume-override", "max_steps", "--no-val"])
+    assert load_checkpoint(str(finished_run / "last.pt"))["step"] == 3
+
+
+def test_eval_never_writes_over_its_inputs(finished_run, tmp_path, capsys):
+    ckpt = finished_run / "last.pt"
+    before = ckpt.read_bytes()
+    err = user_error(capsys, eval_cli.main, ["--checkpoint", str(ckpt), "--export", str(ckpt)])
+    assert "does not write over its inputs" in err and ckpt.read_bytes() == before
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (12, 10), "red").save(photo)
+    photo_bytes = photo.read_bytes()
+    err = user_error(capsys, eval_cli.main, ["--checkpoint", str(ckpt), "--image", str(photo),
+                                             "--text", "the red square", "--save-mask",
+                                             str(photo)])
+    assert "does not write over its inputs" in err and photo.read_bytes() == photo_bytes
+    err = user_error(capsys, eval_cli.main, ["--checkpoint", str(ckpt), "--image", str(photo),
+                                             "--text", "a", "--save-mask", str(tmp_path / "m.jpg")])
+    assert "losslessly" in err
+
+
+def test_a_split_without_samples_is_refused(finished_run, capsys, monkeypatch):
+    import data
+
+    build = data.build_dataset
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: torch.utils.data.Subset(
+        build(*a, **k), []))
+    err = user_error(capsys, eval_cli.main, ["--checkpoint", str(finished_run / "last.pt")])
+    assert "holds no samples" in err
+
+
+def test_a_shadowed_module_is_named():
+    """A user's own data.py earlier on sys.path would be imported as `data` by the scripts."""
+    fake = types.ModuleType("data")
+    fake.__file__ = "/home/someone/data.py"
+    saved = sys.modules["data"]
+    sys.modules["data"] = fake
+    try:
+        with pytest.raises(ImportError, match="/home/someone/data.py.*shadows it"):
+            cli.check_own_modules("data")
+    finally:
+        sys.modules["data"] = saved
+    cli.check_own_modules("data", "eval", "common")  # the project's own: no error
+
+
+def test_a_bug_keeps_its_traceback():
+    def bug():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run(bug)
+
+
+# ---------------------------------------------------------------------------------------------
+# The predictor
+# ---------------------------------------------------------------------------------------------
+
+def test_the_predictor_takes_a_path_a_pil_image_or_an_array(finished_run, tmp_path):
+    predictor = eval_cli.Predictor.from_checkpoint(str(finished_run / "last.pt"), device="cpu")
+    array = np.zeros((40, 60, 3), np.uint8)
+    array[10:30, 20:40] = (215, 40, 40)
+    Image.fromarray(array).save(tmp_path / "shapes.png")
+    results = [predictor(image, "the red square") for image in
+               (str(tmp_path / "shapes.png"), Image.fromarray(array), array)]
+    for mask, prob in results:
+        assert mask.shape == prob.shape == (40, 60) and mask.dtype == bool
+        assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+        assert np.array_equal(mask, prob > 0.5)
+        assert np.array_equal(mask, results[0][0]) and np.allclose(prob, results[0][1])
+    masks, probs = predictor.predict_many(array, ["the red square", "the blue circle"])
+    assert masks.shape == (2, 40, 60)
+    assert np.allclose(probs[0], results[0][1], atol=1e-5)  # the image encoded once: same map
+    gray = predictor(array[:, :, 0], "the red square")[0]
+    assert gray.shape == (40, 60)
+
+
+@pytest.mark.parametrize("image, words", [
+    (np.zeros((8, 8, 3), np.float32), "must be uint8"),
+    (np.zeros((8, 8, 4), np.uint8), "must be (H, W, 3)"),
+])
+def test_the_predictor_refuses_an_ambiguous_image(finished_run, image, words):
+    predictor = eval_cli.Predictor.from_checkpoint(str(finished_run / "last.pt"), device="cpu")
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        predictor(image, "the red square")
