@@ -12,7 +12,8 @@ grid, N = h*w, N' mask tokens kept, d transformer width.
 
 Interpretations (where the paper is silent or contradicts itself):
 - Candidates (a detector's, Sec. 4.1) come from the data pipeline, which alone sees their scores
-  and bounds K (`max_candidates`, `min_score`); annotated instances hold the answer (oracle).
+  and bounds K (`max_candidates`, `min_score`); annotated instances hold the answer (oracle). On
+  the synthetic data a simulated Mask R-CNN gives them (common.proposals): never the annotation.
 - Mask tokens (Eq. 3-4, "a similar procedure"): P x P patches of each binary mask through their
   own conv, initialised as ViLT's RGB projection summed over colours (timm's one-channel rule) so
   that the pretrained weights see a white shape on grey, plus the position of the image patch at
@@ -33,31 +34,43 @@ Interpretations (where the paper is silent or contradicts itself):
   logits resized to H x W when P does not divide H.
 - Padded batches (the ViLT setting; not in the paper) give each image its output alone: Eq. 8's O
   spans its own patches, the head masks the padding (SegmentationHead), padded pixels get
-  PAD_LOGIT (background, no gradient); only BN's batch statistics and focal's pixel mean see them.
-- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, as the paper gives no weights.
+  PAD_LOGIT (background, no gradient); only BN's batch statistics see them.
+- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, as the paper gives no weights. Focal is the
+  mean over the real pixels of the batch: counting padding would scale an image's loss by how
+  much padding its batch-mates cause (dice needs no such care: padding has p = t = 0).
 - Text: BERT-uncased WordPiece ([CLS] ... [SEP]), 15 tokens (20 for G-Ref), from a local
-  vocab.txt (`vocab`, else `text_weights`, else the ViLT folder's); with none, open_clip's BPE,
-  so that a model without downloads still reads sentences.
+  vocab.txt (`vocab`, else `text_weights`, else the ViLT folder's); without one a sentence is an
+  error naming the flag, whatever the weights. Only `tokenizer="auto"` (tiny, ours) falls back to
+  open_clip's BPE, so that a model without downloads still reads sentences.
 - Images: ViLT's statistics (mean = std = 0.5) and, in the ViLT setting, ViLT's per-image resizing
   of the position grid to the real patches (common.encoders.ViLTEncoder).
 - AdamW's decay (1e-2, Sec. 4.1) on every parameter, as no exclusion is named; ViLT is
   fine-tuned, as in the paper (`freeze_encoders` freezes it).
-- Training loop, ours: clipping at 1.0 (`clip_grad`) and flips swapping "left"/"right" (`hflip`)
-  steady small batches and enlarge small datasets (clip_grad=0, hflip=False: the paper's recipe);
-  `best.pt` is the epoch of best val mIoU (the paper's rule is unsaid), so its val is optimistic.
+- Training loop: the paper configs follow Sec. 4.1 and nothing more (no clipping, no flips); the
+  tiny config, trained from scratch on small data, adds clipping at 1.0 (`clip_grad`) and flips
+  swapping "left"/"right" (`hflip`), ours. `best.pt` is the epoch of best val mIoU (the paper's
+  rule is unsaid), so its val is optimistic.
 
 Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the rows):
 - Tab. 2: `encoder_modality` "image+language" (variant 1, "w/o mask modality", Fig. 4b) is ViLT
   as pretrained, no mask tokens or t_M; `decoder_modality` "image" (variants 1, 3) drops F_M from
-  Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
+  Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I from Eq. 8
+  only: the candidates are still scored from F_I (Eq. 6's f_k), as the paper names no other
+  feature to score with, so F_I reaches the decoder through rho and L_select.
 - Tab. 3: `mask_selection` "mean" / "maximum" pool F_M^k (0 off its valid area) over the valid
   candidates, unscored; "weighted_sum" weighs them by softmax(s_k) ("normalizes the learned
   scores") and keeps L_select.
 - `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum";
   with "adaptive_select" it keeps its initialisation, frozen (DDP refuses untouched parameters).
+- Tab. 2 variant 6 ("without multi-modal pre-train weight") is the config `paper-unimodal`: the
+  same network started from a ViT-B/32 and BERT-base, each pre-trained on one modality
+  (`load_unimodal_weights`), not from random weights: the paper's motivation (Sec. 1, 4.3)
+  contrasts aligned multi-modal weights with separately pre-trained uni-modal encoders, and its
+  53.96 is called "comparable to the state-of-the-art", which weights from scratch on RefCOCO+
+  would hardly give. Which ViT and BERT is not said; `--random-init` remains a from-scratch run.
+  It is a config, not an `ABLATIONS` row: on the tiny config (random weights) both are the same.
 - Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
   candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
-  Variant 6 (no multi-modal pre-training) is `--random-init`, as what replaced ViLT's is not said.
 """
 
 from __future__ import annotations
