@@ -99,10 +99,11 @@ VOCAB_HINT = ("MaIL tokenises with BERT-uncased WordPiece (Sec. 4.1): pass its v
               "open_clip's BPE")
 VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
 # the ablation fields' values (Tab. 2's modalities, Tab. 3's strategies), the full model's first
-CHOICES = {"tokenizer": ("wordpiece", "auto"), "pretraining": ("multi-modal", "uni-modal"),
-           "encoder_modality": ("image+mask+language", "image+language"),
+CHOICES = {"encoder_modality": ("image+mask+language", "image+language"),
            "decoder_modality": ("image+mask", "image", "mask"),
            "mask_selection": ("adaptive_select", "mean", "maximum", "weighted_sum")}
+# the other fields with named values, the paper's first
+OPTIONS = {"tokenizer": ("wordpiece", "auto"), "pretraining": ("multi-modal", "uni-modal")}
 
 
 @dataclass
@@ -376,6 +377,7 @@ class MaIL(RISModel):
     def __init__(self, cfg: MaILConfig):
         super().__init__()
         check_choices(cfg, CHOICES)  # Tab. 2 variant 2 is not built (docstring)
+        check_choices(cfg, OPTIONS)
         if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
             raise ValueError("a decoder of mask features needs them from the encoder")
         self.input_names = self.input_names_for(cfg)

@@ -491,3 +491,61 @@ def test_paper_configs_are_the_papers_recipe():
     assert np.allclose(falls, falls[0]) and falls[0] < 0 and lrs[-1] + falls[0] == pytest.approx(0)
     # the tiny config keeps our clipping and flips
     assert mail.CONFIGS["tiny"].clip_grad == 1.0 and mail.CONFIGS["tiny"].hflip is True
+
+
+def test_wordpiece_unless_auto_without_a_vocab_is_an_error_not_bpe():
+    """The paper's tokenizer is WordPiece: without a vocab.txt a sentence is an error naming the
+    flag (`--random-init` no longer silently means CLIP BPE); only tokenizer="auto" (tiny) falls
+    back to BPE."""
+    from common.tokenizers import ClipTokenizer, MissingVocabulary
+
+    strict = build("mail", tokenizer="wordpiece", image_size=64)
+    assert isinstance(strict.tokenizer, MissingVocabulary)
+    with pytest.raises(FileNotFoundError, match="--text-weights"):
+        strict.tokenizer("the red circle")
+    assert isinstance(build("mail", image_size=64).tokenizer, ClipTokenizer)
+    assert all(mail.CONFIGS[k].tokenizer == "wordpiece" for k in mail.CONFIGS if k != "tiny")
+
+
+def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path):
+    """Tab. 2 variant 6 (`pretraining="uni-modal"`): blocks, patch projection, class token,
+    positions and final norm from a ViT folder; word/position/segment embeddings from BERT's;
+    the type embeddings from neither."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    spec = VILT_ARCHS["tiny"]
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**spec), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(120)]
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=spec["hidden_size"],
+                                num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
+                     add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    model = build("mail", pretraining="uni-modal", image_weights=str(tmp_path / "vit"),
+                  text_weights=str(tmp_path / "bert"))
+    enc, theirs = model.encoder.vilt, vit.state_dict()
+    assert isinstance(model.tokenizer, WordPieceTokenizer)
+    assert model.cfg.vocab == str(tmp_path / "bert" / "vocab.txt")
+    for i, block in enumerate(enc.blocks):
+        q = theirs.get(f"layers.{i}.attention.q_proj.weight",
+                       theirs.get(f"encoder.layer.{i}.attention.attention.query.weight"))
+        assert torch.equal(block.attention.attention.query.weight, q)
+    assert torch.equal(enc.pos_embed, vit.embeddings.position_embeddings)
+    assert torch.equal(enc.cls_token, vit.embeddings.cls_token)
+    assert torch.equal(enc.patch_embed.weight, vit.embeddings.patch_embeddings.projection.weight)
+    assert torch.equal(enc.norm.weight, vit.layernorm.weight)
+    text = bert.embeddings
+    assert torch.equal(enc.text_embed.word_embeddings.weight, text.word_embeddings.weight)
+    assert torch.equal(enc.text_embed.position_embeddings.weight,
+                       text.position_embeddings.weight[: enc.max_text_len])
+    # the mask projection starts from the (ViT's) RGB projection, as with ViLT's weights
+    assert torch.allclose(model.encoder.mask_embed.proj.weight,
+                          enc.patch_embed.weight.sum(1, keepdim=True))
+    batch = make_batch(model, n=2)
+    assert torch.isfinite(model(**model.inputs_from(batch), target=batch["mask"])["loss"])
+    ViTModel(ViTConfig(**(spec | dict(num_hidden_layers=2))), add_pooling_layer=False
+             ).save_pretrained(tmp_path / "vit2")
+    with pytest.raises(ValueError, match="ViT with"):
+        build("mail", pretraining="uni-modal", image_weights=str(tmp_path / "vit2"))
