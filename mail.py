@@ -454,10 +454,11 @@ class MaIL(RISModel):
             out["image_mask"] = image_mask
         if target is not None:
             # focal + dice + lambda * L_select (Sec. 3.3, Eq. 7)
-            # focal averages over the images' own pixels: padding would dilute it by a share
-            # that depends on the rest of the batch (dice: padding holds p = t = 0, inert)
-            real_px = image_mask[:, None] if padded else torch.ones_like(target, dtype=torch.bool)
-            out["loss_focal"] = sigmoid_focal_loss(logits[real_px], target[real_px])
+            # focal averages over the images' own pixels: padding (PAD_LOGIT, target 0) adds
+            # exactly 0 to its sum, and counting it would dilute the mean by a share that
+            # depends on the rest of the batch (dice: padding holds p = t = 0, inert)
+            real_share = image_mask.float().mean() if padded else 1.0
+            out["loss_focal"] = sigmoid_focal_loss(logits, target) / real_share
             out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss_focal"] + out["loss_dice"]
             if scores is not None and self.cfg.select_weight > 0:
