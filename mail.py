@@ -12,7 +12,8 @@ grid, N = h*w, N' mask tokens kept, d transformer width.
 
 Interpretations (where the paper is silent or contradicts itself):
 - Candidates (a detector's, Sec. 4.1) come from the data pipeline, which alone sees their scores
-  and bounds K (`max_candidates`, `min_score`); annotated instances hold the answer (oracle).
+  and bounds K (`max_candidates`, `min_score`); annotated instances hold the answer (oracle). On
+  the synthetic data a simulated Mask R-CNN gives them (common.proposals): never the annotation.
 - Mask tokens (Eq. 3-4, "a similar procedure"): P x P patches of each binary mask through their
   own conv, initialised as ViLT's RGB projection summed over colours (timm's one-channel rule) so
   that the pretrained weights see a white shape on grey, plus the position of the image patch at
@@ -33,31 +34,43 @@ Interpretations (where the paper is silent or contradicts itself):
   logits resized to H x W when P does not divide H.
 - Padded batches (the ViLT setting; not in the paper) give each image its output alone: Eq. 8's O
   spans its own patches, the head masks the padding (SegmentationHead), padded pixels get
-  PAD_LOGIT (background, no gradient); only BN's batch statistics and focal's pixel mean see them.
-- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, as the paper gives no weights.
+  PAD_LOGIT (background, no gradient); only BN's batch statistics see them.
+- Focal (alpha 0.25, gamma 2) and dice weigh 1 each, as the paper gives no weights. Focal is the
+  mean over the real pixels of the batch: counting padding would scale an image's loss by how
+  much padding its batch-mates cause (dice needs no such care: padding has p = t = 0).
 - Text: BERT-uncased WordPiece ([CLS] ... [SEP]), 15 tokens (20 for G-Ref), from a local
-  vocab.txt (`vocab`, else `text_weights`, else the ViLT folder's); with none, open_clip's BPE,
-  so that a model without downloads still reads sentences.
+  vocab.txt (`vocab`, else `text_weights`, else the ViLT folder's); without one a sentence is an
+  error naming the flag, whatever the weights. Only `tokenizer="auto"` (tiny, ours) falls back to
+  open_clip's BPE, so that a model without downloads still reads sentences.
 - Images: ViLT's statistics (mean = std = 0.5) and, in the ViLT setting, ViLT's per-image resizing
   of the position grid to the real patches (common.encoders.ViLTEncoder).
 - AdamW's decay (1e-2, Sec. 4.1) on every parameter, as no exclusion is named; ViLT is
   fine-tuned, as in the paper (`freeze_encoders` freezes it).
-- Training loop, ours: clipping at 1.0 (`clip_grad`) and flips swapping "left"/"right" (`hflip`)
-  steady small batches and enlarge small datasets (clip_grad=0, hflip=False: the paper's recipe);
-  `best.pt` is the epoch of best val mIoU (the paper's rule is unsaid), so its val is optimistic.
+- Training loop: the paper configs follow Sec. 4.1 and nothing more (no clipping, no flips); the
+  tiny config, trained from scratch on small data, adds clipping at 1.0 (`clip_grad`) and flips
+  swapping "left"/"right" (`hflip`), ours. `best.pt` is the epoch of best val mIoU (the paper's
+  rule is unsaid), so its val is optimistic.
 
 Ablations (Sec. 4.3; config defaults are the full model, `ABLATIONS` names the rows):
 - Tab. 2: `encoder_modality` "image+language" (variant 1, "w/o mask modality", Fig. 4b) is ViLT
   as pretrained, no mask tokens or t_M; `decoder_modality` "image" (variants 1, 3) drops F_M from
-  Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I.
+  Eq. 8 and with it selection, score MLP and L_select; "mask" (variant 4) drops F_I from Eq. 8
+  only: the candidates are still scored from F_I (Eq. 6's f_k), as the paper names no other
+  feature to score with, so F_I reaches the decoder through rho and L_select.
 - Tab. 3: `mask_selection` "mean" / "maximum" pool F_M^k (0 off its valid area) over the valid
   candidates, unscored; "weighted_sum" weighs them by softmax(s_k) ("normalizes the learned
   scores") and keeps L_select.
 - `select_weight` 0 ("w/o select loss", in no table): the MLP learns only through "weighted_sum";
   with "adaptive_select" it keeps its initialisation, frozen (DDP refuses untouched parameters).
+- Tab. 2 variant 6 ("without multi-modal pre-train weight") is the config `paper-unimodal`: the
+  same network started from a ViT-B/32 and BERT-base, each pre-trained on one modality
+  (`load_unimodal_weights`), not from random weights: the paper's motivation (Sec. 1, 4.3)
+  contrasts aligned multi-modal weights with separately pre-trained uni-modal encoders, and its
+  53.96 is called "comparable to the state-of-the-art", which weights from scratch on RefCOCO+
+  would hardly give. Which ViT and BERT is not said; `--random-init` remains a from-scratch run.
+  It is a config, not an `ABLATIONS` row: on the tiny config (random weights) both are the same.
 - Not built: Tab. 2 variant 2 ("mask-cropped images"): the paper does not say whether each
   candidate crops its own image, how those pixels are embedded, nor how Eq. 6 scores without F_I.
-  Variant 6 (no multi-modal pre-training) is `--random-init`, as what replaced ViLT's is not said.
 """
 
 from __future__ import annotations
@@ -71,19 +84,26 @@ from torch import Tensor, nn
 
 from common import optim
 from common.encoders import ViLTEncoder
+from common.encoders.bert import BERT_VOCAB_SIZE
+from common.encoders.loading import load_hf_folder
 from common.layers import MLP, coord_map, extend_border, patch_coord_map, real_patches
 from common.losses import dice_loss, select_loss, sigmoid_focal_loss
 from common.model import InputSpec, RISModel, check_choices, freeze
-from common.tokenizers import ClipTokenizer, WordPieceTokenizer, find_wordpiece_vocab
+from common.tokenizers import ClipTokenizer, find_wordpiece_vocab, wordpiece_tokenizer
 
 VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
 IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
 PAD_LOGIT = -1e4  # padded pixels (ViLT setting): background, no loss gradient; finite, fp16-safe
+VOCAB_HINT = ("MaIL tokenises with BERT-uncased WordPiece (Sec. 4.1): pass its vocab.txt "
+              "(--text-weights, or a ViLT folder holding one); tokenizer='auto' falls back to "
+              "open_clip's BPE")
 VIS_MAX_CANDIDATES = 10  # candidate panels drawn by vis_panels, best scores first
 # the ablation fields' values (Tab. 2's modalities, Tab. 3's strategies), the full model's first
 CHOICES = {"encoder_modality": ("image+mask+language", "image+language"),
            "decoder_modality": ("image+mask", "image", "mask"),
            "mask_selection": ("adaptive_select", "mean", "maximum", "weighted_sum")}
+# the other fields with named values, the paper's first
+OPTIONS = {"tokenizer": ("wordpiece", "auto"), "pretraining": ("multi-modal", "uni-modal")}
 
 
 @dataclass
@@ -99,9 +119,17 @@ class MaILConfig:
     encoder_modality: str = "image+mask+language"  # Tab. 2; or "image+language" (variant 1)
     decoder_modality: str = "image+mask"  # Tab. 2; or "image" (variants 1, 3), "mask" (4)
     mask_selection: str = "adaptive_select"  # Tab. 3; or "mean", "maximum", "weighted_sum"
-    vocab: str | None = None  # WordPiece vocab.txt; None: text_weights, the ViLT folder's, or BPE
-    image_weights: str | None = None  # local Hugging Face ViLT folder (dandelin/vilt-b32-mlm)
-    text_weights: str | None = None  # MaIL has no text encoder: a BERT vocab.txt, as `vocab`
+    # BERT-uncased WordPiece (Sec. 4.1) from `vocab`, else text_weights', else the ViLT folder's
+    # vocab.txt; "auto" (tiny, ours): WordPiece where one is found, else open_clip's BPE
+    tokenizer: str = "wordpiece"
+    vocab: str | None = None  # WordPiece vocab.txt (or a folder holding one)
+    # "multi-modal": ViLT's weights (Sec. 4.1); "uni-modal": Tab. 2 variant 6, a ViT image
+    # encoder's and BERT's weights, each pre-trained alone (`load_unimodal_weights`)
+    pretraining: str = "multi-modal"
+    image_weights: str | None = None  # local Hugging Face folder: ViLT (dandelin/vilt-b32-mlm),
+    #   or with pretraining="uni-modal" a ViT-B/32 (e.g. google/vit-base-patch32-384)
+    text_weights: str | None = None  # a BERT vocab.txt, as `vocab`; with pretraining="uni-modal"
+    #   a local Hugging Face BERT folder (bert-base-uncased) with its vocab.txt
     freeze_encoders: bool | None = None  # None/False: fine-tune ViLT, as the paper does
     max_candidates: int = 20  # K bound, not in the paper: ~7 instances per COCO image on average
     min_score: float = 0.05  # Mask R-CNN's test threshold (torchvision, detectron2)
@@ -111,22 +139,29 @@ class MaILConfig:
     warmup: float = 0.1
     epochs: int = 10
     batch_size: int = 128
-    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
-    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
+    clip_grad: float = 0.0  # max gradient norm, 0 = none: the paper names no clipping
+    hflip: bool = False  # training flips ("left"/"right" swapped): the paper names none
 
 
 # The encoder files a paper config needs: train.py refuses to start without them (--random-init
 # aside), so that "paper" never silently means "from scratch".
 _VILT = {"image_weights": "a local ViLT folder saved from dandelin/vilt-b32-mlm (with vocab.txt)"}
-PAPER_WEIGHTS = {"paper": _VILT, "paper-416": _VILT, "paper-gref": _VILT}
+_UNIMODAL = {"image_weights": "a local ViT-B/32 folder (e.g. google/vit-base-patch32-384)",
+             "text_weights": "a local BERT folder saved from bert-base-uncased (with vocab.txt)"}
+PAPER_WEIGHTS = {"paper": _VILT, "paper-416": _VILT, "paper-gref": _VILT,
+                 "paper-unimodal": _UNIMODAL}
 
 CONFIGS = {
     "paper": MaILConfig(),
     "paper-416": MaILConfig(image_size=416, max_size=None),
     "paper-gref": MaILConfig(max_tokens=20),
+    # Tab. 2 variant 6 ("without multi-modal pre-train weight"): uni-modal ViT + BERT weights
+    "paper-unimodal": MaILConfig(pretraining="uni-modal"),
     # CPU-sized, same code paths: 128 px square, ViLT "tiny" (P=16: 8x8 patches, 4 blocks), BPE
+    # without a vocab; from scratch, so clipping and flips (ours) steady it and enlarge the data
     "tiny": MaILConfig(vilt_arch="tiny", image_size=128, max_size=None, head_dim=32,
-                       lr=1e-3, warmup=0.05, epochs=12, batch_size=16),
+                       tokenizer="auto", lr=1e-3, warmup=0.05, epochs=12, batch_size=16,
+                       clip_grad=1.0, hflip=True),
 }
 
 # The paper's ablation rows (Sec. 4.3, RefCOCO+ val) as overrides of the full model (docstring)
@@ -139,6 +174,59 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "selection weighted sum": {"mask_selection": "weighted_sum"},
     "w/o select loss": {"select_weight": 0.0},  # in no table of the paper
 }
+
+
+# transformers 5's ViT layer names -> ViLT's (transformers 4's ViT has ViLT's own names)
+VIT_TO_VILT = {"attention.q_proj.": "attention.attention.query.",
+               "attention.k_proj.": "attention.attention.key.",
+               "attention.v_proj.": "attention.attention.value.",
+               "attention.o_proj.": "attention.output.dense.",
+               "mlp.fc1.": "intermediate.dense.", "mlp.fc2.": "output.dense."}
+
+
+def load_unimodal_weights(vilt: ViLTEncoder, vit_folder: str, bert_folder: str | None) -> None:
+    """Tab. 2 variant 6: ViLT's transformer from encoders each pre-trained on one modality. A
+    Hugging Face ViT folder gives the patch projection, class token, position grid, blocks and
+    final LayerNorm (a ViLT block is a ViT block); a BERT folder gives the word, position and
+    segment embeddings and their LayerNorm (ViLT's text embedding is BERT's). The modality type
+    embeddings keep their random start: no uni-modal model has them."""
+    from transformers import BertModel, ViTModel
+
+    vit = load_hf_folder(ViTModel, vit_folder, "ViT image encoder", add_pooling_layer=False)
+    want = dict(hidden_size=vilt.dim, num_attention_heads=vilt.heads, patch_size=vilt.patch_size,
+                num_hidden_layers=len(vilt.blocks), image_size=vilt.grid * vilt.patch_size)
+    got = {k: getattr(vit.config, k) for k in want}
+    if got != want:
+        raise ValueError(f"{vit_folder!r} holds a ViT with {got}, not this ViLT's {want}")
+    state, blocks = vit.state_dict(), {}
+    for name, value in state.items():
+        for prefix in ("encoder.layer.", "layers."):
+            if name.startswith(prefix):
+                i, rest = name[len(prefix):].split(".", 1)
+                for old, new in VIT_TO_VILT.items():
+                    rest = new + rest[len(old):] if rest.startswith(old) else rest
+                blocks[f"{i}.{rest}"] = value
+    with torch.no_grad():
+        vilt.blocks.load_state_dict(blocks)  # strict: every tensor of every block
+        vilt.patch_embed.weight.copy_(state["embeddings.patch_embeddings.projection.weight"])
+        vilt.patch_embed.bias.copy_(state["embeddings.patch_embeddings.projection.bias"])
+        vilt.cls_token.copy_(state["embeddings.cls_token"])
+        vilt.pos_embed.copy_(state["embeddings.position_embeddings"])
+        vilt.norm.load_state_dict({k[len("layernorm."):]: v for k, v in state.items()
+                                   if k.startswith("layernorm.")})
+        if bert_folder is None:
+            return
+        bert = load_hf_folder(BertModel, bert_folder, "BERT text encoder", add_pooling_layer=False)
+        emb, text = bert.embeddings, vilt.text_embed
+        if emb.word_embeddings.weight.shape != text.word_embeddings.weight.shape:
+            raise ValueError(f"{bert_folder!r} holds word embeddings "
+                             f"{tuple(emb.word_embeddings.weight.shape)}, this ViLT "
+                             f"{tuple(text.word_embeddings.weight.shape)}")
+        text.word_embeddings.load_state_dict(emb.word_embeddings.state_dict())
+        text.token_type_embeddings.load_state_dict(emb.token_type_embeddings.state_dict())
+        text.LayerNorm.load_state_dict(emb.LayerNorm.state_dict())
+        # ViLT reads max_text_len positions: BERT's first ones
+        text.position_embeddings.weight.copy_(emb.position_embeddings.weight[: vilt.max_text_len])
 
 
 class MaskEmbedding(nn.Module):
@@ -289,14 +377,23 @@ class MaIL(RISModel):
     def __init__(self, cfg: MaILConfig):
         super().__init__()
         check_choices(cfg, CHOICES)  # Tab. 2 variant 2 is not built (docstring)
+        check_choices(cfg, OPTIONS)
         if "mask" in cfg.decoder_modality and "mask" not in cfg.encoder_modality:
             raise ValueError("a decoder of mask features needs them from the encoder")
         self.input_names = self.input_names_for(cfg)
-        vocab = find_wordpiece_vocab(cfg.vocab or cfg.text_weights, cfg.image_weights)
+        unimodal = cfg.pretraining == "uni-modal"
+        # the vocab.txt: given, else the BERT folder's (uni-modal) or the ViLT folder's
+        vocab = find_wordpiece_vocab(cfg.vocab or (None if unimodal else cfg.text_weights),
+                                     cfg.text_weights if unimodal else cfg.image_weights)
         self.cfg = dataclasses.replace(cfg, vocab=vocab)  # a checkpoint re-reads the same words
-        self.tokenizer = (WordPieceTokenizer(vocab, cfg.max_tokens) if vocab
-                          else ClipTokenizer(cfg.max_tokens))
-        vilt = ViLTEncoder(cfg.vilt_arch, cfg.image_weights, vocab_size=self.tokenizer.vocab_size)
+        if vocab or cfg.tokenizer == "wordpiece":  # no vocab: an error once a sentence comes
+            self.tokenizer = wordpiece_tokenizer(vocab, cfg.max_tokens, VOCAB_HINT)
+        else:  # "auto" without a vocab (tiny): nothing to download
+            self.tokenizer = ClipTokenizer(cfg.max_tokens)
+        words = getattr(self.tokenizer, "vocab_size", BERT_VOCAB_SIZE)
+        vilt = ViLTEncoder(cfg.vilt_arch, None if unimodal else cfg.image_weights, words)
+        if unimodal and cfg.image_weights:
+            load_unimodal_weights(vilt, cfg.image_weights, cfg.text_weights)
         P, d = vilt.patch_size, vilt.dim
         vilt_setting = cfg.max_size is not None  # else square images (Sec. 4.1)
         self.input_spec = InputSpec(cfg.image_size, "shorter" if vilt_setting else "square",
@@ -357,7 +454,11 @@ class MaIL(RISModel):
             out["image_mask"] = image_mask
         if target is not None:
             # focal + dice + lambda * L_select (Sec. 3.3, Eq. 7)
-            out["loss_focal"] = sigmoid_focal_loss(logits, target)
+            # focal averages over the images' own pixels: padding (PAD_LOGIT, target 0) adds
+            # exactly 0 to its sum, and counting it would dilute the mean by a share that
+            # depends on the rest of the batch (dice: padding holds p = t = 0, inert)
+            real_share = image_mask.float().mean() if padded else 1.0
+            out["loss_focal"] = sigmoid_focal_loss(logits, target) / real_share
             out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss_focal"] + out["loss_dice"]
             if scores is not None and self.cfg.select_weight > 0:

@@ -445,3 +445,111 @@ def test_candidates_file_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="image-id"):
         eval_cli.main(["--checkpoint", ckpt, "--image", str(image), "--text", "the red circle",
                        "--candidates", str(path)])
+
+
+# The paper's recipe per paper config (Sec. 4.1 unless said): image size / longer side,
+# tokens, optimiser, lr, weight decay, warm-up, schedule, global batch, epochs, clipping, flips.
+_RECIPE = dict(
+    optimiser="AdamW",  # "We use AdamW [26] optimizer" (Sec. 4.1)
+    lr=1e-4,  # "a base learning rate of 10^-4" (Sec. 4.1)
+    weight_decay=1e-2,  # "weight decay of 10^-2" (Sec. 4.1)
+    warmup=0.1,  # "warmed up for 10% of the total training steps" (Sec. 4.1)
+    schedule="linear",  # "decayed linearly to zero for the rest of training" (Sec. 4.1)
+    batch_size=128,  # "4 NVIDIA RTX3090 GPUs with a batch size of 128" (Sec. 4.1)
+    epochs=10,  # "The training phase contains 10 epochs" (Sec. 4.1)
+    clip_grad=0.0,  # no clipping is named in the paper
+    hflip=False,  # no augmentation is named in the paper
+)
+PAPER_RECIPES = {
+    # shorter edge 384, longer edge under 640 (Sec. 4.1, as ViLT [19]); 15 tokens for RefCOCO(+)
+    "paper": dict(_RECIPE, image_size=384, max_size=640, max_tokens=15),
+    # "resize all images to 416 x 416" (Sec. 4.1, the other setting, Tab. 1)
+    "paper-416": dict(_RECIPE, image_size=416, max_size=None, max_tokens=15),
+    # "20 for G-Ref" (Sec. 4.1)
+    "paper-gref": dict(_RECIPE, image_size=384, max_size=640, max_tokens=20),
+    # Tab. 2 variant 6: the same recipe, uni-modal weights (the recipe of that row is not given)
+    "paper-unimodal": dict(_RECIPE, image_size=384, max_size=640, max_tokens=15),
+}
+
+
+def test_paper_configs_are_the_papers_recipe():
+    assert set(PAPER_RECIPES) == {k for k in mail.CONFIGS if k.startswith("paper")}
+    for name, recipe in PAPER_RECIPES.items():
+        cfg = mail.CONFIGS[name]
+        got = {k: getattr(cfg, k) for k in recipe if hasattr(cfg, k)}
+        assert got == {k: v for k, v in recipe.items() if k in got}, name
+        assert cfg.vilt_arch == "vilt-b32" and cfg.tokenizer == "wordpiece", name
+    # optimiser and schedule: what configure_optimizers builds
+    model = build("mail", image_size=64, warmup=_RECIPE["warmup"])  # tiny's net, paper's warm-up
+    opt, sched = model.configure_optimizers(1e-4, total_steps=100)
+    assert type(opt).__name__ == _RECIPE["optimiser"]
+    assert opt.param_groups[0]["weight_decay"] == mail.CONFIGS["paper"].weight_decay
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 10% warm-up: steps 1..10 climb linearly to the base lr, then it falls linearly to zero
+    assert lrs[:10] == pytest.approx([1e-4 * (i + 1) / 10 for i in range(10)])
+    falls = np.diff(lrs[10:])
+    assert np.allclose(falls, falls[0]) and falls[0] < 0 and lrs[-1] + falls[0] == pytest.approx(0)
+    # the tiny config keeps our clipping and flips
+    assert mail.CONFIGS["tiny"].clip_grad == 1.0 and mail.CONFIGS["tiny"].hflip is True
+
+
+def test_wordpiece_unless_auto_without_a_vocab_is_an_error_not_bpe():
+    """The paper's tokenizer is WordPiece: without a vocab.txt a sentence is an error naming the
+    flag (`--random-init` no longer silently means CLIP BPE); only tokenizer="auto" (tiny) falls
+    back to BPE."""
+    from common.tokenizers import ClipTokenizer, MissingVocabulary
+
+    strict = build("mail", tokenizer="wordpiece", image_size=64)
+    assert isinstance(strict.tokenizer, MissingVocabulary)
+    with pytest.raises(FileNotFoundError, match="--text-weights"):
+        strict.tokenizer("the red circle")
+    assert isinstance(build("mail", image_size=64).tokenizer, ClipTokenizer)
+    assert all(mail.CONFIGS[k].tokenizer == "wordpiece" for k in mail.CONFIGS if k != "tiny")
+
+
+def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path):
+    """Tab. 2 variant 6 (`pretraining="uni-modal"`): blocks, patch projection, class token,
+    positions and final norm from a ViT folder; word/position/segment embeddings from BERT's;
+    the type embeddings from neither."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    spec = VILT_ARCHS["tiny"]
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**spec), add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "vit")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(120)]
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=spec["hidden_size"],
+                                num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
+                     add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    model = build("mail", pretraining="uni-modal", image_weights=str(tmp_path / "vit"),
+                  text_weights=str(tmp_path / "bert"))
+    enc, theirs = model.encoder.vilt, vit.state_dict()
+    assert isinstance(model.tokenizer, WordPieceTokenizer)
+    assert model.cfg.vocab == str(tmp_path / "bert" / "vocab.txt")
+    for i, block in enumerate(enc.blocks):
+        q = theirs.get(f"layers.{i}.attention.q_proj.weight",
+                       theirs.get(f"encoder.layer.{i}.attention.attention.query.weight"))
+        assert torch.equal(block.attention.attention.query.weight, q)
+    assert torch.equal(enc.pos_embed, vit.embeddings.position_embeddings)
+    assert torch.equal(enc.cls_token, vit.embeddings.cls_token)
+    assert torch.equal(enc.patch_embed.weight, vit.embeddings.patch_embeddings.projection.weight)
+    assert torch.equal(enc.norm.weight, vit.layernorm.weight)
+    text = bert.embeddings
+    assert torch.equal(enc.text_embed.word_embeddings.weight, text.word_embeddings.weight)
+    assert torch.equal(enc.text_embed.position_embeddings.weight,
+                       text.position_embeddings.weight[: enc.max_text_len])
+    # the mask projection starts from the (ViT's) RGB projection, as with ViLT's weights
+    assert torch.allclose(model.encoder.mask_embed.proj.weight,
+                          enc.patch_embed.weight.sum(1, keepdim=True))
+    batch = make_batch(model, n=2)
+    assert torch.isfinite(model(**model.inputs_from(batch), target=batch["mask"])["loss"])
+    ViTModel(ViTConfig(**(spec | dict(num_hidden_layers=2))), add_pooling_layer=False
+             ).save_pretrained(tmp_path / "vit2")
+    with pytest.raises(ValueError, match="ViT with"):
+        build("mail", pretraining="uni-modal", image_weights=str(tmp_path / "vit2"))
