@@ -335,7 +335,8 @@ def train_one_epoch(model, raw, ddp, loader, optimizer, scheduler, scaler, progr
 
 CONFIG_HELP = ("a key of the model's CONFIGS: maris: tiny, paper, paper-vit-b; mmnet: tiny, "
                "tiny-rn, paper, paper-rn50, paper-rn101, paper-vit-l; m3dec: tiny, paper "
-               "(= paper-cnn), paper-swin; mail: tiny, paper, paper-416, paper-gref")
+               "(= paper-cnn), paper-swin; mail: tiny, paper, paper-416, paper-gref, "
+               "paper-unimodal")
 
 
 def parse_args(argv=None):

@@ -192,3 +192,11 @@ def test_the_predictor_refuses_an_ambiguous_image(finished_run, image, words):
     predictor = eval_cli.Predictor.from_checkpoint(str(finished_run / "last.pt"), device="cpu")
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         predictor(image, "the red square")
+
+
+def test_help_names_every_config_of_every_model():
+    from common.runconfig import MODELS, load_model_module
+
+    for name in MODELS:
+        for config in load_model_module(name).CONFIGS:
+            assert config in train.CONFIG_HELP, (name, config)
