@@ -9,7 +9,7 @@ sources:
   from the annotations by a seeded noise model that errs like an instance-segmentation detector
   (`ProposalNoise`). Every proposal is perturbed: none equals an annotation exactly.
 - a real detector's proposals file: `python -m common.detector` (torchvision's Mask R-CNN over a
-  REFER split, written in the COCO results format that `data.load_candidates` reads).
+  REFER split, written in the COCO results format that `common.candidates.load_candidates` reads).
 
 `proposal_recall` measures what bounds MaIL on any of these: the share of samples whose best
 proposal reaches IoU >= t with the referred object.
