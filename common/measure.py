@@ -47,6 +47,9 @@ def count_flops(fn) -> int:
     - torch counts the fused backward kernels with the recomputation of the attention scores (5
       matmuls where explicit attention has 4); model FLOPs, what MFU divides by, leave recompute
       out, so every SDPA backward counts twice its forward, as explicit attention does.
+    - nn.MultiheadAttention and nn.TransformerEncoderLayer (open_clip's towers) take torch's
+      inference fast path in eval mode without gradients, a fused kernel the counter does not
+      see: the fast path is off while counting, so eval and train mode count the same.
     SDPA and the same attention written with matmuls and a softmax count the same (tested)."""
     from torch.utils import flop_counter
 
@@ -61,6 +64,11 @@ def count_flops(fn) -> int:
     mapping = {getattr(torch.ops.aten, name + suffix): formula for name in kernels
                for suffix, formula in (("", sdpa), ("_backward", sdpa_backward))
                if hasattr(torch.ops.aten, name + suffix)}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops()
