@@ -168,9 +168,9 @@ def load_checkpoint(path: str) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path!r} (truncated or not a checkpoint): "
-                         f"{type(err).__name__}: {err}") from err
+    except Exception as err:  # torch's message advises weights_only=False: never relay that
+        raise ValueError(f"cannot read checkpoint {path!r}: truncated, corrupt, or not a "
+                         f"checkpoint ({type(err).__name__})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise ValueError(f"{path!r} is not a checkpoint written by train.py")
     return ckpt

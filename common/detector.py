@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common.candidates import encode_candidates, load_candidates
+from common.encoders.loading import load_state_dict_file
 from common.proposals import proposal_recall
 
 MASK_THRESHOLD = 0.5  # Mask R-CNN's soft masks are binarised at 0.5 (torchvision, detectron2)
@@ -48,10 +49,7 @@ def load_maskrcnn(weights: str, arch: str = "maskrcnn_resnet50_fpn", num_classes
     model = getattr(det, arch)(weights=None, weights_backbone=None, num_classes=num_classes,
                                box_score_thresh=min_score, box_detections_per_img=max_per_image,
                                **kwargs)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = load_state_dict_file(weights)  # also checks a torchvision file's published hash
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

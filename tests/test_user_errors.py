@@ -200,3 +200,31 @@ def test_help_names_every_config_of_every_model():
     for name in MODELS:
         for config in load_model_module(name).CONFIGS:
             assert config in train.CONFIG_HELP, (name, config)
+
+
+def test_a_damaged_weight_or_checkpoint_file_never_advises_unsafe_loading(tmp_path, capsys):
+    """torch.load's own error suggests weights_only=False, which would run the file's code."""
+    from common.checkpoint import load_checkpoint as load
+    from common.encoders.loading import load_state_dict_file
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    for reader in (load_state_dict_file, load):
+        with pytest.raises(ValueError) as err:
+            reader(str(bad))
+        assert "weights_only" not in str(err.value) and "corrupt" in str(err.value)
+
+
+def test_a_file_named_as_a_published_one_must_be_it(tmp_path):
+    """OpenAI's CLIP files and torchvision's have published sha256 digests (common.encoders.
+    loading.KNOWN_FILES): a truncated download under that name is named as such."""
+    from common.encoders.loading import KNOWN_FILES, load_state_dict_file
+
+    assert "ViT-B-16.pt" in KNOWN_FILES and "swin_b-68c6b09e.pth" in KNOWN_FILES
+    fake = tmp_path / "ViT-B-16.pt"
+    torch.save({"w": torch.zeros(2)}, fake)
+    with pytest.raises(ValueError, match="named as the published ViT-B-16.pt"):
+        load_state_dict_file(str(fake))
+    other = tmp_path / "my-vit.pt"  # not a published name: read as it is
+    torch.save({"w": torch.zeros(2)}, other)
+    assert list(load_state_dict_file(str(other))) == ["w"]

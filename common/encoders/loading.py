@@ -13,6 +13,7 @@ encoding (`sine_init_`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 import zipfile
@@ -66,6 +67,55 @@ def _is_torchscript(path: str) -> bool:
         return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
 
 
+# Published weight files whose sha256 their publisher states, by file name: (source, sha256 or
+# its first hex digits). OpenAI's CLIP URLs hold the file's sha256 (openai/CLIP's clip.py and
+# open_clip's pretrained.py check it on download); torchvision's file names end with the first
+# 8 hex digits of theirs (torch.hub's check_hash). Files not listed (SAM, Darknet, GloVe, ViLT,
+# BERT) have no published digest: the run records each file's sha256 in its checkpoint instead.
+KNOWN_FILES = {
+    "RN50.pt": ("https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123a"
+                "ca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+                "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
+    "RN101.pt": ("https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e45"
+                 "38c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+                 "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599"),
+    "ViT-B-16.pt": ("https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eab"
+                    "d078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "ViT-L-14.pt": ("https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf1"
+                    "7d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+                    "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+    "swin_b-68c6b09e.pth": ("https://download.pytorch.org/models/swin_b-68c6b09e.pth", "68c6b09e"),
+    "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth": (
+        "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", "bf2d0c1e"),
+    "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth": (
+        "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+        "73cbd019"),
+}
+HASHED: dict = {}  # (path, size, mtime) -> sha256, so that a file is hashed once per process
+
+
+def check_known_file(path: str) -> None:
+    """A file named as a published one (KNOWN_FILES) must be that file: a truncated download
+    or another file under its name would load wrong weights, or fail far from the cause."""
+    known = KNOWN_FILES.get(os.path.basename(path))
+    if known is None:
+        return
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime)
+    if key not in HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        HASHED[key] = digest.hexdigest()
+    source, expected = known
+    if not HASHED[key].startswith(expected):
+        raise ValueError(f"{path!r} is named as the published {os.path.basename(path)} but its "
+                         f"sha256 is {HASHED[key][:16]}..., not {expected[:16]}... ({source}): "
+                         "a truncated or different file; download it again")
+
+
 def load_state_dict_file(path: str) -> dict[str, Tensor]:
     """Read a weight file safely: a torch.save'd state dict (`weights_only=True`; also nested
     under "state_dict"/"model"/"module", names with DDP's "module."), a .safetensors file, or a
@@ -73,6 +123,7 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     Returns the tensors by name."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path!r}")
+    check_known_file(path)
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():
@@ -84,8 +135,9 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
             obj = load_file(path, device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read weights from {path!r}: {err}") from err
+    except Exception as err:  # torch's own message advises weights_only=False: never relay it
+        raise ValueError(f"cannot read weights from {path!r}: a truncated or corrupt file, or "
+                         f"not a weight file ({type(err).__name__})") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
