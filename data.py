@@ -44,6 +44,7 @@ from common.candidates import (
     OracleCandidates,
     WithCandidates,
     candidate_source,
+    coverage,
     read_candidates,
 )
 from common.cli import at_least
@@ -369,7 +370,11 @@ def build_dataset(name: str, split: str, *, data_root: str | None = None,
 
         return SimulatedCandidates(ds, seed=seed, max_candidates=max_candidates,
                                    min_score=min_score)
-    return WithCandidates(ds, read_candidates(candidates, min_score, max_candidates))
+    by_image = read_candidates(candidates, min_score, max_candidates)
+    # each sample's image id (REFER: its samples' records; the synthetic data: the index)
+    ids = [s[0] for s in ds.samples] if hasattr(ds, "samples") else list(range(len(ds)))
+    coverage(by_image, ids, candidates, split)
+    return WithCandidates(ds, by_image, candidates)
 
 
 def model_candidates(args, input_names: tuple[str, ...]) -> str | None:

@@ -4,7 +4,10 @@ wrappers that put them in a sample's `instances`."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import warnings
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -64,9 +67,7 @@ def load_candidates(path: str, min_score: float = 0.0,
         raise ValueError(f"{path!r} holds no list of candidates\n{CANDIDATES_FORMAT}")
     by_image: dict[int, list[dict]] = {}
     for n, e in enumerate(entries):
-        if not isinstance(e, dict) or "image_id" not in e or "segmentation" not in e:
-            raise ValueError(f"{path!r}, entry {n}: needs image_id and segmentation\n"
-                             f"{CANDIDATES_FORMAT}")
+        check_entry(e, f"{path!r}, entry {n}")
         score = float(e.get("score", 1.0))
         if score >= min_score:
             by_image.setdefault(int(e["image_id"]), []).append(
@@ -75,6 +76,55 @@ def load_candidates(path: str, min_score: float = 0.0,
         cands.sort(key=lambda c: -c["score"])
         by_image[image_id] = cands[:max_per_image]
     return by_image
+
+
+def check_entry(e, where: str) -> None:
+    """One proposal's structure, before any is used: an integer image_id, a finite score,
+    polygons or an RLE with its [h, w] size and counts."""
+    if not isinstance(e, dict) or "image_id" not in e or "segmentation" not in e:
+        raise ValueError(f"{where}: needs image_id and segmentation\n{CANDIDATES_FORMAT}")
+    image_id, score, segm = e["image_id"], e.get("score", 1.0), e["segmentation"]
+    if isinstance(image_id, bool) or not isinstance(image_id, int) and not (
+            isinstance(image_id, str) and image_id.isdigit()):
+        raise ValueError(f"{where}: image_id must be an integer, not {image_id!r}")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        raise ValueError(f"{where}: score must be a finite number, not {score!r}")
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if ("counts" not in segm or not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(f"{where}: an RLE segmentation needs \"size\": [h, w] and "
+                             "\"counts\"")
+    elif not isinstance(segm, list):
+        raise ValueError(f"{where}: segmentation must be polygons or an RLE dict")
+
+
+def coverage(by_image: dict[int, list[dict]], image_ids: list[int], path: str, split: str,
+             refuse_below: float = 0.5) -> float:
+    """The share of a split's images that have at least one proposal in the file: below
+    `refuse_below` the file is not this split's (a ValueError naming the counts), below 1 a
+    warning with the counts (a detector may find nothing in a few images)."""
+    ids = set(image_ids)
+    held = sum(1 for i in ids if by_image.get(i))
+    share = held / max(len(ids), 1)
+    message = (f"{path}: {held} of the {len(ids)} images of the {split} split have proposals "
+               f"(score >= the config's min_score)")
+    if share < refuse_below:
+        raise ValueError(f"{message}: is this the {split} split's proposals file? (the detector "
+                         "writes one file per split: python -m common.detector --split ...)")
+    if share < 1:
+        warnings.warn(f"{message}; the others have no candidate", stacklevel=2)
+    return share
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a proposals file, recorded in the run: a file changed after training is
+    noticed when the run resumes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def encode_candidates(image_id: int, masks, scores=None) -> list[dict]:
@@ -128,14 +178,14 @@ class WithCandidates(Dataset):
     (load_candidates) instead of the annotations; an image the file does not hold has none.
     `target_index` becomes -1: a proposal is never exactly the referred object."""
 
-    def __init__(self, base: Dataset, candidates: dict[int, list[dict]]):
-        self.base, self.candidates = base, candidates
+    def __init__(self, base: Dataset, candidates: dict[int, list[dict]], source: str = ""):
+        self.base, self.candidates, self.source = base, candidates, source
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getattr__(self, name: str):  # sentence(), image_path(), ... of the wrapped dataset
-        if name in ("base", "candidates"):
+        if name in ("base", "candidates", "source"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
@@ -143,6 +193,12 @@ class WithCandidates(Dataset):
         sample = dict(self.base[i])
         h, w = image_hw(sample)
         cands = self.candidates.get(int(sample["image_id"]), [])
+        for c in cands:  # a mask of another size would be stretched onto the image
+            size = c["segmentation"].get("size") if isinstance(c["segmentation"], dict) else None
+            if size is not None and tuple(size) != (h, w):
+                raise ValueError(f"{self.source}: a proposal of image_id {sample['image_id']} is "
+                                 f"{size[0]}x{size[1]}, the image {h}x{w}: masks are at the "
+                                 "image's stored resolution")
         sample["instances"] = candidate_masks(cands, h, w)
         sample["candidate_scores"] = np.array([c["score"] for c in cands], np.float32)
         sample["target_index"] = -1

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from common.candidates import candidate_label
+from common.candidates import candidate_label, file_sha256
 
 MODELS = ("mail", "mmnet", "m3dec", "maris")
 
@@ -169,4 +169,6 @@ def run_settings(args, cfg, plan: BatchPlan, candidates: str | None) -> dict:
                 shapes_train_size=args.shapes_train_size,
                 shapes_image_size=args.shapes_image_size, data_seed=args.data_seed,
                 candidates=candidate_label(candidates) if candidates else None,
+                candidates_sha256=(file_sha256(candidates) if candidates
+                                   and os.path.isfile(candidates) else None),
                 feature_cache=args.cache_storage if args.cache_features else None)

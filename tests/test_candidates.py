@@ -62,6 +62,8 @@ def test_proposals_file_bounds_by_score_and_count(tmp_path):
     shapes = data.ShapesDataset("val", 4, 64)
     masks = shapes[0]["instances"]
     entries = encode_candidates(0, masks[:3], scores=[0.2, 0.9, 0.5])
+    for i in (2, 3):  # image 1 has none (3 of the 4 images covered: a warning, not a refusal)
+        entries += encode_candidates(i, shapes[i]["instances"][:1], scores=[0.9])
     path = tmp_path / "props.json"
     path.write_text(json.dumps(entries))
     kw = dict(shapes_size=4, shapes_image_size=64, candidates=str(path))

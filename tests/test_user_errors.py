@@ -228,3 +228,67 @@ def test_a_file_named_as_a_published_one_must_be_it(tmp_path):
     other = tmp_path / "my-vit.pt"  # not a published name: read as it is
     torch.save({"w": torch.zeros(2)}, other)
     assert list(load_state_dict_file(str(other))) == ["w"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MaIL's proposals files: checked before they are used
+# ---------------------------------------------------------------------------------------------
+
+def _proposals(path, ids, side=64, **changes):
+    import json
+
+    from common.candidates import encode_candidates
+
+    entries = []
+    for i in ids:
+        mask = np.zeros((side, side), bool)
+        mask[10:30, 10:30] = True
+        entries += [dict(e, **changes) for e in encode_candidates(i, mask[None], [0.9])]
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(image_id="seven"), "image_id must be an integer"),
+    (dict(score=float("nan")), "score must be a finite number"),
+    (dict(segmentation={"counts": "abc"}), "needs \"size\""),
+])
+def test_a_malformed_proposal_is_named_with_its_file_and_entry(tmp_path, changes, words):
+    from common.candidates import load_candidates
+
+    path = _proposals(tmp_path / "p.json", [0, 1], **changes)
+    with pytest.raises(ValueError, match="entry 0") as err:
+        load_candidates(path)
+    assert words in str(err.value)
+
+
+def test_a_proposals_file_must_cover_the_split(tmp_path):
+    """A file whose ids match no image of the split (another split's file) is refused; one that
+    misses a few images is used, with a warning that counts them."""
+    import data
+
+    kwargs = dict(shapes_size=4, shapes_image_size=64, candidates=None)
+    none = _proposals(tmp_path / "none.json", [100, 101])
+    with pytest.raises(ValueError, match="0 of the 4 images of the val split"):
+        data.build_dataset("shapes", "val", **dict(kwargs, candidates=none))
+    some = _proposals(tmp_path / "some.json", [0, 1, 2])
+    with pytest.warns(UserWarning, match="3 of the 4 images"):
+        ds = data.build_dataset("shapes", "val", **dict(kwargs, candidates=some))
+    assert len(ds[0]["instances"]) == 1 and len(ds[3]["instances"]) == 0
+    wrong = _proposals(tmp_path / "wrong.json", [0, 1, 2, 3], side=32)
+    with pytest.raises(ValueError, match="32x32, the image 64x64"):
+        data.build_dataset("shapes", "val", **dict(kwargs, candidates=wrong))[0]
+
+
+def test_a_run_records_its_proposals_file_hash(tmp_path):
+    import argparse
+
+    from common.runconfig import BatchPlan, run_settings
+
+    path = _proposals(tmp_path / "p.json", [0])
+    args = train.parse_args(["--model", "mail"])
+    cfg = argparse.Namespace(lr=1e-4, epochs=1, clip_grad=0.0, hflip=False)
+    one = run_settings(args, cfg, BatchPlan(1, 1, 1), path)["candidates_sha256"]
+    (tmp_path / "p.json").write_text((tmp_path / "p.json").read_text() + " ")
+    assert len(one) == 64 and run_settings(args, cfg, BatchPlan(1, 1, 1), path)[
+        "candidates_sha256"] != one  # a resume with the changed file would be refused
