@@ -173,13 +173,41 @@ def load_checkpoint(path: str) -> dict:
                          f"checkpoint ({type(err).__name__})") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise ValueError(f"{path!r} is not a checkpoint written by train.py")
+    if "payload_sha256" in ckpt and payload_sha256(ckpt) != ckpt["payload_sha256"]:
+        raise ValueError(f"{path!r} is damaged: its tensors do not hash to the sha256 written "
+                         "with them (a flipped bit on disk or in transfer); use another copy "
+                         "or an earlier checkpoint")
     return ckpt
+
+
+def payload_sha256(state: dict) -> str:
+    """sha256 of every tensor of a checkpoint (model, optimiser, random states), with its place
+    in the dict: a bit flipped in a weight would otherwise load as a silently wrong number."""
+    digest = hashlib.sha256()
+
+    def walk(obj, where: str) -> None:
+        if torch.is_tensor(obj):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"{where}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                if k != "payload_sha256":
+                    walk(obj[k], f"{where}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}/{i}")
+
+    walk(state, "")
+    return digest.hexdigest()
 
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
-    A run killed mid-write leaves the previous checkpoint intact."""
+    A run killed mid-write leaves the previous checkpoint intact. The tensors' sha256 goes with
+    them (`payload_sha256`)."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    state = dict(state, payload_sha256=payload_sha256(state))  # checked by load_checkpoint
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()

@@ -292,3 +292,19 @@ def test_a_run_records_its_proposals_file_hash(tmp_path):
     (tmp_path / "p.json").write_text((tmp_path / "p.json").read_text() + " ")
     assert len(one) == 64 and run_settings(args, cfg, BatchPlan(1, 1, 1), path)[
         "candidates_sha256"] != one  # a resume with the changed file would be refused
+
+
+def test_a_bit_flipped_checkpoint_is_refused(finished_run, tmp_path):
+    """A flipped bit in a weight unpickles fine and would resume as a wrong (or NaN) number."""
+    from common.checkpoint import load_checkpoint as load
+    from common.checkpoint import save_checkpoint
+
+    ckpt = load(str(finished_run / "last.pt"))
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.numel() > 8)
+    ckpt["model"][name].view(-1).view(torch.int32)[3] ^= 1 << 30  # one bit of one weight
+    path = tmp_path / "flipped.pt"
+    torch.save(ckpt, path)  # the old checksum, new bytes: what a damaged disk gives
+    with pytest.raises(ValueError, match="is damaged"):
+        load(str(path))
+    save_checkpoint(ckpt, str(path))  # written by us: its own checksum, read back
+    assert torch.equal(load(str(path))["model"][name], ckpt["model"][name])
