@@ -170,6 +170,10 @@ def predict_batch(model, image, sentences: list[str], device="cpu",
                          instances=candidates.astype(bool), image_key="image"))
         items.append(dict(item, index=i))
     batch = data.to_device(data.collate(items, model.tokenizer.pad_id), device, model.input_spec)
+    if batch["truncated"]:
+        warnings.warn(f"{batch['truncated']} sentence(s) longer than the model's limit of "
+                      f"{batch['text'].shape[1]} tokens were cut; the model reads their start",
+                      stacklevel=2)
     model.eval()
     with autocast(device, amp):
         feats = ({"image_feats": model.encode_distinct_images(batch["image"], batch["image_key"])}
@@ -269,6 +273,10 @@ def parse_args(argv=None):
     p.add_argument("--plot-out", default=None, metavar="PNG",
                    help="where --plot writes (default RUN_DIR/curves.png)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes per rank")
+    p.add_argument("--image-weights", default=None, metavar="PATH",
+                   help="where the checkpoint's frozen image-encoder file now lives")
+    p.add_argument("--text-weights", default=None, metavar="PATH",
+                   help="where the checkpoint's frozen text-encoder file now lives")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last weights and activations (see train.py --channels-last)")
     data.add_data_args(p, defaults=False)  # default: the checkpoint's training run's
@@ -346,6 +354,11 @@ def resolve_candidates(args, trained: dict, model) -> str | None:
     return candidate_source(args.dataset, args.candidates, args.oracle_candidates)
 
 
+def moved_weights(args) -> dict:
+    """--image-weights / --text-weights: where a checkpoint's frozen encoder files now live."""
+    return {f: getattr(args, f) for f in ("image_weights", "text_weights") if getattr(args, f)}
+
+
 def refuse_overwrite(path: str, source: str, flag: str) -> None:
     """eval.py never writes over one of its inputs (a photo, a checkpoint)."""
     if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
@@ -362,7 +375,7 @@ def run_tool(args) -> dict:
         return {"plot": png}
     path = args.runs[0][0]
     refuse_overwrite(args.export, path, "--checkpoint")
-    export_checkpoint(path, args.export)
+    export_checkpoint(path, args.export, moved_weights(args))
     print(f"{path} -> {args.export} (self-contained, weights only)")
     return {"export": args.export}
 
@@ -381,8 +394,8 @@ def main(argv=None) -> dict:
     device = pick_device(args.device, rank_device, world)
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if args.image is not None:
-        model, _, _ = build_model_from_checkpoint(load_checkpoint(args.runs[0][0]),
-                                                        device)
+        model, _, _ = build_model_from_checkpoint(load_checkpoint(args.runs[0][0]), device,
+                                                  moved_weights(args))
         if rank == 0:
             run_predict(args, model.eval(), device)
         return {}
@@ -439,7 +452,7 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
         raise ValueError(f"{path} was trained on other data than the first checkpoint "
                          f"(flag: (first, this) {differ}); give these flags on the command "
                          "line so that every checkpoint is evaluated on the same data")
-    model, module, _ = build_model_from_checkpoint(ckpt, device)
+    model, module, _ = build_model_from_checkpoint(ckpt, device, moved_weights(args))
     model.to(memory_format=memory_format(args.channels_last)).eval()
     source = resolve_candidates(run, trained, model)
     splits = run.split
@@ -460,6 +473,11 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
     results = {}
     for split in splits:
         loader = data.make_eval_loader(run, split, model, rank, world, run.batch_size)
+        if getattr(model.tokenizer, "unk_id", None) is not None and rank == 0:  # word vocabulary
+            unknown = unknown_words(model, data.sentences(loader.dataset.base))
+            if unknown:
+                warnings.warn(f"{split}: {unknown} words are not in the model's vocabulary (built "
+                              "from its training sentences) and read as <unk>", stacklevel=1)
         on_batch = None
         if run.save_vis:
             os.makedirs(run.save_vis, exist_ok=True)

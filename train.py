@@ -252,6 +252,7 @@ def main(argv=None) -> dict:
     if world > 1:  # no rank leaves while another still writes
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    checkpoint.release_run_folder(args.out)
     return metrics
 
 

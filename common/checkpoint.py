@@ -99,9 +99,10 @@ def check_reference(name: str, ref: dict, path: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"the checkpoint stores the frozen {name} by reference to {path!r} (the training "
-            f"run's {flag}), and that file is missing: put it back, pass its new location, or "
-            "use a self-contained checkpoint (train.py --self-contained-checkpoints, or "
-            "python eval.py --export on a machine that has the file)")
+            f"run's {flag}), and that file is missing: put it back, give its new location "
+            f"(train.py or eval.py {flag} PATH; Predictor.from_checkpoint(..., weights=...)), "
+            "or use a self-contained checkpoint (train.py --self-contained-checkpoints, or "
+            "eval.py --export with the file in place)")
     if weights_sha256(path) != ref["sha256"]:
         raise ValueError(
             f"{path!r} ({flag}) is not the file the frozen {name} was trained with: sha256 "
@@ -151,12 +152,12 @@ def build_model_from_checkpoint(ckpt: dict, device="cpu", weights: dict | None =
     return model.to(device), module, cfg
 
 
-def export_checkpoint(src_path: str, dst_path: str) -> None:
+def export_checkpoint(src_path: str, dst_path: str, weights: dict | None = None) -> None:
     """Write a self-contained, weights-only copy of a checkpoint (model_name, config, every
     weight, and the training run's args, which eval.py reads for its data defaults): no
     optimiser state, no weight files needed to load it (build_model_from_checkpoint)."""
     ckpt = load_checkpoint(src_path)
-    model, _, cfg = build_model_from_checkpoint(ckpt)
+    model, _, cfg = build_model_from_checkpoint(ckpt, weights=weights)
     state = dict(model_name=ckpt["model_name"], config=dataclasses.asdict(cfg),
                  model=model.state_dict(), args=ckpt.get("args", {}),
                  frozen_modules=ckpt.get("frozen_modules", []))
@@ -243,6 +244,13 @@ def claim_run_folder(out: str, is_main: bool) -> None:
     for name in os.listdir(out):
         if ".pt.tmp." in name:
             os.remove(os.path.join(out, name))
+
+
+def release_run_folder(out: str) -> None:
+    """The end of a run: another may start in its folder (with --resume auto)."""
+    lock = _HELD.pop(os.path.abspath(out), None)
+    if lock is not None:
+        lock.close()
 
 
 _HELD: dict = {}  # run folder -> the open lock file this process holds on it

@@ -308,3 +308,14 @@ def test_a_bit_flipped_checkpoint_is_refused(finished_run, tmp_path):
         load(str(path))
     save_checkpoint(ckpt, str(path))  # written by us: its own checksum, read back
     assert torch.equal(load(str(path))["model"][name], ckpt["model"][name])
+
+
+def test_prediction_says_when_words_are_cut_or_unknown(finished_run):
+    predictor = eval_cli.Predictor.from_checkpoint(str(finished_run / "last.pt"), device="cpu")
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.warns(UserWarning, match="1 sentence.*were cut"):
+        predictor(image, " ".join(["the red circle"] * 200))
+    model = types.SimpleNamespace(tokenizer=lambda s: ([1 if w == "red" else 0
+                                                         for w in s.split()], False))
+    model.tokenizer.unk_id = 0
+    assert eval_cli.unknown_words(model, ["the red zorb", "red"]) == 2
