@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -80,6 +81,18 @@ def unpack(stored: Tensor | dict[str, Tensor]) -> Tensor:
     return stored.float()
 
 
+def entry_sha256(entry: dict) -> str:
+    """sha256 of an entry's stored tensors, by name (int8 entries: their q and scale)."""
+    digest = hashlib.sha256()
+    for name in sorted(entry):
+        parts = entry[name] if isinstance(entry[name], dict) else {"": entry[name]}
+        for sub in sorted(parts):
+            t = parts[sub].contiguous()
+            digest.update(f"{name}/{sub}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _safe_key(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
@@ -109,16 +122,25 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     def _load(self, path: str) -> dict[str, Tensor] | None:
+        """An entry, or None when it is missing or damaged (unreadable, or its tensors do not
+        hash to the sha256 stored with them): a damaged entry is removed, said, and recomputed
+        from the image (a run reading without images then reads them again)."""
         if not os.path.isfile(path):
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # unreadable (disk error, foreign file): recompute
+            entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if entry.pop("sha256") != entry_sha256(entry):
+                raise ValueError("checksum mismatch")
+            return entry
+        except Exception as err:  # a disk error, a flipped bit, a foreign file
+            warnings.warn(f"feature cache entry {path} is damaged ({type(err).__name__}: "
+                          f"{err}): removed, it is recomputed", stacklevel=2)
+            os.remove(path)
             return None
 
     def _store(self, path: str, feats: dict[str, Tensor]) -> None:
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save(feats, tmp)
+        torch.save(dict(feats, sha256=entry_sha256(feats)), tmp)
         os.replace(tmp, path)
 
     def _path(self, part: str, key: str) -> str:
@@ -152,9 +174,10 @@ class FeatureCache:
                 if batch.get("image") is None:  # read without images: the cache must hold all
                     missing = [batch["image_key"][i] for i in idx]
                     raise RuntimeError(
-                        f"the feature cache has no entry for {missing} (removed or unreadable) "
-                        "and the batch was read without its images; run again (entries are "
-                        f"recomputed from the images) or delete the cache folder {self.dirs}")
+                        f"the feature cache has no entry for {missing} (removed or damaged) "
+                        "and the batch was read without its images. Run again with --resume "
+                        "auto: the split is then read with its images and the entries are "
+                        "recomputed")
                 return model.encode_image(batch["image"][idx])
 
             entries = self._lookup("image", batch["image_key"], encode)

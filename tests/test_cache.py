@@ -220,3 +220,33 @@ def test_storage_error_orders_the_formats_by_precision(frozen):
     assert 0 < errors[0] < errors[1] and errors[0] < errors[2] < 0.05
     assert all(0 <= r["pixels_flipped"] < 0.5 for r in report.values())
     assert frozen.training  # measured in eval mode, then put back
+
+
+def test_a_bit_flipped_entry_is_removed_and_recomputed(frozen, tmp_path):
+    """A flipped bit in a stored feature unpickles fine: the entry's sha256 catches it."""
+    batch = make_batch(frozen, n=1)
+    cache = FeatureCache(str(tmp_path), frozen, storage="fp16")
+    good = cache.features(frozen, batch)["image_feats"]["f_v1"]
+    path = os.path.join(cache.dirs["image"], os.listdir(cache.dirs["image"])[0])
+    entry = torch.load(path, weights_only=True)
+    entry["f_v1"].view(-1).view(torch.int16)[5] ^= 1 << 14
+    torch.save(entry, path)  # its old checksum, new bytes
+    fresh = FeatureCache(str(tmp_path), frozen, storage="fp16")
+    with pytest.warns(UserWarning, match="damaged"):
+        again = fresh.features(frozen, batch)["image_feats"]["f_v1"]
+    assert fresh.misses == 1 and torch.equal(again, good)
+
+
+def test_refer_images_are_keyed_by_their_file_not_their_id(tmp_path):
+    """Two REFER-format datasets whose images share ids but not files must not share cached
+    features: the key names the image file (and its size and time), not only its id."""
+    from helpers import ref, write_refer
+
+    keys = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        write_refer(root, [ref(1, 1, 9, "train", "thing")],
+                    [{"id": 9, "file_name": "x.jpg", "height": 20, "width": 30}],
+                    [{"id": 1, "image_id": 9, "category_id": 1, "area": 4, "iscrowd": 0,
+                      "bbox": [0, 0, 2, 2], "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}])
+        keys.append(data.build_dataset("refcoco", "train", data_root=str(root)).image_key(0))
+    assert keys[0] != keys[1] and keys[0].startswith("file:")
