@@ -17,6 +17,7 @@ GT_COLOUR = np.array([255, 0, 255])  # magenta
 PANEL_WIDTH = 256  # pixels; outlines are drawn at this size, so they look alike for any image
 OUTLINE_PX, FILL_ALPHA = 2, 0.25  # a solid edge says where the mask is, a light fill what it covers
 HEADER_PX, TITLE_PX, LEGEND_BOX = 32, 14, 10  # header (sentence, legend) and panel-title heights
+SCALE_PX = 60  # the width of the heat maps' colour scale
 
 
 def to_width(array: np.ndarray, width: int, resample) -> np.ndarray:
@@ -52,10 +53,10 @@ def heatmap(image: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def compose(panels: list[tuple[str, np.ndarray]], header: str,
-            legend: Sequence[tuple[str, np.ndarray]] = (),
-            width: int = PANEL_WIDTH) -> Image.Image:
+            legend: Sequence[tuple[str, np.ndarray]] = (), width: int = PANEL_WIDTH,
+            scale: bool = False) -> Image.Image:
     """Panels (title, uint8 image) side by side, wrapping every 6, under a header: one line of
-    text and a legend line of (label, colour) boxes."""
+    text and a legend line of (label, colour) boxes, then (scale) the heat maps' colour scale."""
     font = ImageFont.load_default()
     tiles = []
     for title, img in panels:
@@ -77,6 +78,13 @@ def compose(panels: list[tuple[str, np.ndarray]], header: str,
                        outline="black")
         draw.text((x + LEGEND_BOX + 4, 17), label, fill="black", font=font)
         x += LEGEND_BOX + 12 + round(draw.textlength(label, font=font))
+    if scale:  # heatmap's colours from 0 to 1, as a bar between its two ends
+        bar = heatmap(np.zeros((LEGEND_BOX, SCALE_PX, 3), np.uint8),
+                      np.tile(np.linspace(0, 1, SCALE_PX), (LEGEND_BOX, 1)))
+        draw.text((x, 17), "heat 0", fill="black", font=font)
+        x += 4 + round(draw.textlength("heat 0", font=font))
+        sheet.paste(Image.fromarray(bar), (x, 18))
+        draw.text((x + SCALE_PX + 4, 17), "1", fill="black", font=font)
     for k, t in enumerate(tiles):
         sheet.paste(t, ((k % cols) * width, HEADER_PX + (k // cols) * th))
     return sheet
@@ -97,4 +105,4 @@ def visual(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, sentence:
     for title, value in extra:
         panels.append((title, heatmap(image, value.detach().float().cpu().numpy())))
     header = f'"{sentence}"' + (f"  IoU={iou:.3f}" if iou is not None else "")
-    return compose(panels, header, legend)
+    return compose(panels, header, legend, scale=bool(extra))

@@ -154,3 +154,15 @@ def test_masks_are_outlined_in_colours_no_shape_has():
     for shape_colour in COLOURS.values():
         for colour in (visualise.PRED_COLOUR, visualise.GT_COLOUR):
             assert np.abs(colour - np.array(shape_colour)).max() > 90
+
+
+def test_heat_maps_come_with_their_colour_scale():
+    image, mask = np.zeros((40, 60, 3), np.uint8), np.zeros((40, 60), bool)
+    plain = np.asarray(visualise.visual(image, mask, None, "x", []))
+    heat = np.asarray(visualise.visual(image, mask, None, "x", [("attention", torch.rand(5, 5))]))
+    header = heat[: visualise.HEADER_PX].astype(int)
+    # the scale's two ends: heatmap's colour of 0 (blue) and of 1 (red), in the header only
+    red, blue = header[..., 0], header[..., 2]
+    assert (blue > red + 60).any() and (red > blue + 60).any()
+    top = plain[: visualise.HEADER_PX].astype(int)
+    assert not (top[..., 0] > top[..., 2] + 60).any()
