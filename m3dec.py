@@ -93,7 +93,7 @@ FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
 FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
 
 
-@dataclass
+@dataclass(frozen=True)
 class M3DecConfig:
     image_encoder: str = "darknet53"  # Table IV: DN-53 (CNN) or Swin-B; see IMAGE_ENCODERS
     text_encoder: str = "gru"  # Table IV: GRU (CNN) or BERT; "gru" | "bert-base" | "bert-tiny"

@@ -106,7 +106,7 @@ CHOICES = {"encoder_modality": ("image+mask+language", "image+language"),
 OPTIONS = {"tokenizer": ("wordpiece", "auto"), "pretraining": ("multi-modal", "uni-modal")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaILConfig:
     vilt_arch: str = "vilt-b32"  # ViT-B/32 from ViLT: P=32, d=768, 12 blocks, 12 heads (Sec. 4.1)
     image_size: int = 384  # ViLT setting: shorter side 384 (Sec. 4.1); square setting: 416

@@ -93,7 +93,7 @@ from common.model import CacheableEncoders, InputSpec, RISModel, check_choices, 
 from common.tokenizers import ClipTokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class MARISConfig:
     sam_arch: str = "vit_h"  # "SAM uses a ViT-H" (Sec. Image Encoder)
     image_size: int = 1024  # SAM's input, longest side, padded square (Sec. Image Encoder)

@@ -85,7 +85,7 @@ from common.model import InputSpec, RISModel, freeze
 from common.tokenizers import ClipTokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class MMNetConfig:
     image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B (also L-14, RN101)
     text_arch: str = "ViT-B-16-quickgelu"  # the text tower of the same CLIP model (Sec. 3.1)

@@ -319,3 +319,15 @@ def test_prediction_says_when_words_are_cut_or_unknown(finished_run):
                                                          for w in s.split()], False))
     model.tokenizer.unk_id = 0
     assert eval_cli.unknown_words(model, ["the red zorb", "red"]) == 2
+
+
+def test_configs_are_frozen():
+    """`cfg = CONFIGS["tiny"]; cfg.dim = 32` would change every later user's config."""
+    import dataclasses
+
+    from common.runconfig import MODELS, load_model_module
+
+    for name in MODELS:
+        for cfg in load_model_module(name).CONFIGS.values():
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                cfg.lr = 1.0
