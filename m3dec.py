@@ -19,8 +19,19 @@ VLT builds with query generation and balance modules M3Dec has not) and a VAL-on
 
 Interpretations (where the paper is silent or contradicts itself):
 - F_vis at stride 16 (VisualNeck), as in VLT (same authors and setting): the paper gives none.
-- Text: a GRU as in Table IV (the text says LSTM), directions summed, F_t' = their final states
-  as in VLT; BERT: F_t = its last layer, F_t' = [CLS], each by a linear layer to C (the usual way).
+- Images stretched to image_size x image_size in both settings, as LAVT's code does at 480 px;
+  VLT's code, whose 416 px the CNN setting follows, letterboxes instead (aspect kept, centred on
+  grey), which the paper's "resized to 416 x 416" does not mention.
+- Text: a GRU as in Table IV (the text says LSTM), directions summed as in VLT's code; F_t' =
+  the final states of both directions, as Sec. III says ("the final state output"; VLT's code
+  instead pools the word states with a learned attention). BERT: F_t = its last layer, F_t' =
+  [CLS], each by a linear layer to C (the usual way).
+- GloVe vectors stay fixed (`freeze_word_vectors`), as Sec. IV-A has GloVe "generate" the
+  embeddings and VLT's code reads them, fixed, from spaCy; words GloVe lacks start random and
+  stay so (VLT: zeros). `tiny` has no GloVe, so it trains its word vectors.
+- Swin-B: torchvision's ImageNet-1K, window-7 checkpoint; LAVT, whose 480 px setting the paper
+  follows, loads the ImageNet-22K window-12 one (swin_base_patch4_window12_384_22k.pth), which
+  common.encoders.swin cannot read yet. The paper names neither.
 - GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
   checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
 - BERT reads 20 tokens with [CLS] and [SEP], so that about 15 words (the paper's count) fit.
@@ -35,7 +46,11 @@ Interpretations (where the paper is silent or contradicts itself):
   FFNs and Eq. (3)-(4) keep their own.
 - Padded words enter no softmax (Eq. 2b, 3), mean (Eq. 4) or BN statistics: padding changes nothing.
 - IMI (Eq. 3) as written: no 1/sqrt(C), softmax over F_l^n's words; w_ci starts at 1 (a plain sum).
-- LFR (Eq. 4): e is the fixed sine encoding; F_proj is not detached: W_proj trains by L_rec alone.
+- LFR (Eq. 4): e is the fixed sine encoding. F_proj is neither detached nor normalised, as
+  written (`lfr_target="paper"`): W_proj trains by L_rec alone, and L_rec can also fall by
+  shrinking F_proj together with F_rec (it is 0 when both are 0, which carries no language).
+  `lfr_target` offers a stop-gradient ("detached": W_proj stays at its initialisation) or a
+  unit-rms F_proj ("normalised"), neither in the paper.
 - Mask Decoder (Fig. 6): the N_t maps zero-padded to `max_len` channels for a fixed first conv;
   three 2x bilinear upsamplings give stride 2, then a resize to H x W.
 - The logits' bias starts at the log-odds of p = 0.05 (RetinaNet's prior), as a referred object
@@ -51,9 +66,10 @@ Interpretations (where the paper is silent or contradicts itself):
   0.1x the lr (`encoder_lr_scale`), so that fine-tuning keeps what they learnt.
 - The public yolov3.weights saw RefCOCO's val/test images (COCO train2014), unlike the paper's
   backbone, so numbers with them are optimistic.
-- Ours, not the paper's: gradient clipping (`clip_grad`) and flips with "left"/"right" swapped
-  (`hflip`), as the tiny configs train from scratch and a flip must keep a sentence true;
-  `best.pt` is the epoch of best val mIoU (the paper does not say), so its val numbers flatter.
+- Ours, in `tiny` only (the paper configs have neither): gradient clipping (`clip_grad`) and
+  flips with "left"/"right" swapped (`hflip`), as tiny trains from scratch and a flip must keep a
+  sentence true. `best.pt` is the epoch of best val mIoU (the paper does not say), so its val
+  numbers flatter.
 """
 
 from __future__ import annotations
@@ -85,12 +101,14 @@ from common.tokenizers import SHAPES_VOCAB, build_word_vocab
 IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
                   "swin_b": (SwinImageEncoder, "swin_b"), "swin-tiny": (SwinImageEncoder, "tiny")}
 BERT_ENCODERS = {"bert-base": "bert-base", "bert-tiny": "tiny"}  # text_encoder -> BERT arch
+LFR_TARGETS = ("paper", "detached", "normalised")  # LFR's target F_proj, see M3DecConfig
 # the values each config switch may take (M3Dec checks them)
 CHOICES = {"image_encoder": tuple(IMAGE_ENCODERS), "text_encoder": ("gru", *BERT_ENCODERS),
            "attention": ("m3att", "generic"), "imi": ("iterative", "same", "off"),
-           "mask_decoder": ("kernels", "concat")}
+           "mask_decoder": ("kernels", "concat"), "lfr_target": LFR_TARGETS}
 FEATURE_STRIDE = 16  # F_vis, F_enc (see Interpretations)
 FOREGROUND_PRIOR = 0.05  # initial mask probability (RetinaNet's prior initialisation)
+RMS_EPS = 1e-6  # lfr_target="normalised": keeps an all-zero F_proj finite
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,10 @@ class M3DecConfig:
     attention: str = "m3att"  # Table I-II: "m3att" (M3Att) or "generic" (LAV only)
     imi: str = "iterative"  # Table II: "iterative" (IMI), "same" (IMI*: F_t each time), "off"
     lfr: bool = True  # Table II: False removes LFR and its loss L_rec
+    # LFR's target F_proj (Eq. 4): "paper" as written (trained by L_rec; it can shrink, see
+    # Interpretations), "detached" (stop-gradient: W_proj fixed at its initialisation) or
+    # "normalised" (unit root-mean-square per sample, so that its scale cannot fall); ours
+    lfr_target: str = "paper"
     mask_decoder: str = "kernels"  # Table III: "kernels" (Ours) or "concat" ("Concate")
     dropout: float = 0.1  # not given
     w_mask: float = 1.0  # Eq. (5), Sec. IV-A
@@ -121,14 +143,15 @@ class M3DecConfig:
     image_weights: str | None = None  # yolov3.weights / Darknet state dict, or swin_b .pth
     text_weights: str | None = None  # GloVe text file (gru) or local BERT folder
     freeze_encoders: bool = False  # the paper does not freeze (see Interpretations)
+    freeze_word_vectors: bool = True  # gru: GloVe "generates" the embeddings (Sec. IV-A): fixed
     # training recipe (Sec. IV-A); batch_size is the global batch
     lr: float = 0.005
     encoder_lr_scale: float = 0.1  # pretrained encoders' lr factor (not given)
     lr_milestones: tuple[float, ...] = (0.8, 0.9)  # "step decay" (VLT: epochs 40, 45 of 50)
     epochs: int = 50
     batch_size: int = 48
-    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
-    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
+    clip_grad: float = 0.0  # max gradient norm, 0 = none: the paper clips nothing
+    hflip: bool = False  # training flips: the paper names no augmentation
 
 
 # The encoder files each paper config starts from: train.py refuses a paper config without them
@@ -143,10 +166,12 @@ CONFIGS = {
     "paper-cnn": M3DecConfig(),  # Table IV's CNN setting (Darknet-53 + GRU over GloVe)
     "paper-swin": M3DecConfig(image_encoder="swin_b", text_encoder="bert-base", image_size=480,
                               max_len=20),  # Table IV's Transformer setting (Swin-B + BERT)
-    # CPU-sized, same code paths: 128 px -> 8 x 8 tokens, tiny Darknet, the shapes words
+    # CPU-sized, same code paths: 128 px -> 8 x 8 tokens, tiny Darknet, the shapes words; it
+    # trains from scratch, so its word vectors train and it clips and flips (Interpretations)
     "tiny": M3DecConfig(image_encoder="darknet-tiny", image_size=128, word_dim=32,
                         vocab=SHAPES_VOCAB, dim=64, heads=4, ffn_dim=128, mask_dim=32,
-                        dropout=0.0, lr=1e-3, encoder_lr_scale=1.0, epochs=12, batch_size=16),
+                        dropout=0.0, lr=1e-3, encoder_lr_scale=1.0, epochs=12, batch_size=16,
+                        freeze_word_vectors=False, clip_grad=1.0, hflip=True),
 }
 CONFIGS["paper"] = CONFIGS["paper-cnn"]
 
@@ -273,11 +298,14 @@ class IMIBlock(nn.Module):
 class LanguageReconstruction(nn.Module):
     """Language Feature Reconstruction, LFR (Sec. III-C, Eq. 4, Fig. 5): (F_rec, F_proj)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, target: str = "paper"):
         super().__init__()
         self.w_proj = nn.Linear(dim, dim)  # W_proj of Eq. (4)
         self.fc1, self.fc2, self.fc3 = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm1, self.norm2 = TokenBatchNorm(dim), TokenBatchNorm(dim)
+        self.target = target  # one of LFR_TARGETS
+        if target == "detached":  # no gradient reaches W_proj: a fixed random projection
+            self.w_proj.requires_grad_(False)
 
     def forward(self, f_dec: Tensor, words: Tensor, sentence: Tensor, text_mask: Tensor
                 ) -> tuple[Tensor, Tensor]:
@@ -287,6 +315,10 @@ class LanguageReconstruction(nn.Module):
         seq = torch.cat([words + e, sentence[:, None]], 1)  # (B, L + 1, C)
         seq_mask = torch.cat([text_mask, text_mask.new_ones(B, 1)], 1)
         f_proj = masked_mean(F.relu(self.w_proj(seq)), seq_mask)  # (B, C)
+        if self.target == "detached":  # stop-gradient: L_rec moves F_rec only
+            f_proj = f_proj.detach()
+        elif self.target == "normalised":  # unit rms per sample: L_rec cannot shrink the target
+            f_proj = f_proj * torch.rsqrt(f_proj.pow(2).mean(-1, keepdim=True) + RMS_EPS)
         # three stacked linear layers on F_dec, then average pooling over the words: F_rec
         x = F.relu(self.norm1(self.fc1(f_dec), text_mask))
         x = F.relu(self.norm2(self.fc2(x), text_mask))
@@ -355,6 +387,8 @@ class M3Dec(RISModel):
                 cfg.vocab, cfg.max_len, C, cfg.word_dim, cfg.text_weights,
                 hint="build the word vocabulary from the training split with m3dec.prepare_config")
             self.text_proj = nn.Identity()  # the GRU's width is already C
+            if cfg.freeze_word_vectors:  # fixed GloVe vectors (see Interpretations)
+                self.text_encoder.embed.weight.requires_grad_(False)
         else:
             self.tokenizer, self.text_encoder = bert_and_tokenizer(
                 BERT_ENCODERS[cfg.text_encoder], cfg.text_weights, cfg.bert_vocab, cfg.max_len,
@@ -371,7 +405,7 @@ class M3Dec(RISModel):
                        mutual=cfg.attention == "m3att") for _ in range(cfg.dec_layers))
         n_imi = 0 if cfg.imi == "off" else cfg.dec_layers - 1
         self.imi = nn.ModuleList(IMIBlock(C, cfg.imi == "iterative") for _ in range(n_imi))
-        self.lfr = LanguageReconstruction(C) if cfg.lfr else None
+        self.lfr = LanguageReconstruction(C, cfg.lfr_target) if cfg.lfr else None
         self.mask_decoder = MaskDecoder(C, cfg.heads, cfg.max_len, cfg.mask_dim, cfg.dropout,
                                         concat=cfg.mask_decoder == "concat")
 
