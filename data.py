@@ -29,6 +29,7 @@ Shapes: B batch, K candidates, L tokens, H W input size, H0 W0 original size.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import warnings
@@ -287,6 +288,21 @@ def to_device(batch: dict, device: torch.device | str, spec: InputSpec | None = 
 DATA_DEFAULTS = dict(dataset="shapes", split_by=None, data_root=None, image_dir=None,
                      shapes_train_size=4000, shapes_eval_size=500, shapes_image_size=128,
                      data_seed=0, candidates=None, oracle_candidates=False)
+
+
+TRAINED_DATA_FLAGS = ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
+              "shapes_image_size", "data_seed")  # what a checkpoint's training run decides
+
+
+def eval_data_args(args, trained: dict) -> argparse.Namespace:
+    """A copy of the command line's args whose data flags the user did not give (None) come from
+    the training run (`trained`, the checkpoint's args), or else train.py's defaults."""
+    run = argparse.Namespace(**vars(args))
+    for key, default in DATA_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(run, key, trained.get(key, default) if key in TRAINED_DATA_FLAGS else default)
+    run.seed = trained.get("seed", 0)
+    return run
 
 
 def add_data_args(p, defaults: bool = True) -> None:

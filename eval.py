@@ -32,31 +32,14 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
-from common import cli
+from common import cli, distributed, report
 from common.cache import frozen_features
 from common.candidates import candidate_masks, candidate_source, load_candidates
 from common.checkpoint import build_model_from_checkpoint, export_checkpoint, load_checkpoint
-from common.distributed import (
-    autocast,
-    is_rank0,
-    memory_format,
-    pick_device,
-    setup_distributed,
-    unwrap,
-)
-from common.images import load_image, to_rgb
+from common.images import as_rgb
 from common.logs import plot_log
 from common.metrics import IoUAccumulator, intersection_union
 from common.refer import DEFAULT_SPLIT_BY, SPLITS
-from common.report import (
-    candidate_title,
-    config_changes,
-    describe_candidates,
-    json_report,
-    print_comparison,
-    print_table,
-    split_label,
-)
 from common.shapes import SENTENCE_TYPES
 from common.visualise import visual
 
@@ -80,16 +63,16 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
     on rank 0 when stderr is a terminal and `progress` is set."""
     from tqdm import tqdm
 
-    raw = unwrap(model)
+    raw = distributed.unwrap(model)
     was_training = raw.training
     raw.eval()
     acc = IoUAccumulator()
     by_type = {t: IoUAccumulator() for t in SENTENCE_TYPES}
     bar = tqdm(loader, desc="val", leave=False, file=sys.stderr,
-               disable=not (progress and is_rank0() and sys.stderr.isatty()))
+               disable=not (progress and distributed.is_rank0() and sys.stderr.isatty()))
     for batch in bar:
         batch = data.to_device(batch, device, raw.input_spec)
-        with autocast(device, amp):
+        with distributed.autocast(device, amp):
             feats = frozen_features(raw, batch, cache)
             out = raw(**raw.inputs_from(batch), **feats)
         logits = out["mask_logits"].float()  # (B, 1, H, W), fp32 whatever the autocast dtype
@@ -114,28 +97,6 @@ def evaluate(model, loader, device, amp: str = "none", on_batch=None, cache=None
 # ---------------------------------------------------------------------------------------------
 # Prediction on one image
 # ---------------------------------------------------------------------------------------------
-
-
-def as_rgb(image) -> np.ndarray:
-    """What a user may pass as an image, as uint8 RGB (H, W, 3): a file path (EXIF orientation
-    applied, as a viewer shows it), a PIL image, or a uint8 array (H, W, 3) or (H, W). Any other
-    dtype is refused: a float image may be in [0, 1] or [0, 255], and a wrong guess gives an
-    empty mask without a word."""
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(os.fspath(image), exif=True)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if torch.is_tensor(image):
-        image = image.cpu().numpy()
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"an image array must be uint8 (H, W, 3), not {image.dtype}: convert "
-                         "it first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"an image array must be (H, W, 3) RGB or (H, W), not {image.shape}")
-    return image
 
 
 def unknown_words(model, sentences: list[str]) -> int:
@@ -175,7 +136,7 @@ def predict_batch(model, image, sentences: list[str], device="cpu",
                       f"{batch['text'].shape[1]} tokens were cut; the model reads their start",
                       stacklevel=2)
     model.eval()
-    with autocast(device, amp):
+    with distributed.autocast(device, amp):
         feats = ({"image_feats": model.encode_distinct_images(batch["image"], batch["image_key"])}
                  if hasattr(model, "encode_distinct_images") else {})
         out = model(**model.inputs_from(batch), **feats)
@@ -285,7 +246,7 @@ def parse_args(argv=None):
         p.error("--image and --text go together")
     if args.plot is None and args.checkpoint is None:
         p.error("--checkpoint is needed (except with --plot)")
-    args.runs = [split_label(c) for c in args.checkpoint or []]
+    args.runs = [report.split_label(c) for c in args.checkpoint or []]
     if len(args.runs) > 1:
         single = [flag for flag, value in (("--image", args.image), ("--save-mask", args.save_mask),
                                            ("--save-vis", args.save_vis),
@@ -380,18 +341,14 @@ def run_tool(args) -> dict:
     return {"export": args.export}
 
 
-DATA_FLAGS = ("dataset", "split_by", "data_root", "image_dir", "shapes_eval_size",
-              "shapes_image_size", "data_seed")  # what a checkpoint's training run decides
-
-
 def main(argv=None) -> dict:
     """Returns {SPLIT: metrics} for one checkpoint, {"checkpoints": [row, ...]} for several
     (each row as `evaluate_checkpoint` returns it)."""
     args = parse_args(argv)
     if args.plot is not None or args.export is not None:
         return run_tool(args)
-    rank, world, rank_device = setup_distributed()
-    device = pick_device(args.device, rank_device, world)
+    rank, world, rank_device = distributed.setup_distributed()
+    device = distributed.pick_device(args.device, rank_device, world)
     args.amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if args.image is not None:
         model, _, _ = build_model_from_checkpoint(load_checkpoint(args.runs[0][0]), device,
@@ -412,29 +369,18 @@ def main(argv=None) -> dict:
             row = rows[0]
             title = f"{row['model']} ({row['checkpoint']}) on {row['dataset']}"
             if row["source"] is not None:
-                title += f", candidates: {candidate_title(row['source'])}"
-            print_table(row["results"], title)
+                title += f", candidates: {report.candidate_title(row['source'])}"
+            report.print_table(row["results"], title)
         else:
-            print_comparison(rows)
+            report.print_comparison(rows)
         if args.json:
-            report = (json_report(rows[0], alone=True) if len(rows) == 1
-                      else {"checkpoints": [json_report(row) for row in rows]})
+            written = (report.json_report(rows[0], alone=True) if len(rows) == 1
+                       else {"checkpoints": [report.json_report(row) for row in rows]})
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+                json.dump(written, f, indent=1)
     if world > 1:
         dist.destroy_process_group()
     return rows[0]["results"] if len(rows) == 1 else {"checkpoints": rows}
-
-
-def data_args(args, trained: dict) -> argparse.Namespace:
-    """A copy of the command line's args whose data flags the user did not give (None) come from
-    the training run (`trained`, the checkpoint's args), or else train.py's defaults."""
-    run = argparse.Namespace(**vars(args))
-    for key, default in data.DATA_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(run, key, trained.get(key, default) if key in DATA_FLAGS else default)
-    run.seed = trained.get("seed", 0)
-    return run
 
 
 def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, device,
@@ -445,15 +391,15 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
     another row's "data", which this checkpoint's must equal (a comparison on the same data)."""
     ckpt = load_checkpoint(path)
     trained = ckpt.get("args", {})
-    run = data_args(args, trained)
-    resolved = {key: getattr(run, key) for key in DATA_FLAGS}
+    run = data.eval_data_args(args, trained)
+    resolved = {key: getattr(run, key) for key in data.TRAINED_DATA_FLAGS}
     if same_data is not None and resolved != same_data:
         differ = {k: (same_data[k], v) for k, v in resolved.items() if same_data[k] != v}
         raise ValueError(f"{path} was trained on other data than the first checkpoint "
                          f"(flag: (first, this) {differ}); give these flags on the command "
                          "line so that every checkpoint is evaluated on the same data")
     model, module, _ = build_model_from_checkpoint(ckpt, device, moved_weights(args))
-    model.to(memory_format=memory_format(args.channels_last)).eval()
+    model.to(memory_format=distributed.memory_format(args.channels_last)).eval()
     source = resolve_candidates(run, trained, model)
     splits = run.split
     if splits == ["all"]:
@@ -462,7 +408,7 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
                   if s != "train"]
     if rank == 0 and source is not None:
         who = f"{label}: " if len(args.runs) > 1 else ""
-        print(f"{who}candidate masks: {describe_candidates(source)}", flush=True)
+        print(f"{who}candidate masks: {report.describe_candidates(source)}", flush=True)
 
     cache = None
     if run.cache_features:
@@ -489,7 +435,7 @@ def evaluate_checkpoint(args, path: str, label: str, rank: int, world: int, devi
                   f"{run.save_vis}", flush=True)
     return dict(label=label, checkpoint=path, model=ckpt["model_name"],
                 config=trained.get("config"), dataset=run.dataset, source=source,
-                changes=config_changes(ckpt, module), data=resolved, results=results)
+                changes=report.config_changes(ckpt, module), data=resolved, results=results)
 
 
 def make_visualiser(args, split: str, model, dataset):

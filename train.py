@@ -27,9 +27,11 @@ Where the machinery lives (common/):
   runconfig.py    the model registry, the config a command line builds, the batch plan
   checkpoint.py   the checkpoint format, frozen encoders by reference, atomic writes, export
   resume.py       resume rules (settings, overrides, position in the epoch) and random state
+  runfolder.py    a fresh run never overwrites another; one run per folder at a time
   samplers.py     the training sampler (one shuffled order split across ranks) and eval's
   cache.py        frozen encoders' features, cached on disk or computed once per image
   logs.py         console (progress bar or one line per interval), log.jsonl, TensorBoard
+  cli.py          flag types, exit status 2 with one line for a user's mistake
 and data.py (samples -> batches on the device, loaders), eval.py (`evaluate`, used here).
 """
 
@@ -46,7 +48,7 @@ from contextlib import nullcontext
 import torch
 
 import data
-from common import checkpoint, cli, distributed, resume, runconfig
+from common import checkpoint, cli, distributed, resume, runconfig, runfolder
 from common.cache import FeatureCache, frozen_features
 from common.logs import RunLog, memory_mb, metrics_line, percent, print_header
 from common.model import config_from_dict
@@ -86,7 +88,7 @@ def main(argv=None) -> dict:
     # a resume continues its own run folder; with another --out it starts a new one there
     resuming = ckpt is not None and os.path.abspath(args.out) == os.path.dirname(
         os.path.abspath(resume_path))
-    resume.check_run_folder(args.out, resuming)
+    runfolder.check_run_folder(args.out, resuming)
     asked = runconfig.build_config(module, args)
     if ckpt is None:  # a resumed run already started from (or without) the encoder files
         runconfig.check_paper_weights(module, args, asked)
@@ -187,8 +189,8 @@ def main(argv=None) -> dict:
         checkpoint.save_checkpoint(state, os.path.join(args.out, name))
 
     # nothing is written before this point: a run refused above leaves no folder behind
-    checkpoint.claim_run_folder(args.out, is_main)
-    resume.check_run_folder(args.out, resuming)  # again, now that no other run can start here
+    runfolder.claim_run_folder(args.out, is_main)
+    runfolder.check_run_folder(args.out, resuming)  # again, now that no other run can start here
     log = RunLog(args.out, is_main, args.tensorboard, total_steps, progress.step)
     if is_main:
         print_header(args, cfg, raw, plan, settings, len(base), total_steps, device, ckpt)
@@ -252,7 +254,7 @@ def main(argv=None) -> dict:
     if world > 1:  # no rank leaves while another still writes
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    checkpoint.release_run_folder(args.out)
+    runfolder.release_run_folder(args.out)
     return metrics
 
 

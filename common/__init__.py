@@ -6,6 +6,7 @@ model follows), layers.py, blocks.py, masks.py, losses.py, optim.py, tokenizers.
 
 Run side (what data.py, eval.py and train.py import): distributed.py (processes, devices,
 precision), runconfig.py (model registry, config, batch plan), checkpoint.py, resume.py,
+runfolder.py, cli.py (flag types, user errors),
 samplers.py, cache.py (frozen encoders' features), logs.py, metrics.py, report.py and
 visualise.py (eval's tables and pictures); the data sources images.py, refer.py, shapes.py,
 candidates.py and proposals.py (MaIL's simulated detector).

@@ -11,7 +11,6 @@ atomically (`save_checkpoint`). `export_checkpoint` writes a self-contained, wei
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import os
@@ -219,38 +218,3 @@ def save_checkpoint(state: dict, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def claim_run_folder(out: str, is_main: bool) -> None:
-    """Create the run folder and hold it for this run: rank 0 takes an exclusive lock on
-    OUT/.lock for as long as the process lives (the system releases it when the process dies,
-    however it dies), so that a second run started into the same folder stops instead of
-    interleaving its log and checkpoints with this one's. Rank 0 also removes the temporary
-    files of a run killed while writing a checkpoint (the checkpoint itself is intact)."""
-    os.makedirs(out, exist_ok=True)
-    if not is_main:
-        return
-    key = os.path.abspath(out)
-    if key in _HELD:  # this process's earlier run into the folder has ended
-        _HELD.pop(key).close()
-    lock = open(os.path.join(out, ".lock"), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise FileExistsError(f"another run is writing to {out} (it holds {out}/.lock): wait "
-                              "for it to end, or choose another --out") from None
-    _HELD[key] = lock
-    for name in os.listdir(out):
-        if ".pt.tmp." in name:
-            os.remove(os.path.join(out, name))
-
-
-def release_run_folder(out: str) -> None:
-    """The end of a run: another may start in its folder (with --resume auto)."""
-    lock = _HELD.pop(os.path.abspath(out), None)
-    if lock is not None:
-        lock.close()
-
-
-_HELD: dict = {}  # run folder -> the open lock file this process holds on it

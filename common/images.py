@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 
@@ -58,3 +59,25 @@ def image_hw(sample: dict) -> tuple[int, int]:
     if "image" in sample:
         return tuple(sample["image"].shape[:2])
     return tuple(sample["image_hw"])
+
+
+def as_rgb(image) -> np.ndarray:
+    """What a user may pass as an image, as uint8 RGB (H, W, 3): a file path (EXIF orientation
+    applied, as a viewer shows it), a PIL image, or a uint8 array (H, W, 3) or (H, W). Any other
+    dtype is refused: a float image may be in [0, 1] or [0, 255], and a wrong guess gives an
+    empty mask without a word."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(os.fspath(image), exif=True)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if torch.is_tensor(image):
+        image = image.cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8 (H, W, 3), not {image.dtype}: convert "
+                         "it first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an image array must be (H, W, 3) RGB or (H, W), not {image.shape}")
+    return image

@@ -48,17 +48,6 @@ def find_resume(args) -> tuple[dict | None, str | None]:
     return ckpt, path
 
 
-def check_run_folder(out: str, resuming: bool) -> None:
-    """A fresh run must not overwrite another run's checkpoints nor append to its log; a run
-    is resumed from its last.pt only (best.pt holds no optimiser state)."""
-    found = [f for f in ("last.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(out, f))]
-    if found and not resuming:
-        how = ("continue it with --resume auto" if "last.pt" in found else
-               "it has no last.pt to resume from")
-        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): {how}, or "
-                              "choose a new --out")
-
-
 def config_differences(ckpt: dict, module, args) -> dict:
     """Config fields this command line sets (--set, --freeze-encoders, weights aside) to values
     other than the checkpoint's, as {"config.FIELD": (checkpoint, asked)}."""

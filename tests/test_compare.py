@@ -10,6 +10,7 @@ from test_eval_stack import DATA, checkpoint, read
 
 import eval as eval_cli
 import train
+from common import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "n")
@@ -97,10 +98,10 @@ def test_one_checkpoint_keeps_the_one_layout(runs, tmp_path):
 
 
 def test_labels_default_to_the_run_folder_and_must_differ(runs, capsys):
-    assert eval_cli.split_label("runs/a/best.pt") == ("runs/a/best.pt", "a/best.pt")
-    assert eval_cli.split_label("runs/a/best.pt=x=1") == ("runs/a/best.pt", "x=1")
-    assert eval_cli.split_label(f"{runs[0]}=N_q=24") == (runs[0], "N_q=24")  # an ablation row
-    assert eval_cli.split_label(runs[0]) == (runs[0], os.path.join(
+    assert report.split_label("runs/a/best.pt") == ("runs/a/best.pt", "a/best.pt")
+    assert report.split_label("runs/a/best.pt=x=1") == ("runs/a/best.pt", "x=1")
+    assert report.split_label(f"{runs[0]}=N_q=24") == (runs[0], "N_q=24")  # an ablation row
+    assert report.split_label(runs[0]) == (runs[0], os.path.join(
         os.path.basename(os.path.dirname(runs[0])), "maris.pt"))
     with pytest.raises(SystemExit):
         eval_cli.main(["--checkpoint", f"{runs[0]}=same", f"{runs[1]}=same"])
