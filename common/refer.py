@@ -156,6 +156,11 @@ class ReferDataset(Dataset):
                 self.skipped_refs += 1
                 continue
             self.samples += [(ref["image_id"], ref["ann_id"], s) for s in sents]
+        missing = sorted({i for i, _, _ in self.samples if i not in self.images})
+        if missing:  # else a bare KeyError when the sample is read
+            raise ValueError(f"{dataset}/refs({split_by}).p names image ids that "
+                             f"{dataset}/instances.json does not hold: {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''} (mismatched files?)")
         self.name = f"{dataset}({split_by})/{split}"
         self.with_instances, self.with_images = instances, images
 

@@ -331,3 +331,17 @@ def test_configs_are_frozen():
         for cfg in load_model_module(name).CONFIGS.values():
             with pytest.raises(dataclasses.FrozenInstanceError):
                 cfg.lr = 1.0
+
+
+def test_a_refs_file_naming_an_unknown_image_is_a_clear_error(tmp_path):
+    """refs(unc).p and instances.json from different releases: named at load, not a bare
+    KeyError when the sample is first read."""
+    import data
+    from helpers import ref, write_refer
+
+    write_refer(tmp_path, [ref(1, 1, 7, "train", "thing")],
+                [{"id": 9, "file_name": "x.jpg", "height": 20, "width": 30}],
+                [{"id": 1, "image_id": 7, "category_id": 1, "area": 4, "iscrowd": 0,
+                  "bbox": [0, 0, 2, 2], "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}])
+    with pytest.raises(ValueError, match=r"does not hold: \[7\]"):
+        data.build_dataset("refcoco", "train", data_root=str(tmp_path))
