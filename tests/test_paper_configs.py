@@ -27,8 +27,9 @@ SHAPES_WORDS = ("the", "red", "green", "blue", "yellow", "purple", "circle", "sq
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Writes each weight file once, on first use: {name: path}."""
+def files(tmp_path_factory, weight_file):
+    """Writes each weight file once, on first use: {name: path} (the ones tests/test_upstream.py
+    also reads come from the session's weight_file)."""
     root = tmp_path_factory.mktemp("paper-weights")
     made: dict[str, str] = {}
 
@@ -36,12 +37,12 @@ def files(tmp_path_factory):
         if name in made:
             return made[name]
         path = str(root / name)
-        if name.startswith("sam_"):
-            weights.write_sam(path, name.split("_", 1)[1].rsplit(".", 1)[0])  # sam_vit_b.pth
+        if name.startswith("sam_"):  # sam_vit_b.pth
+            path, _ = weight_file(weights.write_sam, name, name.split("_", 1)[1].rsplit(".", 1)[0])
         elif name.endswith("-quickgelu.pt"):  # OpenAI CLIP file of that architecture
-            weights.write_openai_clip(path, name[: -len(".pt")])
+            path, _ = weight_file(weights.write_openai_clip, name, name[: -len(".pt")])
         elif name == "swin_b.pth":
-            weights.write_swin_b(path)
+            path, _ = weight_file(weights.write_swin_b, name)
         elif name == "darknet53.conv.74":
             weights.write_darknet(path)
         elif name == "glove.txt":

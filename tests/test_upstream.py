@@ -82,12 +82,11 @@ def recording(modules: dict):
 
 
 @pytest.mark.slow
-def test_sam_vit_b_global_blocks_match_segment_anything(tmp_path, capsys):
+def test_sam_vit_b_global_blocks_match_segment_anything(weight_file, capsys):
     """Fidelity: a segment-anything vit_b checkpoint (sam_model_registry's Sam) loaded by
     SAMImageEncoder gives, at 1024 px, the outputs of segment-anything's own global-attention
     blocks (found as the blocks without windows) in ImageEncoderViT.forward."""
-    path = str(tmp_path / "sam_vit_b.pth")
-    sam = write_sam(path, "vit_b")
+    path, sam = weight_file(write_sam, "sam_vit_b.pth", "vit_b")
     enc = SAMImageEncoder("vit_b", 1024, global_blocks=(0, 1, 2, 3), weights=path).eval()
     n = len(enc.state_dict())
     assert load_line(capsys).startswith(f"loaded {path}: {n}/{n} tensors into SAM vit_b image")
@@ -165,12 +164,11 @@ TEXT_LEN = 17  # MMNet's text length (Sec. 4.1): CLIP's causal attention makes i
 
 
 @pytest.fixture(scope="module", params=OPENAI_ARCHS)
-def openai_clip(request, tmp_path_factory):
+def openai_clip(request, weight_file):
     """An OpenAI-format CLIP file of each paper architecture and open_clip's own model read
     from it by open_clip's OpenAI loader (which infers the architecture from the file)."""
     arch = request.param
-    path = str(tmp_path_factory.mktemp("clip") / f"{arch}.pt")
-    write_openai_clip(path, arch)
+    path, _ = weight_file(write_openai_clip, f"{arch}.pt", arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation
         ref = open_clip.load_openai_model(path, device="cpu").eval()
@@ -314,11 +312,10 @@ def test_clip_load_refuses_missing_or_unexpected_tensors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_swin_b_stages_match_torchvision(tmp_path, capsys):
+def test_swin_b_stages_match_torchvision(weight_file, capsys):
     """Fidelity: torchvision's swin_b state dict file loaded by SwinImageEncoder gives, at M3Dec's
     480 px, the outputs of the four stages of torchvision's own swin_b forward."""
-    path = str(tmp_path / "swin_b.pth")
-    net = write_swin_b(path)
+    path, net = weight_file(write_swin_b, "swin_b.pth")
     enc = SwinImageEncoder("swin_b", weights=path).eval()
     n = len(enc.state_dict())
     assert load_line(capsys) == (f"loaded {path}: {n}/{n} tensors into Swin swin_b "

@@ -336,8 +336,9 @@ def test_configs_are_frozen():
 def test_a_refs_file_naming_an_unknown_image_is_a_clear_error(tmp_path):
     """refs(unc).p and instances.json from different releases: named at load, not a bare
     KeyError when the sample is first read."""
-    import data
     from helpers import ref, write_refer
+
+    import data
 
     write_refer(tmp_path, [ref(1, 1, 7, "train", "thing")],
                 [{"id": 9, "file_name": "x.jpg", "height": 20, "width": 30}],
