@@ -218,3 +218,46 @@ def test_paper_configs_are_the_recipe_table():
         assert [factor(s) for s in (0, warm - 1)] == pytest.approx([1 / warm, 1.0])
         for step in (warm, 120, total - 1):
             assert factor(step) == pytest.approx((1 - step / total) ** power)
+
+
+def test_forward_contract():
+    """What train.py, eval.py and a user's code rely on: the inputs by name, dtype and shape;
+    the outputs; the loss terms of Eq. (9); cached features standing in for the image."""
+    cfg = dataclasses.replace(maris.CONFIGS["tiny"], image_size=32, dim=16, heads=2,
+                              up_dims=(8, 4), freeze_encoders=True)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = maris.MARIS(cfg).eval()
+    assert model.input_names == ("image", "text", "text_mask")
+    assert maris.MARIS.input_names_for(cfg) == model.input_names
+    spec = model.input_spec
+    assert (spec.size, spec.resize, spec.mean, spec.std) == (
+        32, "longest", SAMImageEncoder.pixel_mean, SAMImageEncoder.pixel_std)
+    assert isinstance(model.tokenizer, ClipTokenizer) and model.tokenizer.max_len == cfg.max_tokens
+    B, L = 2, 5
+    image = torch.randn(B, 3, 32, 32)  # float32, normalised
+    text = torch.randint(1, 100, (B, L))  # int64 CLIP ids
+    text_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # bool, True on real tokens
+    target = (torch.rand(B, 1, 32, 32) > 0.5).float()  # float {0, 1}
+    with torch.no_grad():
+        out = model(image, text, text_mask)
+        assert set(out) == {"mask_logits", "attn"}
+        assert out["mask_logits"].shape == (B, 1, 32, 32)
+        assert out["mask_logits"].dtype == torch.float32
+        assert out["attn"].shape == (B, 4 * 4, L) and out["attn"].dtype == torch.float32
+        trained = model(image, text, text_mask, image_mask=torch.ones(B, 32, 32, dtype=torch.bool),
+                        target=target)
+        assert set(trained) == {"mask_logits", "attn", "loss", "loss_focal", "loss_dice"}
+        assert all(trained[k].shape == () and trained[k].dtype == torch.float32
+                   for k in ("loss", "loss_focal", "loss_dice"))
+        # the frozen encoders' features, by name and shape, give the same output without the image
+        image_feats = model.encode_image(image)
+        text_feats = model.encode_text(text, text_mask)
+        assert {k: tuple(v.shape) for k, v in image_feats.items()} == {
+            k: (B, 4, 4, model.image_encoder.dim) for k in ("f_v1", "f_v2", "f_v3")}
+        assert tuple(text_feats["f_l"].shape) == (B, L, model.text_encoder.out_dim)
+        cached = model(None, text, text_mask, image_feats=image_feats, text_feats=text_feats)
+    assert torch.allclose(cached["mask_logits"], out["mask_logits"], atol=1e-5)
+    with pytest.raises(ValueError, match="no image"):
+        model(None, text, text_mask)
