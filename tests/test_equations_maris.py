@@ -531,6 +531,27 @@ def test_tab2_without_de_is_sams_decoder_on_the_real_words():
     assert got.shape == (2, 1, 16, 16) and torch.allclose(got, torch.cat(want), atol=ATOL)
 
 
+def test_tab2_without_de_is_sams_decoder_as_build_sam_builds_it():
+    """SAM's MaskDecoder (3 multimask outputs + 1 single-mask token, an IoU head of depth 3 and
+    width D) over a TwoWayTransformer (depth 2, MLP 8 x D); only the IoU head and the three
+    multimask hypernetworks, which no loss sees, are frozen."""
+    model = build(**maris.ABLATIONS["w/o DE"])
+    sam, D = model.sam_decoder, model.cfg.dim
+    dec = sam.decoder
+    assert dec.transformer_dim == D and dec.num_multimask_outputs == 3 and dec.num_mask_tokens == 4
+    iou = dec.iou_prediction_head
+    assert iou.num_layers == 3 and [layer.out_features for layer in iou.layers] == [D, D, 4]
+    t = dec.transformer
+    assert t.depth == len(t.layers) == 2 and t.embedding_dim == D
+    assert t.num_heads == model.cfg.heads and t.layers[0].mlp.lin1.out_features == 8 * D
+    frozen = {n for n, p in sam.named_parameters() if not p.requires_grad}
+    unseen = ("decoder.iou_prediction_head.",
+              *(f"decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3)))
+    assert frozen == {n for n, _ in sam.named_parameters() if n.startswith(unseen)}
+    assert frozen and any(n.startswith("decoder.output_hypernetworks_mlps.0.")
+                          for n, p in sam.named_parameters() if p.requires_grad)
+
+
 def test_tab4_without_elp_multiplies_the_mean_word_in_and_keeps_a_constant_query():
     """"w/o ELP": F_lav times F_val's mean real word, F_c = [F_m] alone; F_m attends only to
     itself, so F̂_m is the same learned constant for every sample."""

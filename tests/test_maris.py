@@ -212,6 +212,8 @@ def test_paper_configs_are_the_recipe_table():
         assert type(opt).__name__ == recipe["optimiser"]
         assert [(g["weight_decay"], g["initial_lr"]) for g in opt.param_groups] == [
             (recipe["weight_decay"], recipe["lr"])]
+        model.cfg = dataclasses.replace(small, weight_decay=0.05)  # read from the config
+        assert model.configure_optimizers(cfg.lr, total)[0].param_groups[0]["weight_decay"] == 0.05
         kind, power = recipe["schedule"]
         warm = int(recipe["warmup"] * total)
         factor = sched.lr_lambdas[0]
