@@ -67,7 +67,8 @@ def inputs(model: maris.MARIS, seed: int = 0, B: int = 2, L: int = 5):
     gen = torch.Generator().manual_seed(seed)
     side = model.cfg.image_size // model.image_encoder.patch_size
     C, C_l = model.image_encoder.dim, model.text_encoder.out_dim
-    image_feats = {k: torch.randn(B, side, side, C, generator=gen) for k in ("f_v1", "f_v2", "f_v3")}
+    image_feats = {k: torch.randn(B, side, side, C, generator=gen)
+                   for k in ("f_v1", "f_v2", "f_v3")}
     text_feats = {"f_l": torch.randn(B, L, C_l, generator=gen)}
     text_mask = torch.ones(B, L, dtype=torch.bool)
     text_mask[1, L - 2:] = False
