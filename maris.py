@@ -31,9 +31,13 @@ Interpretations (where the paper is silent or contradicts itself):
   pixel axis, not the transpose of A, because the text says this branch "weights different image
   regions for each word"; `a_transpose="literal"` uses A transposed, as Eq. 5 writes it. Eq. 3
   has no 1/sqrt(D), nor do we.
-- Feature Enhancement: D = 256 (not given) from its MLPs onward, as SAM's own mask decoder; each
-  MLP of Eq. 1-2 is two linear layers with GELU (width D), the smallest MLP; CBA is a 3x3 conv
-  (2D -> D), BatchNorm and GELU, as the paper says.
+- Width D = 256 from Feature Enhancement's MLPs onward, a departure: the paper keeps SAM's width
+  C throughout (F_v in R^{HxWxC}, W_v C x C, W_l C' x C, F_lav, F_val and F_m with C channels:
+  1280 for ViT-H); we take the width SAM's own mask decoder uses on these same features, as C
+  would run 1280-channel attention over 4096 pixel tokens in every decoder layer
+  (`--set dim=1280` builds the paper's widths for ViT-H).
+- Feature Enhancement: each MLP of Eq. 1-2 is two linear layers with GELU (width D), the
+  smallest MLP; CBA is a 3x3 conv (2D -> D), BatchNorm and GELU, as the paper says.
 - Mask Decoder: 2 blocks (not given), each exactly Eq. 6-8 (attention plus residual, no norms or
   FFNs, none being mentioned), 8 heads; no new position embedding: the visual tokens carry SAM's.
 - Upsampling ("two sequential blocks, each a convolutional layer and an upsample operation"):
@@ -44,6 +48,9 @@ Interpretations (where the paper is silent or contradicts itself):
   the final LayerNorm, before the projection, the CLIP of CRIS-era RIS work, built as
   `ViT-B-16-quickgelu` because OpenAI trained it with QuickGELU (an open_clip GELU checkpoint
   needs `--set clip_arch=ViT-B-16`); sentences are cut at 20 tokens, well above RefCOCO's average.
+- Words: CLIP's start- and end-of-text tokens are real tokens of F_l, so they count as words
+  everywhere (the L of Eq. 3-5, F_val's rows, F_c of Eq. 7); the paper's F_l is the text
+  encoder's output, L_t tokens long, and CLIP's end token is the one that carries the sentence.
 - Padding: SAM pads the image bottom-right with zeros (after normalisation) and ignores the
   padding mask; so do we, to see the features SAM was trained to give.
 - Freezing: the paper freezes both encoders, so the `paper` configs do whatever weights are given
@@ -51,11 +58,12 @@ Interpretations (where the paper is silent or contradicts itself):
   encoder iff its weights are given, as a frozen random encoder carries no information.
 - Training recipe (deferred to the supplementary, so every value is ours, a common
   transformer-decoder recipe): AdamW, lr 1e-4, weight decay 1e-2, 5% warm-up then polynomial
-  decay (power 0.9), 50 epochs, batch 32; focal alpha 0.25, gamma 2; loss weights 1. The loop
-  adds (train.py, not the paper) gradient clipping at norm 1.0 and horizontal flips with
-  "left"/"right" swapped (`clip_grad`, `hflip`), as the tiny configs train from scratch and
-  position words must stay true; `best.pt` is the best-val-mIoU epoch, so its val numbers are
-  optimistic (report the test splits, or `last.pt`).
+  decay (power 0.9), 50 epochs, batch 32; focal alpha 0.25, gamma 2; loss weights 1 (Eq. 9 adds
+  the two terms). The paper configs add nothing the paper does not state: no gradient clipping,
+  no augmentation (so `--cache-features` runs them as they are). Only the tiny config, trained
+  from scratch, clips gradients at norm 1.0 and flips images horizontally with "left"/"right"
+  swapped so that position words stay true (`clip_grad`, `hflip`); `best.pt` is the
+  best-val-mIoU epoch, so its val numbers are optimistic (report the test splits, or `last.pt`).
 - "w/o FE" (Tab. 2, 5 #1) and "w/o MA" (Tab. 2 #2): one linear layer stands in for the removed
   module, the least that brings the remaining feature to width D: F_v = F_v3 W (C -> D), and
   F_lav = F_v, F_val = F_l W (C' -> D, W_l of Eq. 3 without any attention).
@@ -72,7 +80,9 @@ Interpretations (where the paper is silent or contradicts itself):
   self-attention, before the image-to-token attention), an MHCA like the block's others.
 - "w/o ELP" (Tab. 4 #10, "similar to VLT, we multiply F_val with F_lav to obtain the input
   feature of the Mask Decoder"): F_lav times F_val averaged over the real words (elementwise: it
-  keeps F_lav's N x D shape with no new weights), and F_c = [F_m] alone: the decoder sees no words.
+  keeps F_lav's N x D shape with no new weights), and F_c = [F_m] alone: the decoder sees no
+  words, and F_m, attending only to itself in Eq. 7, turns the query into a learned constant
+  (the same F̂_m for every sample): the sentence reaches the mask only through F_lav.
 """
 
 from __future__ import annotations
@@ -100,7 +110,8 @@ class MARISConfig:
     global_blocks: tuple[int, ...] = (1, 2, 3)  # 2nd-4th global-attention blocks -> F_v1..F_v3
     clip_arch: str = "ViT-B-16-quickgelu"  # OpenAI's CLIP ViT-B/16 (not said; see Interpretations)
     max_tokens: int = 20  # CLIP tokens incl. SOT/EOT (not given; RefCOCO sentences avg. 3.6 words)
-    dim: int = 256  # D, width after Feature Enhancement (not given, see Interpretations)
+    dim: int = 256  # D, width after Feature Enhancement: a departure, the paper keeps SAM's C
+    # (1280 for ViT-H) throughout (see Interpretations)
     heads: int = 8  # heads of the decoder's MHSA / MHCA (not given)
     num_ma_blocks: int = 2  # "two sequential Mutual-Aware Attention blocks"
     num_decoder_blocks: int = 2  # not given
@@ -115,8 +126,8 @@ class MARISConfig:
     warmup: float = 0.05
     epochs: int = 50
     batch_size: int = 32
-    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
-    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
+    clip_grad: float = 0.0  # max gradient norm, 0 = none: the paper clips nothing (tiny: 1.0)
+    hflip: bool = False  # training flips: the paper has none (tiny: "left"/"right" swapped)
     # ablations (Tab. 2-5; defaults = the full model, "Ours" #4; see ABLATIONS, Interpretations)
     feature_enhancement: bool = True  # Eq. 1-2; False: "w/o FE", F_v3 alone (Tab. 2, 5 #1)
     mutual_aware_attention: bool = True  # Eq. 3-5; False: "w/o MA" (Tab. 2 #2)
@@ -138,11 +149,14 @@ PAPER_WEIGHTS = {
 
 CONFIGS = {
     "paper": MARISConfig(freeze_encoders=True),
+    # ours, not in the paper (which uses ViT-H only): SAM ViT-B, same recipe, a smaller encoder
     "paper-vit-b": MARISConfig(sam_arch="vit_b", freeze_encoders=True),
     # CPU-sized, trained from scratch on the synthetic data: 96 px, "tiny" SAM (12x12 tokens) and
-    # CLIP, D = 64; tau 0.1, as random relevances at tau 0.5 would mask half the pairs at step 0
+    # CLIP, D = 64; tau 0.1, as random relevances at tau 0.5 would mask half the pairs at step 0;
+    # gradient clipping and flips, as a from-scratch run needs (see Interpretations)
     "tiny": MARISConfig(sam_arch="tiny", image_size=96, clip_arch="tiny", dim=64, heads=4, tau=0.1,
-                        lr=1e-3, warmup=0.03, epochs=11, batch_size=16),
+                        lr=1e-3, warmup=0.03, epochs=11, batch_size=16, clip_grad=1.0,
+                        hflip=True),
 }
 
 # Tab. 2-5 rows built here -> config overrides (train.py --set) on any config; see the docstring

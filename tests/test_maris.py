@@ -1,6 +1,8 @@
 """MARIS blocks against the paper's equations, and its encoders."""
 
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -165,3 +167,99 @@ def test_vis_panel_is_the_vision_guided_attention_of_fig5a():
     [(title, panel)] = model.vis_panels(out, 1)
     assert "vision-guided" in title and "5a" in title and len(title) <= 42  # eval.py's title width
     assert torch.equal(panel, out["attn"][1].max(1).values.view(side, side))
+
+
+# The paper configs' recipes. The paper defers its implementation details to a supplementary we
+# do not have (Sec. Metrics: "Implementation details are reported in the supplementary
+# material"), so apart from the input size and the frozen encoders every value is ours.
+PAPER_RECIPE = dict(
+    image_size=1024,  # Sec. Image Encoder: SAM "takes images of size 1024x1024"
+    max_tokens=20,  # not in the paper (CLIP tokens incl. start/end)
+    optimiser="AdamW",  # not in the paper
+    lr=1e-4,  # not in the paper
+    weight_decay=1e-2,  # not in the paper
+    warmup=0.05,  # not in the paper (share of the steps, linear)
+    schedule=("poly", 0.9),  # not in the paper
+    batch_size=32,  # not in the paper (global batch)
+    epochs=50,  # not in the paper
+    clip_grad=0.0,  # not in the paper, so none
+    hflip=False,  # not in the paper, so no augmentation
+    freeze_encoders=True,  # Sec. Methodology: "the parameters of the image and text encoder
+    # are frozen"
+)
+PAPER_RECIPES = {
+    "paper": dict(PAPER_RECIPE, sam_arch="vit_h"),  # Sec. Image Encoder: "SAM uses a VIT-H"
+    "paper-vit-b": dict(PAPER_RECIPE, sam_arch="vit_b"),  # ours: not in the paper
+}
+
+
+def test_paper_configs_are_the_recipe_table():
+    assert {c for c in maris.CONFIGS if c.startswith("paper")} == set(PAPER_RECIPES)
+    tiny = maris.CONFIGS["tiny"]
+    assert tiny.clip_grad == 1.0 and tiny.hflip  # the from-scratch tiny run keeps both
+    for name, recipe in PAPER_RECIPES.items():
+        cfg = maris.CONFIGS[name]
+        fields = {k: v for k, v in recipe.items() if k not in ("optimiser", "schedule")}
+        assert {k: getattr(cfg, k) for k in fields} == fields, name
+        # optimiser and schedule: configure_optimizers on a tiny-sized model with this recipe
+        small = dataclasses.replace(cfg, sam_arch="tiny", image_size=96, clip_arch="tiny", dim=64,
+                                    heads=4, freeze_encoders=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = maris.MARIS(small)
+        total = 200
+        opt, sched = model.configure_optimizers(cfg.lr, total)
+        assert type(opt).__name__ == recipe["optimiser"]
+        assert [(g["weight_decay"], g["initial_lr"]) for g in opt.param_groups] == [
+            (recipe["weight_decay"], recipe["lr"])]
+        model.cfg = dataclasses.replace(small, weight_decay=0.05)  # read from the config
+        assert model.configure_optimizers(cfg.lr, total)[0].param_groups[0]["weight_decay"] == 0.05
+        kind, power = recipe["schedule"]
+        warm = int(recipe["warmup"] * total)
+        factor = sched.lr_lambdas[0]
+        assert [factor(s) for s in (0, warm - 1)] == pytest.approx([1 / warm, 1.0])
+        for step in (warm, 120, total - 1):
+            assert factor(step) == pytest.approx((1 - step / total) ** power)
+
+
+def test_forward_contract():
+    """What train.py, eval.py and a user's code rely on: the inputs by name, dtype and shape;
+    the outputs; the loss terms of Eq. (9); cached features standing in for the image."""
+    cfg = dataclasses.replace(maris.CONFIGS["tiny"], image_size=32, dim=16, heads=2,
+                              up_dims=(8, 4), freeze_encoders=True)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = maris.MARIS(cfg).eval()
+    assert model.input_names == ("image", "text", "text_mask")
+    assert maris.MARIS.input_names_for(cfg) == model.input_names
+    spec = model.input_spec
+    assert (spec.size, spec.resize, spec.mean, spec.std) == (
+        32, "longest", SAMImageEncoder.pixel_mean, SAMImageEncoder.pixel_std)
+    assert isinstance(model.tokenizer, ClipTokenizer) and model.tokenizer.max_len == cfg.max_tokens
+    B, L = 2, 5
+    image = torch.randn(B, 3, 32, 32)  # float32, normalised
+    text = torch.randint(1, 100, (B, L))  # int64 CLIP ids
+    text_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # bool, True on real tokens
+    target = (torch.rand(B, 1, 32, 32) > 0.5).float()  # float {0, 1}
+    with torch.no_grad():
+        out = model(image, text, text_mask)
+        assert set(out) == {"mask_logits", "attn"}
+        assert out["mask_logits"].shape == (B, 1, 32, 32)
+        assert out["mask_logits"].dtype == torch.float32
+        assert out["attn"].shape == (B, 4 * 4, L) and out["attn"].dtype == torch.float32
+        trained = model(image, text, text_mask, image_mask=torch.ones(B, 32, 32, dtype=torch.bool),
+                        target=target)
+        assert set(trained) == {"mask_logits", "attn", "loss", "loss_focal", "loss_dice"}
+        assert all(trained[k].shape == () and trained[k].dtype == torch.float32
+                   for k in ("loss", "loss_focal", "loss_dice"))
+        # the frozen encoders' features, by name and shape, give the same output without the image
+        image_feats = model.encode_image(image)
+        text_feats = model.encode_text(text, text_mask)
+        assert {k: tuple(v.shape) for k, v in image_feats.items()} == {
+            k: (B, 4, 4, model.image_encoder.dim) for k in ("f_v1", "f_v2", "f_v3")}
+        assert tuple(text_feats["f_l"].shape) == (B, L, model.text_encoder.out_dim)
+        cached = model(None, text, text_mask, image_feats=image_feats, text_feats=text_feats)
+    assert torch.allclose(cached["mask_logits"], out["mask_logits"], atol=1e-5)
+    with pytest.raises(ValueError, match="no image"):
+        model(None, text, text_mask)
