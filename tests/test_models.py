@@ -192,15 +192,32 @@ def test_from_scratch_position_tables_start_as_the_2d_sine_encoding():
     assert pos[0].abs().max() < 0.05  # the class token's: ViLT's trunc_normal(0.02)
 
 
-def test_readme_import_example_runs():
-    """The README's "Use a model in your own code" snippet, executed as written."""
+def test_readme_import_examples_run(tmp_path):
+    """The README's "Use a model in your own code" snippets, executed as written: the predictor
+    on a checkpoint of a one-step run (its path and the image's put in place of the README's),
+    then the model built directly."""
     import pathlib
     import re
 
+    import numpy as np
+    from PIL import Image
+
+    import train
+
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Use a model in your own code", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## Use a model in your own code", 1)[1].split("\n## ", 1)[0]
+    predictor, direct = re.findall(r"```python\n(.*?)```", section, re.S)
+    run = tmp_path / "run"
+    train.main(["--model", "maris", "--max-steps", "1", "--batch-size", "2", "--no-val",
+                "--shapes-train-size", "2", "--workers", "0", "--out", str(run)])
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(tmp_path / "shapes.png")
+    code = predictor.replace("runs/maris-tiny-shapes/best.pt", str(run / "last.pt"))
+    code = code.replace('"shapes.png"', repr(str(tmp_path / "shapes.png")))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
+    assert scope["mask"].shape == scope["prob"].shape == (30, 40)
+    assert scope["masks"].shape == (2, 30, 40)
+    scope = {}
+    exec(compile(direct, "README.md", "exec"), scope)
     size = scope["model"].input_spec.size
     assert scope["logits"].shape == (1, 1, size, size)

@@ -448,7 +448,7 @@ def test_a_fresh_run_does_not_overwrite_a_run_folder(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(FileExistsError, match="--resume auto"):
+    with pytest.raises(FileExistsError, match="already holds a run .log.jsonl.: it has no last.pt"):
         train.main(SMALL + ["--out", str(out)])
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
 
