@@ -39,6 +39,7 @@ def test_defaults_are_the_full_model(full):
     assert m3dec.ABLATIONS["ours"] == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", list(m3dec.ABLATIONS))
 def test_every_row_builds_through_set_and_trains(row):
     """--set FIELD=VALUE on tiny gives the row's config; one training step reaches every

@@ -141,6 +141,7 @@ def test_without_mask_modality_no_mask_token_enters_the_transformer(full, batch)
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_without_mask_modality_needs_no_proposals_on_refer(tmp_path):
     """Tab. 2 variant 1 reads no candidates, so on a REFER dataset (which has no proposals of
     its own) it trains and evaluates without a proposals file, records no candidate source (not

@@ -25,6 +25,7 @@ def test_every_model_lists_its_paper_ablations_as_settable_rows():
     assert list(ablations.rows("m3dec", only="^III")) == ["full", "III concate"]
 
 
+@pytest.mark.slow
 def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch):
     module = load_model_module("maris")
     label, overrides = next(iter(module.ABLATIONS.items()))
@@ -45,6 +46,7 @@ def test_the_runner_trains_each_row_once_and_compares_them(tmp_path, monkeypatch
     assert ran == ["eval.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_trainable_parameter_gets_a_gradient_in_every_row(name):
     """DDP (train.py keeps find_unused_parameters off) stops a multi-process run whose trainable

@@ -50,6 +50,7 @@ def test_grouped_rows_count_one_encoder_pass_per_image():
     assert grouped["step_GFLOPs"] < plain["step_GFLOPs"] - 0.3 * encoder
 
 
+@pytest.mark.slow
 def test_a_compiled_row_times_the_compiled_model_and_counts_eager_flops(monkeypatch):
     """`--compile`: the timed forward and step go through torch.compile (here its graph capture
     alone, the "aot_eager" backend, as code generation takes minutes on 2 cores), the FLOPs are

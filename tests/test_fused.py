@@ -44,6 +44,7 @@ def test_attention_matches_the_direct_formula():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_compile_leaves_outputs_unchanged(name):
     """torch.compile's graph capture (dynamo + AOT autograd, the "aot_eager" backend): the

@@ -17,6 +17,7 @@ gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(gpu_check.PAPER_CONFIGS))
 def test_the_train_and_eval_commands_run(model, tmp_path):
     out = str(tmp_path / "run")
@@ -29,6 +30,7 @@ def test_the_train_and_eval_commands_run(model, tmp_path):
     assert "mIoU" in log or "oIoU" in log, log
 
 
+@pytest.mark.slow
 def test_the_fp16_accumulation_and_resume_commands_run(tmp_path):
     out = str(tmp_path / "run")
     first, resume = gpu_check.fp16_resume_cmds("mmnet", "tiny", out, steps=1)
