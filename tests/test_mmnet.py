@@ -296,3 +296,70 @@ def test_decoder_attention_is_softmax_qk_over_sqrt_d_times_v():
         layer.train()
         with torch.no_grad():
             assert not torch.allclose(attn(vis, kv, kv), ref, atol=1e-3)  # attention dropout
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper configs' recipe (Sec. 4.1, 4.4) and the forward contract
+# ---------------------------------------------------------------------------------------------
+
+_SEC41 = dict(
+    image_size=480,  # Sec. 4.1: "Input images are resized to 480 x 480"
+    max_tokens=17,  # Sec. 4.1: 17 for RefCOCO(+) with [SOS]/[EOS] (22 for G-Ref: --set)
+    optimiser="Adam",  # Sec. 4.1: "the Adam optimizer"
+    lr=1e-5,  # Sec. 4.1: "lr = 1e-5"
+    weight_decay=0.0,  # not in the paper (Adam's default, none)
+    warmup=0.0,  # not in the paper (none)
+    schedule="poly",  # Sec. 4.1: "decreases with polynomial decay [3]"
+    power=0.9,  # not in the paper: the power of its ref. [3], DeepLab
+    batch_size=64,  # Sec. 4.1: "a batch size of 64"
+    epochs=100,  # Sec. 4.1: "train the network for 100 epochs"
+    clip_grad=0.0,  # not in the paper (none)
+    hflip=False,  # not in the paper (no augmentation)
+)
+PAPER_RECIPES = {
+    "paper": _SEC41,  # ViT-B, Table 1
+    "paper-vit-l": _SEC41,  # ViT-L, Table 1
+    "paper-rn101": _SEC41,  # Sec. 4.1: "preparing the ResNet-101"
+    "paper-rn50": {**_SEC41, "epochs": 50},  # Sec. 4.4: "the epoch is set to 50"
+}
+
+
+def test_paper_configs_are_the_papers_recipe():
+    assert {k for k in mmnet.CONFIGS if k.startswith("paper")} == set(PAPER_RECIPES)
+    model = build("mmnet")  # the optimiser and schedule do not depend on the config
+    opt, sched = model.configure_optimizers(lr=1.0, total_steps=10)
+    for name, recipe in PAPER_RECIPES.items():
+        cfg = mmnet.CONFIGS[name]
+        fields = {k: getattr(cfg, k) for k in recipe if hasattr(cfg, k)}
+        assert fields == {k: v for k, v in recipe.items() if k in fields}, name
+        assert type(opt).__name__ == recipe["optimiser"], name
+        assert opt.param_groups[0]["weight_decay"] == recipe["weight_decay"], name
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([(1 - t / 10) ** 0.9 for t in range(5)], rel=1e-6)  # poly
+    for name in ("tiny", "tiny-rn"):  # ours: from scratch on CPU, clipped and flipped
+        assert (mmnet.CONFIGS[name].clip_grad, mmnet.CONFIGS[name].hflip) == (1.0, True)
+
+
+def test_forward_contract():
+    """Inputs: image (B, 3, H, W) float, text (B, L) int64 ids, text_mask (B, L) bool; outputs:
+    mask logits at the input size, every query's mask logits, scores, word attention; with a
+    target one loss term, BCE."""
+    model = build("mmnet").train()
+    assert model.input_names == ("image", "text", "text_mask")
+    batch = make_batch(model, n=2)
+    inputs = model.inputs_from(batch)
+    image, text, mask = inputs["image"], inputs["text"], inputs["text_mask"]
+    assert image.shape == (2, 3, 96, 96) and image.dtype == torch.float32
+    assert text.dtype == torch.int64 and mask.dtype == torch.bool and text.shape == mask.shape
+    out = model(**inputs, target=batch["mask"])
+    Q, L = model.cfg.num_queries, text.shape[1]
+    side = 96 // model.image_encoder.x3_stride
+    assert out["mask_logits"].shape == (2, 1, 96, 96) and out["mask_logits"].dtype == torch.float32
+    assert out["query_masks"].shape == (2, Q, 4 * side, 4 * side)
+    assert out["query_scores"].shape == (2, Q) and out["word_attn"].shape == (2, Q, L)
+    assert out["loss"].shape == () and set(out) == {"mask_logits", "query_masks", "query_scores",
+                                                    "word_attn", "loss", "loss_bce"}
