@@ -111,7 +111,7 @@ from common.tokenizers import ClipTokenizer
 
 @dataclass
 class MMNetConfig:
-    image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B, ViT-L (Sec. 4.1: RN101)
+    image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B, ViT-L; Sec. 4.1: RN101
     text_arch: str = "ViT-B-16-quickgelu"  # the text tower of the same CLIP model (Sec. 3.1)
     image_size: int = 480  # "Input images are resized to 480 x 480" (Sec. 4.1)
     max_tokens: int = 17  # SOS/EOS included: 17 for RefCOCO(+), 22 for G-Ref (Sec. 4.1)
@@ -347,9 +347,10 @@ class MMNet(RISModel):
       image (B, 3, H, W) normalised with CLIP's statistics, H = W = cfg.image_size;
       text (B, L) CLIP token ids with SOT/EOT; text_mask (B, L) True on real tokens;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
-    Returns: mask_logits (B, 1, H, W) (Eq. 16, upsampled), query_masks (B, Q, 4h, 4w) mask logits
-      of every query (Eq. 14; (B, 1, 4h, 4w) w/o MMP), query_scores (B, Q) (Eq. 15; all 1 w/o
-      MQE), word_attn (B, Q, L) (Eq. 9), and with a target: loss, loss_bce.
+    Returns: mask_logits (B, 1, H, W) the logit of Eq. 16's y, upsampled; query_masks
+      (B, Q, 4h, 4w) mask logits of every query (Eq. 14; (B, 1, 4h, 4w) w/o MMP), query_scores
+      (B, Q) (Eq. 15; all 1/N_q w/o MQE, all 1 with Eq. 16 on logits), word_attn (B, Q, L)
+      (Eq. 9), and with a target: loss, loss_bce.
     """
 
     def __init__(self, cfg: MMNetConfig):

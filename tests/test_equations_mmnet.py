@@ -262,7 +262,7 @@ def test_decoder_takes_sine_encodings_and_the_generated_queries_then_a_final_lay
         model(**model.inputs_from(batch))
     B, Cm, h, w = seen["f_vt"].shape
     Q = model.cfg.num_queries
-    (first_in, _), (last_in, last_out) = seen["layers"][0], seen["layers"][-1]
+    (first_in, _), (_, last_out) = seen["layers"][0], seen["layers"][-1]
     assert torch.equal(first_in[0], seen["f_vt"].flatten(2).transpose(1, 2))  # Flatten, Eq. 5
     for inputs, _ in seen["layers"]:
         assert torch.equal(inputs[1], seen["f_q"])
