@@ -351,3 +351,17 @@ def test_loss_is_bce_on_the_upsampled_prediction_and_the_only_term():
     ref = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
     assert torch.allclose(out["loss"], ref, atol=1e-5) and torch.equal(out["loss"], out["loss_bce"])
     assert {k for k in out if k.startswith("loss")} == {"loss", "loss_bce"}
+
+
+def test_eq5_coordinates_follow_the_feature_maps_device_and_dtype():
+    """F_coord is made on F_m's device and in its dtype: a bfloat16 neck stays bfloat16 (float32
+    coordinates would promote the concatenation and fail the bf16 conv), a meta-device one runs."""
+    neck = mmnet.FusionNeck(C, text_dim=6).eval()
+    f_v2, f_v3, f_v4 = neck_inputs()
+    bf16 = torch.bfloat16
+    with torch.no_grad():
+        out = neck.to(bf16)(f_v2.to(bf16), f_v3.to(bf16), f_v4.to(bf16), torch.randn(2, 6).to(bf16))
+        assert out.dtype == bf16
+        neck = neck.float().to("meta")
+        meta = [x.to("meta") for x in (f_v2, f_v3, f_v4, torch.randn(2, 6))]
+        assert neck(*meta).device.type == "meta"
