@@ -8,7 +8,7 @@ Multi-Query Generator turns dense visual features and words fused with the globa
 into N_q queries, each a different attention over the words (Eq. 6-10). A Vision-Language
 Decoder lets the visual features attend to the queries (Eq. 11-13). Each query gives its own mask
 by a dynamic 3x3 convolution (Eq. 14), a Multi-Query Estimator scores the queries (Eq. 15), and
-the prediction is the score-weighted sum of the masks (Eq. 16). Loss: BCE.
+the prediction is the score-weighted sum of the masks' probabilities (Eq. 16). Loss: BCE.
 
 Shapes: B batch, C model width (512), C_p = C/2, D CLIP embedding width, h w the x3 grid
 (H/16 for a ResNet, H/patch for a ViT), N = h*w, Q = N_q queries, L words, H W input size.
@@ -16,17 +16,20 @@ Shapes: B batch, C model width (512), C_p = C/2, D CLIP embedding width, h w the
 Ablations (Sec. 4.4, Tables 2-4; rows in ABLATIONS): N_q (Table 2); w/o MMP (Table 3), the
 S_q-weighted sum of the queries goes through the projector as one query (the decoder still sees
 all N_q), as the paper "still generated multiple queries but only obtained one mask"; w/o MQE
-(Table 4), the masks are summed with no weight ("directly adding multiple masks without any
-scores"); w/o f_vg (Table 4), Eq. (8) and F_vg are not built and F_t (width C_t) replaces F_tv
-in Eq. (9-10). Not built: w/o MMP with w/o MQE, because the paper weights the queries only by
-the estimator. Without Eq. 14's sigma (the default) w/o MMP equals the full model exactly (the
-projector is linear in F_qn, the scores sum to 1); only `kernel_relu=True` tells them apart.
+(Table 4), the masks count alike ("directly adding multiple masks without any scores"); w/o f_vg
+(Table 4), Eq. (8) and F_vg are not built and F_t (width C_t) replaces F_tv in Eq. (9-10). Not
+built: w/o MMP with w/o MQE, because the paper weights the queries only by the estimator. With
+Eq. (16) on probabilities (the default) every row is another function of the same weights: a
+mixture of sigmoids is neither the sigmoid of the mixed query nor the plain mean.
 
 Interpretations (where the paper is silent or contradicts itself):
-- sigma(F W) and Conv follow CRIS's code, because MMNet writes its neck in CRIS's notation and
-  calls it "very similar": on a map sigma(F W) is a 1x1 conv + BN + ReLU (Eq. 2-3, 6), Conv a 1x1
-  (Eq. 4) or 3x3 (Eq. 5, Eq. 14's F_p) conv + BN + ReLU, and Eq. 7's "three convolution layers"
-  are that 3x3 Conv twice and a 1x1 conv to N_q.
+- sigma(F W) and Conv follow CRIS's code, because MMNet's neck (Eq. 2-5) is written in CRIS's
+  notation on CRIS's stage features (Sec. 3.1: x2, x3 "similar to CRIS"): on a map sigma(F W)
+  is a 1x1 conv + BN + ReLU (Eq. 2-3, 6), Conv a 1x1 (Eq. 4) or 3x3 (Eq. 5, Eq. 14's F_p) conv +
+  BN + ReLU, and Eq. 7's "three convolution layers" are that 3x3 Conv twice and a 1x1 conv to N_q.
+- Eq. (6) is the neck's own steps with new weights and no product with F_tg, as Sec. 3.2 says
+  ("very similar to those in Fusion Neck ... we do not use element-wise multiplication with
+  global textual feature"): FusionNeck without `text_dim`.
 - sigma(F W) on tokens (Eq. 8-10) is a linear layer + ReLU: BatchNorm would mix padded words in.
 - Eq. 2's F_m4 is the product of the two ReLUs, upsampled, nothing more, as the equation writes.
 - The widths of F_v2, F_v3, F_v4, F_vg are all C, the one width the paper names; Up(.) is
@@ -41,20 +44,40 @@ Interpretations (where the paper is silent or contradicts itself):
 - F_tg ("linearly transformed") goes through CLIP's text projection (width D), the linear map
   CLIP trained for it; F_t are the token features after CLIP's final LayerNorm.
 - Eq. 9's W_vd reads a flattened map (N values), so the model is built for one `image_size`.
-- Eq. 9 has no 1/sqrt(C), as written, because unscaled logits let the word attentions differ
-  early; padded words get -inf.
+- Eq. 9 has no 1/sqrt(C), as written; padded words get -inf.
+- Initialisation (the paper gives none): the token maps of Eq. 8-10 (W_t, W_vg, W_vd, W_a,
+  W_tv) are He-initialised with zero bias, the standard for a linear layer before a ReLU. With
+  PyTorch's default (a sixth of the He variance, and in W_vd a bias shared by all queries) Eq. 9's
+  logits start nearly equal over the words, every A_n nearly uniform, every F_qn nearly the same
+  word average and the N_q masks nearly one mask, where the design wants queries "each
+  corresponding to a different interpretation" (Sec. 3.2); the training signal to tell them apart
+  then starts near zero. The raw cosine of two queries stays high under any init: Eq. 10 mixes
+  ReLU outputs, all >= 0.
 - Decoder: 3 pre-norm layers (as Eq. 11-13; the paper gives no number), a final LayerNorm and
   dropout 0.1, as in CRIS, the base; sine positional encodings (DETR, CRIS), 2-D on F_vt and 1-D
   over the query index on F_q, are added to queries and keys: attention alone is blind to position.
 - The decoder does not update F_q (Eq. 11-13 update only F_vt): Eq. 14-15 use the generated F_q.
-- Eq. 14's sigma(W_p F_qn) is off by default (`kernel_relu=True` is Eq. 14 literally), because a
-  ReLU'd bias is never negative and CRIS's projector (2x upsampling, convs to C/2, a linear layer
-  to 9 C_p + 1 values), which MMNet's otherwise is, has none; with it, F_p's Conv has no ReLU, or
-  every mask logit would be >= 0. The dynamic convolution has zero padding 1, to keep the grid.
+- Eq. 14 has two readings: F_pn = sigma(W_p F_qn) in the formula, "we use a linear layer to
+  transform F_qn into F_pn" in the prose beside it (Sec. 3.4), as CRIS's projector, which MMNet's
+  otherwise is (2x upsampling, a conv to C/2, a linear layer to 9 C_p + 1 values), has it. The
+  prose is the default (`kernel_relu=False`): a ReLU'd bias is never negative, and with F_p's
+  ReLU every mask logit would be >= 0 (with `kernel_relu=True`, F_p's Conv has no ReLU). The
+  consequence: each mask is then linear in its query, so Eq. 16 on logits would make the N_q
+  masks one mask of the S_q-weighted query (Table 3's "w/o MMP" exactly) and w/o MQE N_q times
+  the mask of the mean query; the next bullet is what keeps the projector a component. The
+  dynamic convolution has zero padding 1, to keep the grid.
 - Eq. 15's self-attention layer keeps its residual (as Eq. 11), because without it every output
   is an average over all the queries, washing out what tells them apart.
-- Eq. 16 sums mask logits; "cross-entropy loss" is BCE on the sum upsampled bilinearly to the
-  input size, because the mask is binary.
+- Eq. 16 has two readings: the sum of mask logits, or y = sum_n S_qn sigmoid(mask_n), a
+  weighted sum of mask probabilities. The default is the second (`mix_probabilities`), because
+  the paper's masks are predictions ("each mask represents a specific comprehension", scored by
+  "the quality of the mask generated by this query"), y is "the final prediction mask"
+  that the cross-entropy loss reads, and Table 3/4 report gaps that the first reading cannot
+  give with Eq. 14's linear layer (bullet above): on probabilities, w/o MMP and w/o MQE differ
+  from the full model whatever sigma is. y's logit is computed in log space and upsampled
+  bilinearly to the input size; "cross-entropy loss" is BCE, because the mask is binary.
+- w/o MQE on probabilities averages the masks (weights 1/N_q): "directly adding" N_q
+  probabilities would leave [0, 1], which the cross-entropy needs; on logits it adds them.
 - Encoders are fine-tuned at the same learning rate (`freeze_encoders` freezes them), because
   the paper says nothing else and CRIS fine-tunes CLIP.
 - The text context is cut to the sentence length: with causal attention, padding changes nothing.
@@ -62,9 +85,10 @@ Interpretations (where the paper is silent or contradicts itself):
 - Paper configs build `-quickgelu` towers, because the paper (and CRIS) loads OpenAI's CLIP,
   trained with QuickGELU; a GELU checkpoint needs the plain names (`--set image_arch=ViT-B-16`,
   and `text_arch`).
-- Training loop (train.py, not the paper's): clipping at norm 1 and flips with "left"/"right"
-  swapped (`clip_grad`, `hflip`), as the tiny configs train from scratch and a flip must keep a
-  sentence true; `best.pt` is the best-val-mIoU epoch, so report the test splits or `last.pt`.
+- Training loop: the paper configs clip nothing and flip nothing (Sec. 4.1 names neither); the
+  tiny configs (ours) clip at norm 1 and flip with "left"/"right" swapped (`clip_grad`, `hflip`),
+  as they train from scratch and a flip must keep a sentence true; `best.pt` is the best-val-mIoU
+  epoch, so report the test splits or `last.pt`.
 """
 
 from __future__ import annotations
@@ -87,7 +111,7 @@ from common.tokenizers import ClipTokenizer
 
 @dataclass(frozen=True)
 class MMNetConfig:
-    image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B (also L-14, RN101)
+    image_arch: str = "ViT-B-16-quickgelu"  # open_clip name; Table 1: ViT-B, ViT-L; Sec. 4.1: RN101
     text_arch: str = "ViT-B-16-quickgelu"  # the text tower of the same CLIP model (Sec. 3.1)
     image_size: int = 480  # "Input images are resized to 480 x 480" (Sec. 4.1)
     max_tokens: int = 17  # SOS/EOS included: 17 for RefCOCO(+), 22 for G-Ref (Sec. 4.1)
@@ -97,7 +121,8 @@ class MMNetConfig:
     ffn_dim: int = 2048  # "the feed-forward hidden dimension is set to 2048" (Sec. 4.1)
     decoder_layers: int = 3  # not given; CRIS, the base, uses 3
     dropout: float = 0.1  # not given; CRIS's decoder
-    kernel_relu: bool = False  # Eq. (14)'s sigma on the dynamic kernel (see Interpretations)
+    kernel_relu: bool = False  # Eq. (14)'s sigma on the dynamic kernel; Sec. 3.4: "a linear layer"
+    mix_probabilities: bool = True  # Eq. (16) sums mask probabilities; False: logits (Interpr.)
     # Sec. 4.4's ablations (Tables 2-4; ABLATIONS lists the rows), the full model by default
     multi_mask_projector: bool = True  # MMP, Table 3: False = one mask from the S_q-weighted query
     query_estimator: bool = True  # MQE, Table 4: False = the masks added without any scores
@@ -111,8 +136,8 @@ class MMNetConfig:
     warmup: float = 0.0  # no warm-up in the paper
     epochs: int = 100
     batch_size: int = 64
-    clip_grad: float = 1.0  # max gradient norm, 0 = none; not in the paper (Interpretations)
-    hflip: bool = True  # training flips, "left"/"right" swapped; not in the paper (ditto)
+    clip_grad: float = 0.0  # max gradient norm, 0 = none: Sec. 4.1's recipe names no clipping
+    hflip: bool = False  # flips ("left"/"right" swapped): Sec. 4.1 names no augmentation
 
 
 # The encoder files each paper config starts from: train.py refuses to start a paper config
@@ -136,11 +161,11 @@ CONFIGS = {
     # paper's 224-px CLIP is for 480 px) and text tower, C = 64, 12 queries, 2 layers
     "tiny": MMNetConfig(image_arch="tiny", text_arch="tiny", image_size=96, dim=64, num_queries=12,
                         heads=4, ffn_dim=256, decoder_layers=2, dropout=0.0, lr=1e-3, warmup=0.03,
-                        epochs=9, batch_size=16),
+                        epochs=9, batch_size=16, clip_grad=1.0, hflip=True),
     # the ResNet path (attention pool, Eq. 1) at CPU size, for tests; not tuned to learn
     "tiny-rn": MMNetConfig(image_arch="tiny-rn", text_arch="tiny", image_size=128, dim=64,
                            num_queries=24, heads=4, ffn_dim=256, dropout=0.0, lr=1e-3,
-                           warmup=0.03, epochs=8, batch_size=16),
+                           warmup=0.03, epochs=8, batch_size=16, clip_grad=1.0, hflip=True),
 }
 
 # Sec. 4.4's ablation rows (Tables 2-4; the paper runs them on paper-rn50) as config overrides
@@ -227,6 +252,12 @@ class MultiQueryGenerator(nn.Module):
         tv_dim = dim if global_visual else word_dim  # width of F_tv, or of F_t in its place
         self.w_vd, self.w_a = linear_relu(num_pixels, dim), linear_relu(tv_dim, dim)  # Eq. (9)
         self.w_tv = linear_relu(tv_dim, dim)  # Eq. (10)
+        # He initialisation of the ReLU'd token maps (Interpretations): with PyTorch's default,
+        # Eq. (9)'s logits start near zero, every word attention uniform, every query alike
+        for name in ("w_t", "w_vg", "w_vd", "w_a", "w_tv"):
+            if hasattr(self, name):
+                nn.init.kaiming_normal_(getattr(self, name)[0].weight, nonlinearity="relu")
+                nn.init.zeros_(getattr(self, name)[0].bias)
 
     def forward(self, f_v2: Tensor, f_v3: Tensor, f_v4: Tensor, f_vg: Tensor | None,
                 words: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,13 +315,24 @@ class MultiMaskProjector(nn.Module):
         return dynamic_conv(f_p, weight, params[..., -1])  # mask_n for every n, (B, Q, 4h, 4w)
 
 
+def mix_masks(masks: Tensor, weights: Tensor) -> Tensor:
+    """Eq. (16) on probabilities: mask logits (B, Q, h, w) and weights (B, Q) summing to 1 ->
+    the logit of y = sum_n S_qn sigmoid(mask_n), (B, 1, h, w). In log space, as
+    log y - log(1 - y) with 1 - y = sum_n S_qn sigmoid(-mask_n), so it neither saturates nor
+    divides by zero."""
+    log_w = weights.clamp_min(torch.finfo(weights.dtype).tiny).log()[:, :, None, None]
+    log_y = torch.logsumexp(log_w + F.logsigmoid(masks), dim=1)  # log y, (B, h, w)
+    log_not_y = torch.logsumexp(log_w + F.logsigmoid(-masks), dim=1)  # log (1 - y)
+    return (log_y - log_not_y)[:, None]
+
+
 class MultiQueryEstimator(nn.Module):
     """Multi-Query Estimator (Sec. 3.4, Eq. 15): S_q = Softmax(W_s(MHSA(F_q))) over the queries."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.attn = Attention(dim, heads)  # MHSA
-        self.w_s = nn.Linear(dim, 1)  # W_s
+        self.w_s = nn.Linear(dim, 1, bias=False)  # W_s; a bias, shared by all, the softmax drops
 
     def forward(self, f_q: Tensor) -> Tensor:
         """F_q (B, Q, C) -> S_q (B, Q), summing to 1 over the queries."""
@@ -305,9 +347,10 @@ class MMNet(RISModel):
       image (B, 3, H, W) normalised with CLIP's statistics, H = W = cfg.image_size;
       text (B, L) CLIP token ids with SOT/EOT; text_mask (B, L) True on real tokens;
       target (B, 1, H, W) in {0, 1}, optional: adds the loss.
-    Returns: mask_logits (B, 1, H, W) (Eq. 16, upsampled), query_masks (B, Q, 4h, 4w) mask logits
-      of every query (Eq. 14; (B, 1, 4h, 4w) w/o MMP), query_scores (B, Q) (Eq. 15; all 1 w/o
-      MQE), word_attn (B, Q, L) (Eq. 9), and with a target: loss, loss_bce.
+    Returns: mask_logits (B, 1, H, W) the logit of Eq. 16's y, upsampled; query_masks
+      (B, Q, 4h, 4w) mask logits of every query (Eq. 14; (B, 1, 4h, 4w) w/o MMP), query_scores
+      (B, Q) (Eq. 15; all 1/N_q w/o MQE, all 1 with Eq. 16 on logits), word_attn (B, Q, L)
+      (Eq. 9), and with a target: loss, loss_bce.
     """
 
     def __init__(self, cfg: MMNetConfig):
@@ -365,12 +408,18 @@ class MMNet(RISModel):
         for layer in self.decoder:
             f_s = layer(f_s, f_q, vis_pos, query_pos)
         f_s = self.decoder_norm(f_s).transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
-        # 5. Multi-Query Estimator (Eq. 15); without it (Table 4) every mask counts once
-        scores = self.estimator(f_q) if self.estimator is not None else f_q.new_ones(f_q.shape[:2])
+        # 5. Multi-Query Estimator (Eq. 15); without it (Table 4) every mask counts the same:
+        #    added, as probabilities averaged so that y stays one (Interpretations)
+        Q, probs = f_q.shape[1], self.cfg.mix_probabilities
+        scores = (self.estimator(f_q) if self.estimator is not None
+                  else f_q.new_full(f_q.shape[:2], 1 / Q if probs else 1.0))  # S_q (B, Q)
         # 6. Multi-Mask Projector (Eq. 14), one mask per query, and their weighted sum (Eq. 16)
         if self.cfg.multi_mask_projector:
-            masks = self.projector(f_s, f_q)  # (B, Q, 4h, 4w)
-            y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # (B, 1, 4h, 4w)
+            masks = self.projector(f_s, f_q)  # (B, Q, 4h, 4w) logits
+            if probs:  # y = sum_n S_qn sigmoid(mask_n), as its logit
+                y = mix_masks(masks, scores)  # (B, 1, 4h, 4w)
+            else:  # the logits summed
+                y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # (B, 1, 4h, 4w)
         else:  # Table 3 w/o MMP: the S_q-weighted sum of the queries, then a single mask
             f_q_bar = torch.einsum("bq,bqc->bc", scores, f_q)[:, None]  # (B, 1, C)
             y = masks = self.projector(f_s, f_q_bar)  # (B, 1, 4h, 4w)
@@ -393,7 +442,10 @@ class MMNet(RISModel):
             return [("mask of the score-weighted query (w/o MMP)", masks[0].sigmoid())]
         panels = [(f"query {n}: score {scores[n]:.3f}", masks[n].sigmoid())
                   for n in scores.argsort(descending=True).tolist()]
-        weighted = torch.einsum("q,qhw->hw", scores, masks).sigmoid()
+        if self.cfg.mix_probabilities:  # Eq. (16) on probabilities
+            weighted = torch.einsum("q,qhw->hw", scores, masks.sigmoid())
+        else:
+            weighted = torch.einsum("q,qhw->hw", scores, masks).sigmoid()
         name = "weighted sum" if self.estimator is not None else "sum (w/o MQE)"
         return panels + [(f"{name} of masks (Eq. 16)", weighted)]
 

@@ -65,7 +65,9 @@ def test_every_ablation_row_trains_on_tiny(name):
     assert torch.isfinite(out["loss"])
     # every parameter the row builds takes part: a gradient, finite, not zero everywhere; with
     # N_q = 1, Eq. (15)'s softmax over one query is 1 whatever the estimator computes
-    idle = ("estimator.",) if Q == 1 else ()
+    # the MHSA's output bias of Eq. (15) is added to every query, so it shifts every W_s logit
+    # alike and the softmax drops it: its gradient is zero in exact arithmetic, for any N_q
+    idle = ("estimator.",) if Q == 1 else ("estimator.attn.to_out.bias",)
     bad = [n for n, p in model.named_parameters() if not n.startswith(idle) and (
            p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
     assert not bad, bad[:8]
@@ -97,20 +99,59 @@ def test_a_switch_removes_only_its_own_part(switch):
     assert not torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel_relu", [False, True])
-def test_without_mmp_changes_the_prediction_only_with_eq14s_sigma(kernel_relu):
-    """The dynamic convolution is linear in its kernel and bias, W_p is linear and the scores sum
-    to 1, so without Eq. (14)'s sigma the S_q-weighted sum of the masks (Eq. 16) is exactly the
-    mask of the S_q-weighted query: Table 3's ablation changes the model only with the sigma."""
+def _train_mode_outputs(model, batch):
+    """Forward in train mode without gradients: BatchNorm normalises by the batch as in training
+    (at initialisation its running statistics are the identity); tiny has no dropout, so the
+    pass is deterministic and two models with the same weights are comparable."""
+    model.train()
+    with torch.no_grad():
+        return model(**model.inputs_from(batch))
+
+
+@pytest.mark.parametrize("row", ["N_q=24 w/o MMP", "N_q=16 w/o MMP", "N_q=8 w/o MMP", "w/o MQE",
+                                 "w/o f_vg", "w/o f_vg, w/o MQE"])
+def test_table3_and_table4_rows_differ_from_the_full_model_on_the_same_weights(row):
+    """Each Table 3/4 row is another function of the same weights, by a clear margin: labels
+    flip, not rounding. The estimator's W_s is drawn larger so that the scores are not uniform
+    (at initialisation they nearly are, which would hide what w/o MQE removes)."""
+    overrides = mmnet.ABLATIONS[row]
+    torch.manual_seed(0)
+    full = build("mmnet", num_queries=overrides["num_queries"])
+    with torch.no_grad():
+        full.estimator.w_s.weight.normal_(0, 1)
+    ablated = build("mmnet", **overrides)
+    ablated.load_state_dict(full.state_dict(), strict=False)
+    batch = make_batch(full, n=2)
+    a, b = _train_mode_outputs(full, batch), _train_mode_outputs(ablated, batch)
+    diff = (a["mask_logits"] - b["mask_logits"]).abs()
+    flipped = ((a["mask_logits"] > 0) != (b["mask_logits"] > 0)).float().mean()
+    assert diff.max() > 0.3 and flipped > 0, (row, diff.max().item(), flipped.item())
+
+
+def test_on_logits_without_eq14s_sigma_the_mmp_would_be_its_own_ablation():
+    """Why Eq. (16) mixes probabilities by default: the dynamic convolution is linear in its
+    kernel and bias, W_p is linear (Sec. 3.4's "linear layer") and the scores sum to 1, so on
+    logits the S_q-weighted sum of the masks is exactly the mask of the S_q-weighted query,
+    Table 3's ablation; Eq. (14)'s sigma or Eq. (16) on probabilities each break that."""
     torch.manual_seed(0)
     C, Q = 8, 5
-    projector = mmnet.MultiMaskProjector(C, kernel_relu=kernel_relu).eval()
     f_s, f_q = torch.randn(2, C, 4, 4), torch.randn(2, Q, C)
     scores = torch.softmax(torch.randn(2, Q), 1)  # S_q
-    with torch.no_grad():
-        y = torch.einsum("bq,bqhw->bhw", scores, projector(f_s, f_q))  # Eq. (16)
-        single = projector(f_s, torch.einsum("bq,bqc->bc", scores, f_q)[:, None])[:, 0]  # w/o MMP
-    assert torch.allclose(y, single, atol=1e-5) is not kernel_relu
+    q_bar = torch.einsum("bq,bqc->bc", scores, f_q)[:, None]  # w/o MMP's one query
+    for kernel_relu in (False, True):
+        projector = mmnet.MultiMaskProjector(C, kernel_relu=kernel_relu).eval()
+        with torch.no_grad():
+            masks, single = projector(f_s, f_q), projector(f_s, q_bar)
+            on_logits = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]
+            on_probs = mmnet.mix_masks(masks, scores)
+        assert torch.allclose(on_logits, single, atol=1e-5) is not kernel_relu
+        assert (on_probs - single).abs().max() > 0.1
+    full = build("mmnet", mix_probabilities=False)
+    ablated = build("mmnet", mix_probabilities=False, multi_mask_projector=False)
+    ablated.load_state_dict(full.state_dict())
+    batch = make_batch(full, n=2)
+    a, b = _train_mode_outputs(full, batch), _train_mode_outputs(ablated, batch)
+    assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-4)
 
 
 def test_without_mmp_one_mask_comes_from_the_score_weighted_query():
@@ -133,15 +174,23 @@ def test_without_mmp_one_mask_comes_from_the_score_weighted_query():
     assert len(model.vis_panels(out, 0)) == 1
 
 
-def test_without_mqe_the_masks_are_added_without_scores():
-    model = build("mmnet", query_estimator=False).eval()
+@pytest.mark.parametrize("probs", [True, False])
+def test_without_mqe_the_masks_count_alike(probs):
+    """Table 4, w/o MQE: on probabilities (default) the mean of the mask probabilities, so that
+    y stays a probability; on logits the plain sum of the logits ("directly adding")."""
+    model = build("mmnet", query_estimator=False, mix_probabilities=probs).eval()
     assert model.estimator is None
     batch = make_batch(model, n=2)
     with torch.no_grad():
         out = model(**model.inputs_from(batch))
-    assert (out["query_scores"] == 1).all()
-    y = out["query_masks"].sum(1, keepdim=True)  # a sum, not a mean
-    assert torch.allclose(out["mask_logits"], up(y, (96, 96)), atol=1e-5)
+    Q, masks = model.cfg.num_queries, out["query_masks"]
+    assert (out["query_scores"] == (1 / Q if probs else 1)).all()
+    if probs:
+        y = masks.sigmoid().mean(1, keepdim=True)
+        y = torch.log(y) - torch.log1p(-y)  # its logit
+    else:
+        y = masks.sum(1, keepdim=True)  # a sum, not a mean
+    assert torch.allclose(out["mask_logits"], up(y, (96, 96)), atol=1e-4)
     assert "w/o MQE" in model.vis_panels(out, 0)[-1][0]
 
 

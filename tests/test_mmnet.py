@@ -204,8 +204,11 @@ def test_query_generator_matches_eq9_and_eq10():
                 assert torch.allclose(f_q[b, n], f_qn, atol=1e-5)
 
 
-def test_estimator_weights_sum_to_one_and_weight_the_masks():
-    model = build("mmnet")
+@pytest.mark.parametrize("probs", [True, False])
+def test_estimator_weights_sum_to_one_and_weight_the_masks(probs):
+    """Eq. (15) sums to 1 over the queries; Eq. (16) y = sum_n S_qn mask_n, on probabilities by
+    default (the returned logit is logit(y)), on logits with mix_probabilities=False."""
+    model = build("mmnet", mix_probabilities=probs)
     batch = make_batch(model, n=2)
     model.eval()
     with torch.no_grad():
@@ -213,10 +216,15 @@ def test_estimator_weights_sum_to_one_and_weight_the_masks():
     scores, masks = out["query_scores"], out["query_masks"]
     assert scores.shape == (2, model.cfg.num_queries) and (scores > 0).all()
     assert torch.allclose(scores.sum(1), torch.ones(2))  # Eq. (15): softmax over the queries
-    y = torch.einsum("bq,bqhw->bhw", scores, masks)[:, None]  # Eq. (16)
+    y = torch.zeros(2, 1, *masks.shape[-2:])
+    for n in range(model.cfg.num_queries):  # Eq. (16), query by query
+        mask_n = masks[:, n:n + 1].sigmoid() if probs else masks[:, n:n + 1]
+        y += scores[:, n, None, None, None] * mask_n
+    if probs:
+        y = torch.log(y) - torch.log1p(-y)  # logit(y)
     H, W = batch["image"].shape[-2:]
     assert torch.allclose(out["mask_logits"], F.interpolate(y, size=(H, W), mode="bilinear"),
-                          atol=1e-5)
+                          atol=1e-4)
 
 
 def test_padding_length_does_not_change_the_output():
@@ -288,3 +296,70 @@ def test_decoder_attention_is_softmax_qk_over_sqrt_d_times_v():
         layer.train()
         with torch.no_grad():
             assert not torch.allclose(attn(vis, kv, kv), ref, atol=1e-3)  # attention dropout
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper configs' recipe (Sec. 4.1, 4.4) and the forward contract
+# ---------------------------------------------------------------------------------------------
+
+_SEC41 = dict(
+    image_size=480,  # Sec. 4.1: "Input images are resized to 480 x 480"
+    max_tokens=17,  # Sec. 4.1: 17 for RefCOCO(+) with [SOS]/[EOS] (22 for G-Ref: --set)
+    optimiser="Adam",  # Sec. 4.1: "the Adam optimizer"
+    lr=1e-5,  # Sec. 4.1: "lr = 1e-5"
+    weight_decay=0.0,  # not in the paper (Adam's default, none)
+    warmup=0.0,  # not in the paper (none)
+    schedule="poly",  # Sec. 4.1: "decreases with polynomial decay [3]"
+    power=0.9,  # not in the paper: the power of its ref. [3], DeepLab
+    batch_size=64,  # Sec. 4.1: "a batch size of 64"
+    epochs=100,  # Sec. 4.1: "train the network for 100 epochs"
+    clip_grad=0.0,  # not in the paper (none)
+    hflip=False,  # not in the paper (no augmentation)
+)
+PAPER_RECIPES = {
+    "paper": _SEC41,  # ViT-B, Table 1
+    "paper-vit-l": _SEC41,  # ViT-L, Table 1
+    "paper-rn101": _SEC41,  # Sec. 4.1: "preparing the ResNet-101"
+    "paper-rn50": {**_SEC41, "epochs": 50},  # Sec. 4.4: "the epoch is set to 50"
+}
+
+
+def test_paper_configs_are_the_papers_recipe():
+    assert {k for k in mmnet.CONFIGS if k.startswith("paper")} == set(PAPER_RECIPES)
+    model = build("mmnet")  # the optimiser and schedule do not depend on the config
+    opt, sched = model.configure_optimizers(lr=1.0, total_steps=10)
+    for name, recipe in PAPER_RECIPES.items():
+        cfg = mmnet.CONFIGS[name]
+        fields = {k: getattr(cfg, k) for k in recipe if hasattr(cfg, k)}
+        assert fields == {k: v for k, v in recipe.items() if k in fields}, name
+        assert type(opt).__name__ == recipe["optimiser"], name
+        assert opt.param_groups[0]["weight_decay"] == recipe["weight_decay"], name
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([(1 - t / 10) ** 0.9 for t in range(5)], rel=1e-6)  # poly
+    for name in ("tiny", "tiny-rn"):  # ours: from scratch on CPU, clipped and flipped
+        assert (mmnet.CONFIGS[name].clip_grad, mmnet.CONFIGS[name].hflip) == (1.0, True)
+
+
+def test_forward_contract():
+    """Inputs: image (B, 3, H, W) float, text (B, L) int64 ids, text_mask (B, L) bool; outputs:
+    mask logits at the input size, every query's mask logits, scores, word attention; with a
+    target one loss term, BCE."""
+    model = build("mmnet").train()
+    assert model.input_names == ("image", "text", "text_mask")
+    batch = make_batch(model, n=2)
+    inputs = model.inputs_from(batch)
+    image, text, mask = inputs["image"], inputs["text"], inputs["text_mask"]
+    assert image.shape == (2, 3, 96, 96) and image.dtype == torch.float32
+    assert text.dtype == torch.int64 and mask.dtype == torch.bool and text.shape == mask.shape
+    out = model(**inputs, target=batch["mask"])
+    Q, L = model.cfg.num_queries, text.shape[1]
+    side = 96 // model.image_encoder.x3_stride
+    assert out["mask_logits"].shape == (2, 1, 96, 96) and out["mask_logits"].dtype == torch.float32
+    assert out["query_masks"].shape == (2, Q, 4 * side, 4 * side)
+    assert out["query_scores"].shape == (2, Q) and out["word_attn"].shape == (2, Q, L)
+    assert out["loss"].shape == () and set(out) == {"mask_logits", "query_masks", "query_scores",
+                                                    "word_attn", "loss", "loss_bce"}
