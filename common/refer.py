@@ -145,7 +145,6 @@ class ReferDataset(Dataset):
         for a in inst["annotations"]:
             self.anns_of_image[a["image_id"]].append(a["id"])
         self.samples: list[tuple[int, int, str]] = []  # (image_id, ann_id, sentence)
-        self._keys: dict[int, str] = {}  # image_id -> image_key
         self.skipped_refs = 0
         for ref in refs:
             if ref.get("split") != split:
@@ -172,16 +171,10 @@ class ReferDataset(Dataset):
         return self.samples[i][2]
 
     def image_key(self, i: int) -> str:
-        """Sample i's `image_key`, without reading the image: its file (absolute path, size,
-        modification time), what its features depend on. An image id alone would give another
-        REFER-format dataset with the same ids the first one's cached features."""
-        image_id = self.samples[i][0]
-        if image_id not in self._keys:
-            path = os.path.abspath(self.image_path(image_id))
-            st = os.stat(path) if os.path.exists(path) else None
-            self._keys[image_id] = (f"file:{path}:{st.st_size}:{st.st_mtime_ns}" if st
-                                    else f"file:{path}")
-        return self._keys[image_id]
+        """Sample i's `image_key`, without reading anything: its image file's absolute path,
+        what its features depend on. An image id alone would give another REFER-format dataset
+        with the same ids the first one's cached features."""
+        return f"file:{os.path.abspath(self.image_path(self.samples[i][0]))}"
 
     def image_path(self, image_id: int) -> str:
         name = (self.images.get(image_id, {}).get("file_name")

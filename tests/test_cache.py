@@ -239,7 +239,7 @@ def test_a_bit_flipped_entry_is_removed_and_recomputed(frozen, tmp_path):
 
 def test_refer_images_are_keyed_by_their_file_not_their_id(tmp_path):
     """Two REFER-format datasets whose images share ids but not files must not share cached
-    features: the key names the image file (and its size and time), not only its id."""
+    features: the key names the image file, not only its id."""
     from helpers import ref, write_refer
 
     keys = []
