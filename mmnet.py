@@ -319,7 +319,9 @@ def mix_masks(masks: Tensor, weights: Tensor) -> Tensor:
     """Eq. (16) on probabilities: mask logits (B, Q, h, w) and weights (B, Q) summing to 1 ->
     the logit of y = sum_n S_qn sigmoid(mask_n), (B, 1, h, w). In log space, as
     log y - log(1 - y) with 1 - y = sum_n S_qn sigmoid(-mask_n), so it neither saturates nor
-    divides by zero."""
+    divides by zero. In fp32 whatever the autocast dtype: in fp16 the clamp at its smallest
+    normal (6e-5) would cap the weights' logs at -9.7."""
+    masks, weights = masks.float(), weights.float()
     log_w = weights.clamp_min(torch.finfo(weights.dtype).tiny).log()[:, :, None, None]
     log_y = torch.logsumexp(log_w + F.logsigmoid(masks), dim=1)  # log y, (B, h, w)
     log_not_y = torch.logsumexp(log_w + F.logsigmoid(-masks), dim=1)  # log (1 - y)
