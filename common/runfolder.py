@@ -3,6 +3,7 @@ never write into one folder at once."""
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 
@@ -51,3 +52,4 @@ def release_run_folder(out: str) -> None:
 
 
 _HELD: dict = {}  # run folder -> the open lock file this process holds on it
+atexit.register(lambda: [lock.close() for lock in _HELD.values()])  # a run that raised
