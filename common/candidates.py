@@ -4,7 +4,6 @@ wrappers that put them in a sample's `instances`."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -115,16 +114,6 @@ def coverage(by_image: dict[int, list[dict]], image_ids: list[int], path: str, s
     if share < 1:
         warnings.warn(f"{message}; the others have no candidate", stacklevel=2)
     return share
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a proposals file, recorded in the run: a file changed after training is
-    noticed when the run resumes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encode_candidates(image_id: int, masks, scores=None) -> list[dict]:

@@ -11,7 +11,6 @@ atomically (`save_checkpoint`). `export_checkpoint` writes a self-contained, wei
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import warnings
@@ -19,6 +18,7 @@ import warnings
 import torch
 
 from common.encoders import quiet_random_init
+from common.encoders.loading import file_sha256
 from common.model import config_from_dict, freeze
 from common.runconfig import WEIGHT_FLAGS, load_model_module
 
@@ -29,24 +29,13 @@ from common.runconfig import WEIGHT_FLAGS, load_model_module
 FROZEN_SOURCES = {"image_encoder": "image_weights", "text_encoder": "text_weights"}
 
 
-HASH_CHUNK = 1 << 24  # bytes read at a time while hashing a weight file
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(path: str) -> str:
     """sha256 of a weight file, or of a weight folder (a Hugging Face folder: every file's
     relative path and bytes, in sorted order). Cached per (path, size, mtime)."""
     if os.path.isfile(path):
-        st = os.stat(path)
-        return _sha256(os.path.abspath(path), st.st_size, st.st_mtime)
+        return file_sha256(path)
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from common.candidates import candidate_label, file_sha256
+from common.candidates import candidate_label
+from common.encoders.loading import file_sha256
 
 MODELS = ("mail", "mmnet", "m3dec", "maris")
 

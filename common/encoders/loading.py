@@ -13,6 +13,7 @@ encoding (`sine_init_`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import warnings
@@ -92,7 +93,20 @@ KNOWN_FILES = {
         "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
         "73cbd019"),
 }
-HASHED: dict = {}  # (path, size, mtime) -> sha256, so that a file is hashed once per process
+def file_sha256(path: str) -> str:
+    """sha256 of a file, read once per process per (path, size, modification time): weight
+    files are hashed where a loader checks them and where a checkpoint records them."""
+    st = os.stat(path)
+    return _file_sha256(os.path.abspath(path), st.st_size, st.st_mtime)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime: float) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_known_file(path: str) -> None:
@@ -101,18 +115,11 @@ def check_known_file(path: str) -> None:
     known = KNOWN_FILES.get(os.path.basename(path))
     if known is None:
         return
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime)
-    if key not in HASHED:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        HASHED[key] = digest.hexdigest()
     source, expected = known
-    if not HASHED[key].startswith(expected):
+    digest = file_sha256(path)
+    if not digest.startswith(expected):
         raise ValueError(f"{path!r} is named as the published {os.path.basename(path)} but its "
-                         f"sha256 is {HASHED[key][:16]}..., not {expected[:16]}... ({source}): "
+                         f"sha256 is {digest[:16]}..., not {expected[:16]}... ({source}): "
                          "a truncated or different file; download it again")
 
 
