@@ -30,6 +30,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from common.checkpoint import payload_sha256
+
 
 def state_hash(module: torch.nn.Module) -> str:
     """SHA-1 of a module's weights (names, shapes and bytes)."""
@@ -81,18 +83,6 @@ def unpack(stored: Tensor | dict[str, Tensor]) -> Tensor:
     return stored.float()
 
 
-def entry_sha256(entry: dict) -> str:
-    """sha256 of an entry's stored tensors, by name (int8 entries: their q and scale)."""
-    digest = hashlib.sha256()
-    for name in sorted(entry):
-        parts = entry[name] if isinstance(entry[name], dict) else {"": entry[name]}
-        for sub in sorted(parts):
-            t = parts[sub].contiguous()
-            digest.update(f"{name}/{sub}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def _safe_key(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
@@ -129,7 +119,7 @@ class FeatureCache:
             return None
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if entry.pop("sha256") != entry_sha256(entry):
+            if entry.pop("sha256") != payload_sha256(entry):
                 raise ValueError("checksum mismatch")
             return entry
         except Exception as err:  # a disk error, a flipped bit, a foreign file
@@ -140,7 +130,7 @@ class FeatureCache:
 
     def _store(self, path: str, feats: dict[str, Tensor]) -> None:
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save(dict(feats, sha256=entry_sha256(feats)), tmp)
+        torch.save(dict(feats, sha256=payload_sha256(feats)), tmp)
         os.replace(tmp, path)
 
     def _path(self, part: str, key: str) -> str:
