@@ -29,9 +29,10 @@ Interpretations (where the paper is silent or contradicts itself):
 - GloVe vectors stay fixed (`freeze_word_vectors`), as Sec. IV-A has GloVe "generate" the
   embeddings and VLT's code reads them, fixed, from spaCy; words GloVe lacks start random and
   stay so (VLT: zeros). `tiny` has no GloVe, so it trains its word vectors.
-- Swin-B: torchvision's ImageNet-1K, window-7 checkpoint; LAVT, whose 480 px setting the paper
-  follows, loads the ImageNet-22K window-12 one (swin_base_patch4_window12_384_22k.pth), which
-  common.encoders.swin cannot read yet. The paper names neither.
+- Swin-B: the paper names no checkpoint; `paper-swin` reads Microsoft's ImageNet-22K, window-12
+  release (swin_base_patch4_window12_384_22k.pth), the one LAVT, whose 480 px setting the paper
+  follows, trains from (its README). torchvision's ImageNet-1K window-7 swin_b is accepted with
+  `image_encoder="swin_b"`. Stochastic depth 0.3 while training, LAVT's (common.encoders.swin).
 - GRU words: those seen `vocab_min_count` (2) times in training, kept in the config so that a
   checkpoint tokenises as training did; rarer ones are <unk>, so that training sees it.
 - BERT reads 20 tokens with [CLS] and [SEP], so that about 15 words (the paper's count) fit.
@@ -99,7 +100,9 @@ from common.model import InputSpec, RISModel, check_choices, freeze
 from common.tokenizers import SHAPES_VOCAB, build_word_vocab
 
 IMAGE_ENCODERS = {"darknet53": (Darknet53, "darknet53"), "darknet-tiny": (Darknet53, "tiny"),
-                  "swin_b": (SwinImageEncoder, "swin_b"), "swin-tiny": (SwinImageEncoder, "tiny")}
+                  "swin_b-w12": (SwinImageEncoder, "swin_b_w12"),  # ImageNet-22K, window 12
+                  "swin_b": (SwinImageEncoder, "swin_b"),  # torchvision's ImageNet-1K, window 7
+                  "swin-tiny": (SwinImageEncoder, "tiny")}
 BERT_ENCODERS = {"bert-base": "bert-base", "bert-tiny": "tiny"}  # text_encoder -> BERT arch
 LFR_TARGETS = ("paper", "detached", "normalised")  # LFR's target F_proj, see M3DecConfig
 # the values each config switch may take (M3Dec checks them)
@@ -140,7 +143,7 @@ class M3DecConfig:
     dropout: float = 0.1  # not given
     w_mask: float = 1.0  # Eq. (5), Sec. IV-A
     w_rec: float = 0.1  # Eq. (5), Sec. IV-A
-    image_weights: str | None = None  # yolov3.weights / Darknet state dict, or swin_b .pth
+    image_weights: str | None = None  # yolov3.weights / Darknet state dict, or a Swin-B .pth
     text_weights: str | None = None  # GloVe text file (gru) or local BERT folder
     freeze_encoders: bool = False  # the paper does not freeze (see Interpretations)
     freeze_word_vectors: bool = True  # gru: GloVe "generates" the embeddings (Sec. IV-A): fixed
@@ -158,14 +161,14 @@ class M3DecConfig:
 # (unless --random-init), so that "paper" never silently means "from scratch".
 _CNN = {"image_weights": "Darknet-53, yolov3.weights or darknet53.conv.74 (darknet binary)",
         "text_weights": "GloVe, glove.840B.300d.txt"}
-_SWIN = {"image_weights": "Swin-B, torchvision's swin_b-68c6b09e.pth",
+_SWIN = {"image_weights": "Swin-B, Microsoft's swin_base_patch4_window12_384_22k.pth",
          "text_weights": "a local bert-base-uncased folder (save_pretrained)"}
 PAPER_WEIGHTS = {"paper": _CNN, "paper-cnn": _CNN, "paper-swin": _SWIN}
 
 CONFIGS = {
     "paper-cnn": M3DecConfig(),  # Table IV's CNN setting (Darknet-53 + GRU over GloVe)
-    "paper-swin": M3DecConfig(image_encoder="swin_b", text_encoder="bert-base", image_size=480,
-                              max_len=20),  # Table IV's Transformer setting (Swin-B + BERT)
+    "paper-swin": M3DecConfig(image_encoder="swin_b-w12", text_encoder="bert-base",
+                              image_size=480, max_len=20),  # Table IV's Transformer setting
     # CPU-sized, same code paths: 128 px -> 8 x 8 tokens, tiny Darknet, the shapes words; it
     # trains from scratch, so its word vectors train and it clips and flips (Interpretations)
     "tiny": M3DecConfig(image_encoder="darknet-tiny", image_size=128, word_dim=32,

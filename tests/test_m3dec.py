@@ -285,8 +285,9 @@ PAPER_RECIPES = {
     "paper-cnn": dict(PAPER_RECIPE, image_size=416, image_encoder="darknet53", text_encoder="gru",
                       freeze_word_vectors=True),
     # Sec. IV-A: "480x480 for Transformer backbone"; Table IV: Swin-B + BERT; BERT's 20 tokens
-    # with [CLS] and [SEP] are ours (about 15 words, see the Interpretations)
-    "paper-swin": dict(PAPER_RECIPE, image_size=480, image_encoder="swin_b",
+    # with [CLS] and [SEP] are ours (about 15 words, see the Interpretations); the ImageNet-22K
+    # window-12 Swin-B is not in the paper (LAVT's README's file)
+    "paper-swin": dict(PAPER_RECIPE, image_size=480, image_encoder="swin_b-w12",
                        text_encoder="bert-base", max_len=20),
 }
 

@@ -41,8 +41,8 @@ def files(tmp_path_factory, weight_file):
             path, _ = weight_file(weights.write_sam, name, name.split("_", 1)[1].rsplit(".", 1)[0])
         elif name.endswith("-quickgelu.pt"):  # OpenAI CLIP file of that architecture
             path, _ = weight_file(weights.write_openai_clip, name, name[: -len(".pt")])
-        elif name == "swin_b.pth":
-            path, _ = weight_file(weights.write_swin_b, name)
+        elif name == "swin_base_patch4_window12_384_22k.pth":  # Microsoft's release
+            path, _ = weight_file(weights.write_swin_microsoft, name)
         elif name == "darknet53.conv.74":
             weights.write_darknet(path)
         elif name == "glove.txt":
@@ -68,7 +68,7 @@ PAPER_RUNS = [
     ("mmnet", "paper-rn101", "RN101-quickgelu.pt", "RN101-quickgelu.pt"),
     ("mmnet", "paper-vit-l", "ViT-L-14-quickgelu.pt", "ViT-L-14-quickgelu.pt"),
     ("m3dec", "paper-cnn", "darknet53.conv.74", "glove.txt"),
-    ("m3dec", "paper-swin", "swin_b.pth", "bert-base"),
+    ("m3dec", "paper-swin", "swin_base_patch4_window12_384_22k.pth", "bert-base"),
     ("mail", "paper", "vilt-b32", None),
     ("mail", "paper-416", "vilt-b32", None),
 ]

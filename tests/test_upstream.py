@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import struct
 import warnings
 
@@ -29,6 +30,7 @@ from weights import (
     write_openai_clip,
     write_sam,
     write_swin_b,
+    write_swin_microsoft,
     write_vilt_folder,
 )
 
@@ -327,6 +329,62 @@ def test_swin_b_stages_match_torchvision(weight_file, capsys):
     for stage, (i, feat) in enumerate(zip((1, 3, 5, 7), ours), start=1):
         ref = outputs[i].permute(0, 3, 1, 2)  # torchvision's stages are channels last
         compare(f"Swin-B stage {stage} {tuple(feat.shape)}", feat, ref)
+
+
+@pytest.mark.slow
+def test_swin_b_w12_microsoft_file_stages_match_timm(weight_file, capsys):
+    """Fidelity: Microsoft's ImageNet-22K window-12 release (swin_base_patch4_window12_384_22k
+    .pth, the file LAVT trains from; written in Microsoft's names) loaded by SwinImageEncoder
+    gives the four stage outputs of timm's swin_base_patch4_window12_384 holding the same
+    weights, at its 384 px (every stage a multiple of the window: timm pads after the shift,
+    Microsoft's backbones and torchvision before, so padded sizes are checked against
+    torchvision above)."""
+    path, net = weight_file(write_swin_microsoft, "swin_base_patch4_window12_384_22k.pth")
+    enc = SwinImageEncoder("swin_b_w12", weights=path).eval()
+    n = len(enc.state_dict())
+    assert load_line(capsys) == (f"loaded {path}: {n}/{n} tensors into Swin swin_b_w12 "
+                                 "(4 tensors of parts it does not build left out)")
+    image = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = net.forward_intermediates(image, intermediates_only=True)  # (B, C, h, w) each
+        ours = enc(image)
+    for stage, (feat, expected) in enumerate(zip(ours, ref, strict=True), start=1):
+        compare(f"Swin-B w12 stage {stage} {tuple(feat.shape)}", feat, expected)
+
+
+def test_swin_microsoft_names_map_onto_torchvision_and_window_sizes_are_checked(tmp_path):
+    """Consistency: every tensor of a Microsoft-format file of the small variant lands in its
+    place in the torchvision module (a round trip through the names gives the same outputs), its
+    final norm and head are left out, and a file of another window size is refused by its bias
+    tables' shapes."""
+    src = SwinImageEncoder("tiny").eval()
+    inverse = {}
+    for name, tensor in src.state_dict().items():
+        m = re.match(r"features\.(\d+)\.(.*)", name)
+        k, rest = int(m[1]), m[2]
+        if k == 0:
+            name = {"0": "patch_embed.proj", "2": "patch_embed.norm"}[rest[0]] + rest[1:]
+        elif k % 2:
+            block, rest = rest.split(".", 1)
+            rest = rest.replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+            name = f"layers.{(k - 1) // 2}.blocks.{block}.{rest}"
+        else:
+            name = f"layers.{k // 2 - 1}.downsample.{rest}"
+        inverse[name] = tensor
+    path = str(tmp_path / "swin_tiny_ms.pth")
+    torch.save({"model": inverse | {"norm.weight": torch.ones(256), "head.weight": torch.ones(
+        5, 256)}}, path)
+    enc = SwinImageEncoder("tiny", weights=path).eval()
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for a, b in zip(enc(image), src(image), strict=True):
+            assert torch.equal(a, b)
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"  # window 4: 7 x 7 offsets
+    inverse[table] = torch.zeros(13 * 13, 1)  # a window-7 file's
+    torch.save({"model": inverse}, path)
+    with pytest.raises(ValueError, match=r"shape mismatch.*features\.1\.0\.attn\.relative_position"
+                                         r"_bias_table', \(169, 1\), \(49, 1\)"):
+        SwinImageEncoder("tiny", weights=path)
 
 
 @pytest.mark.slow

@@ -112,6 +112,34 @@ def write_swin_b(path: str, seed: int = 0) -> nn.Module:
     return net
 
 
+def write_swin_microsoft(path: str, seed: int = 0) -> nn.Module:
+    """Microsoft's release (swin_base_patch4_window12_384_22k.pth): `torch.save({"model": state
+    dict})` in the official repository's names, with its persistent buffers (relative-position
+    indices, shift masks) and the 21,841-class ImageNet-22K head. Built by timm's
+    swin_base_patch4_window12_384 and renamed back to Microsoft's layout (timm's own
+    checkpoint_filter_fn reads such files by moving each stage's patch merging to the next
+    stage and the head to head.fc; this undoes both). Returns the timm model."""
+    import re
+
+    import timm
+
+    torch.manual_seed(seed)
+    net = randomise_(timm.create_model("swin_base_patch4_window12_384", pretrained=False,
+                                       num_classes=21841), seed).eval()
+    state = {}
+    for name, tensor in net.state_dict().items():
+        name = re.sub(r"^layers\.(\d+)\.downsample\.",
+                      lambda m: f"layers.{int(m[1]) - 1}.downsample.", name)
+        state[name.replace("head.fc.", "head.")] = tensor
+    for name, module in net.named_modules():  # buffers Microsoft's code saves and timm's not
+        if hasattr(module, "relative_position_index"):
+            state[f"{name}.relative_position_index"] = module.relative_position_index
+        if getattr(module, "attn_mask", None) is not None:
+            state[f"{name}.attn_mask"] = module.attn_mask
+    torch.save({"model": state}, path)
+    return net
+
+
 def write_vocab(folder: str, size: int, words: tuple[str, ...] = ()) -> None:
     """A WordPiece vocab.txt of exactly `size` entries: BERT's special tokens, `words`, then
     filler tokens."""
