@@ -526,3 +526,14 @@ def test_forward_contract():
     out = model(**inputs, target=batch["mask"])
     assert {k for k in out if k.startswith("loss")} == {"loss", "loss_mask", "loss_rec"}
     assert all(out[k].shape == () for k in ("loss", "loss_mask", "loss_rec"))
+
+
+def test_fig6_mask_decoder_takes_exactly_max_len_words_and_refuses_more():
+    """The first conv has max_len input channels: a sentence of exactly max_len words fills them
+    (no padding), one word more is refused by name rather than failing inside the conv."""
+    dec = m3dec.MaskDecoder(C, HEADS, L, mask_dim=6, dropout=0.0).eval()
+    f_enc = torch.randn(1, C, 3, 3)
+    out = dec(torch.randn(1, L, C), f_enc, torch.ones(1, L, dtype=torch.bool))
+    assert out.shape == (1, 1, 24, 24)
+    with pytest.raises(ValueError, match=f"{L + 1} words exceed max_len={L}"):
+        dec(torch.randn(1, L + 1, C), f_enc, torch.ones(1, L + 1, dtype=torch.bool))
