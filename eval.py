@@ -457,5 +457,10 @@ def make_visualiser(args, split: str, model, dataset):
     return on_batch
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line: `python eval.py`, `python -m eval` or, installed, `ris-eval`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

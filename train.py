@@ -414,5 +414,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line: `python train.py`, `python -m train` or, installed, `ris-train`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

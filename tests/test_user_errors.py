@@ -346,3 +346,42 @@ def test_a_refs_file_naming_an_unknown_image_is_a_clear_error(tmp_path):
                   "bbox": [0, 0, 2, 2], "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}])
     with pytest.raises(ValueError, match=r"does not hold: \[7\]"):
         data.build_dataset("refcoco", "train", data_root=str(tmp_path))
+
+
+def test_console_commands_are_the_scripts(capsys, monkeypatch, tmp_path):
+    """pyproject's [project.scripts] name train.run and eval.run, which behave as the scripts do
+    (a user error: status 2, one line); where this project is installed in the interpreter
+    running the tests (CI's `pip install -e`), the commands exist next to it and run from
+    another folder, their usage naming themselves."""
+    import importlib
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts == {"ris-train": "train:run", "ris-eval": "eval:run"}
+    mistakes = {"ris-train": (["--model", "maris", "--config", "big"], "has configs"),
+                "ris-eval": (["--checkpoint", str(tmp_path / "none.pt")], "not found")}
+    for command, target in scripts.items():
+        module, function = target.split(":")
+        run = getattr(importlib.import_module(module), function)
+        argv, words = mistakes[command]
+        monkeypatch.setattr(sys, "argv", [command, *argv])
+        with pytest.raises(SystemExit) as stop:
+            run()
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err
+    try:
+        importlib.metadata.distribution("ris-zoo")
+    except importlib.metadata.PackageNotFoundError:
+        return  # run from a source tree that is not installed: no commands to find
+    bin_dir = os.path.dirname(sys.executable)
+    for command in scripts:
+        path = os.path.join(bin_dir, command)
+        assert os.path.isfile(path), f"{command} is not installed next to {sys.executable}"
+        done = subprocess.run([path, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: {command} ")
