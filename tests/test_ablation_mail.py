@@ -197,12 +197,13 @@ def test_decoder_modality_feeds_eq8_only_the_named_features(batch):
 
 def test_mean_and_maximum_pool_the_valid_candidates():
     g = torch.Generator().manual_seed(0)
-    f_m = torch.randn(2, 4, 3, 2, 5, generator=g)
-    valid = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    f_m = torch.randn(3, 4, 3, 2, 5, generator=g)
+    valid = torch.tensor([[True, True, True, False], [True, False, True, True],
+                          [False, False, True, False]])  # one candidate: its own features
     f_m = f_m * valid[:, :, None, None, None]  # padded candidates' features are zero
     mean = mail.pool_mask_features(f_m, valid, "mean")
     top = mail.pool_mask_features(f_m, valid, "maximum")
-    for b in range(2):
+    for b in range(3):
         assert torch.allclose(mean[b], f_m[b, valid[b]].mean(0), atol=1e-6)
         assert torch.equal(top[b], f_m[b, valid[b]].max(0).values)
 

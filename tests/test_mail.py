@@ -377,6 +377,22 @@ def test_vis_panels_show_scored_candidates_and_mark_the_selected(model, batch):
         assert math.isclose(sum(probs), 1.0, abs_tol=0.05)
 
 
+def test_vis_panels_crop_the_padding_of_a_non_square_image():
+    """Fig. 5's panels align with the image: candidate masks are cut to the real (unpadded)
+    rows and columns of `image_mask`, here 3 x 5 of a 6 x 8 padded input."""
+    model = build("mail", image_size=64)
+    real = torch.zeros(1, 6, 8, dtype=torch.bool)
+    real[0, :3, :5] = True
+    out = {"mask_scores": torch.tensor([[0.5, 2.0]]), "selected": torch.tensor([1]),
+           "cand_masks": torch.rand(1, 2, 6, 8, generator=torch.Generator().manual_seed(0)) > 0.5,
+           "image_mask": real}
+    panels = model.vis_panels(out, 0)
+    assert [m.shape for _, m in panels] == [(3, 5), (3, 5)]
+    assert torch.equal(panels[0][1], out["cand_masks"][0, 1, :3, :5].float())
+    del out["image_mask"]  # a square input without padding: the masks as they are
+    assert [m.shape for _, m in model.vis_panels(out, 0)] == [(6, 8), (6, 8)]
+
+
 def test_text_max_tokens_and_configs():
     assert mail.CONFIGS["paper"].max_tokens == 15 and mail.CONFIGS["paper-gref"].max_tokens == 20
     square = mail.CONFIGS["paper-416"]
@@ -479,7 +495,12 @@ def test_paper_configs_are_the_papers_recipe():
         got = {k: getattr(cfg, k) for k in recipe if hasattr(cfg, k)}
         assert got == {k: v for k, v in recipe.items() if k in got}, name
         assert cfg.vilt_arch == "vilt-b32" and cfg.tokenizer == "wordpiece", name
-    # optimiser and schedule: what configure_optimizers builds
+    # optimiser and schedule: what configure_optimizers builds (the config's values, which
+    # equal AdamW's and the schedule's defaults: another pair must be honoured too)
+    other = build("mail", image_size=64, warmup=0.25, weight_decay=0.05)
+    opt, sched = other.configure_optimizers(1e-4, total_steps=100)
+    assert opt.param_groups[0]["weight_decay"] == 0.05
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 25)  # step 1 of a 25-step warm-up
     model = build("mail", image_size=64, warmup=_RECIPE["warmup"])  # tiny's net, paper's warm-up
     opt, sched = model.configure_optimizers(1e-4, total_steps=100)
     assert type(opt).__name__ == _RECIPE["optimiser"]
@@ -511,7 +532,7 @@ def test_wordpiece_unless_auto_without_a_vocab_is_an_error_not_bpe():
     assert all(mail.CONFIGS[k].tokenizer == "wordpiece" for k in mail.CONFIGS if k != "tiny")
 
 
-def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path):
+def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path, capsys):
     """Tab. 2 variant 6 (`pretraining="uni-modal"`): blocks, patch projection, class token,
     positions and final norm from a ViT folder; word/position/segment embeddings from BERT's;
     the type embeddings from neither."""
@@ -549,7 +570,21 @@ def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path):
                           enc.patch_embed.weight.sum(1, keepdim=True))
     batch = make_batch(model, n=2)
     assert torch.isfinite(model(**model.inputs_from(batch), target=batch["mask"])["loss"])
-    ViTModel(ViTConfig(**(spec | dict(num_hidden_layers=2))), add_pooling_layer=False
-             ).save_pretrained(tmp_path / "vit2")
-    with pytest.raises(ValueError, match="ViT with"):
-        build("mail", pretraining="uni-modal", image_weights=str(tmp_path / "vit2"))
+    printed = capsys.readouterr().out  # one line per folder, naming what it filled
+    assert f"loaded {tmp_path / 'vit'}: " in printed and "into ViT image encoder" in printed
+    assert f"loaded {tmp_path / 'bert'}: " in printed and "into BERT text encoder" in printed
+    for i, change in enumerate([dict(num_hidden_layers=2), dict(hidden_size=64)]):
+        ViTModel(ViTConfig(**(spec | change)), add_pooling_layer=False
+                 ).save_pretrained(tmp_path / f"vit{i}")
+        key, value = next(iter(change.items()))
+        with pytest.raises(ValueError, match=f"ViT with .*'{key}': {value}"):
+            build("mail", pretraining="uni-modal", image_weights=str(tmp_path / f"vit{i}"))
+    small = BertModel(BertConfig(vocab_size=50, hidden_size=spec["hidden_size"],
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64), add_pooling_layer=False)
+    small.save_pretrained(tmp_path / "bert50")
+    vilt = build("mail", image_size=64).encoder.vilt
+    n_words = vilt.text_embed.word_embeddings.weight.shape[0]
+    with pytest.raises(ValueError, match=rf"holds word embeddings \(50, {spec['hidden_size']}\), "
+                                         rf"this ViLT \({n_words}, {spec['hidden_size']}\)"):
+        mail.load_unimodal_weights(vilt, str(tmp_path / "vit"), str(tmp_path / "bert50"))
