@@ -327,6 +327,20 @@ def refuse_overwrite(path: str, source: str, flag: str) -> None:
                          "choose another output path")
 
 
+def refuse_overwriting_inputs(args) -> None:
+    """Before anything runs: no file eval.py writes (--json, --export, --plot-out, --save-mask)
+    is one it reads (a checkpoint, --image, --candidates, the weight files, the plotted log)."""
+    inputs = [(path, "--checkpoint") for path, _ in args.runs] + [
+        (getattr(args, flag.lstrip("-").replace("-", "_")), flag)
+        for flag in ("--image", "--candidates", "--image-weights", "--text-weights")]
+    if args.plot is not None:
+        inputs.append((os.path.join(args.plot, "log.jsonl"), "--plot log.jsonl"))
+    for output in (args.json, args.export, args.plot_out, args.save_mask):
+        for source, flag in inputs:
+            if output and source:
+                refuse_overwrite(output, source, flag)
+
+
 def run_tool(args) -> dict:
     """--plot (common.logs.plot_log) and --export (common.checkpoint.export_checkpoint)."""
     if args.plot is not None:
@@ -335,7 +349,6 @@ def run_tool(args) -> dict:
         print(f"curves of {args.plot} -> {png}")
         return {"plot": png}
     path = args.runs[0][0]
-    refuse_overwrite(args.export, path, "--checkpoint")
     export_checkpoint(path, args.export, moved_weights(args))
     print(f"{path} -> {args.export} (self-contained, weights only)")
     return {"export": args.export}
@@ -345,6 +358,7 @@ def main(argv=None) -> dict:
     """Returns {SPLIT: metrics} for one checkpoint, {"checkpoints": [row, ...]} for several
     (each row as `evaluate_checkpoint` returns it)."""
     args = parse_args(argv)
+    refuse_overwriting_inputs(args)
     if args.plot is not None or args.export is not None:
         return run_tool(args)
     rank, world, rank_device = distributed.setup_distributed()

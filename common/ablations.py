@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from common import cli
 from common.checkpoint import load_checkpoint
 from common.runconfig import MODELS, load_model_module
 
@@ -114,4 +115,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a user's error: one line and exit status 2

@@ -25,12 +25,13 @@ import warnings
 import torch
 
 import data
+from common import cli
 from common.cache import frozen_features
 from common.distributed import AMP_DTYPES, autocast, flush_denormals, memory_format
 from common.encoders import quiet_random_init
 from common.measure import count_flops, matmul, median_times
 from common.model import count_parameters
-from common.runconfig import MODELS, load_model_module
+from common.runconfig import MODELS, load_model_module, named_config
 from common.shapes import ShapesDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
@@ -63,7 +64,7 @@ def bench_model(name: str, config: str, device: torch.device, batch_size: int, a
     """One row of the benchmark table (see README, "Reading the benchmark"). per_image k > 1:
     the step's batch holds k sentences of each of batch_size / k images (grouped encoding)."""
     module = load_model_module(name)
-    cfg = module.CONFIGS[config]
+    cfg = named_config(module, config)
     if freeze:
         cfg = dataclasses.replace(cfg, freeze_encoders=True)
     if hasattr(module, "prepare_config"):  # a vocabulary from synthetic sentences (M3Dec's GRU)
@@ -161,6 +162,10 @@ def run_benchmark(args) -> tuple[list[dict], list[str]]:
     own, and a row that fails (an out-of-memory) does not stop the others."""
     names = MODELS if args.model == "all" else [args.model]
     names = [n for n in names if importlib.util.find_spec(n) is not None]
+    if len(names) == 1:
+        named_config(load_model_module(names[0]), args.config)  # a wrong name stops here
+    elif not any(args.config in load_model_module(n).CONFIGS for n in names):
+        raise ValueError(f"no model has a config {args.config!r}")
     rows, failed = [], []
     for name in names:
         module = load_model_module(name)
@@ -245,4 +250,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a user's error: one line and exit status 2

@@ -15,10 +15,11 @@ import warnings
 
 import torch
 
+from common import cli
 from common.benchmark import bench_batch
 from common.cache import storage_error
 from common.encoders import quiet_random_init
-from common.runconfig import load_model_module
+from common.runconfig import load_model_module, named_config
 
 
 def main(argv=None) -> dict:
@@ -32,7 +33,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=2)
     args = p.parse_args(argv)
     module = load_model_module(args.model)
-    cfg = dataclasses.replace(module.CONFIGS[args.config], freeze_encoders=True,
+    cfg = dataclasses.replace(named_config(module, args.config), freeze_encoders=True,
                               image_weights=args.image_weights, text_weights=args.text_weights)
     torch.manual_seed(0)
     with quiet_random_init(), warnings.catch_warnings():
@@ -49,4 +50,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a user's error: one line and exit status 2

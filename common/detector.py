@@ -25,6 +25,7 @@ import sys
 import numpy as np
 import torch
 
+from common import cli
 from common.candidates import encode_candidates, load_candidates
 from common.encoders.loading import load_state_dict_file
 from common.proposals import proposal_recall
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a user's error: one line and exit status 2

@@ -45,11 +45,16 @@ def parse_value(text: str, default):
     return text
 
 
+def named_config(module, config: str):
+    """module.CONFIGS[config], or a ValueError naming the configs there are."""
+    if config not in module.CONFIGS:
+        raise ValueError(f"{module.__name__} has configs {sorted(module.CONFIGS)}, not {config!r}")
+    return module.CONFIGS[config]
+
+
 def build_config(module, args):
     """The named config with the weight paths, --freeze-encoders and --set overrides applied."""
-    if args.config not in module.CONFIGS:
-        raise ValueError(f"{args.model} has configs {sorted(module.CONFIGS)}, not {args.config!r}")
-    cfg = module.CONFIGS[args.config]
+    cfg = named_config(module, args.config)
     changes = {}
     for field, value in (("image_weights", args.image_weights),
                          ("text_weights", args.text_weights)):

@@ -127,6 +127,16 @@ def test_eval_never_writes_over_its_inputs(finished_run, tmp_path, capsys):
     err = user_error(capsys, eval_cli.main, ["--checkpoint", str(ckpt), "--image", str(photo),
                                              "--text", "a", "--save-mask", str(tmp_path / "m.jpg")])
     assert "losslessly" in err
+    # every written file against every read one, refused before anything runs
+    for flags in (["--json", str(ckpt)], ["--plot", str(finished_run), "--plot-out",
+                                           str(finished_run / "log.jsonl")],
+                  ["--json", str(finished_run / "args.json"), "--candidates",
+                   str(finished_run / "args.json")]):
+        logged = (finished_run / "log.jsonl").read_bytes()
+        argv = flags if "--plot" in flags else ["--checkpoint", str(ckpt), *flags]
+        err = user_error(capsys, eval_cli.main, argv)
+        assert "does not write over its inputs" in err, flags
+        assert ckpt.read_bytes() == before and (finished_run / "log.jsonl").read_bytes() == logged
 
 
 def test_a_split_without_samples_is_refused(finished_run, capsys, monkeypatch):
@@ -385,3 +395,62 @@ def test_console_commands_are_the_scripts(capsys, monkeypatch, tmp_path):
         done = subprocess.run([path, "--help"], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: {command} ")
+
+
+@pytest.mark.parametrize("tool, argv, words", [
+    ("common.cache_error", ["--config", "big"], "maris has configs"),
+    ("common.benchmark", ["--model", "mmnet", "--config", "big"], "mmnet has configs"),
+    ("common.benchmark", ["--config", "big"], "no model has a config 'big'"),
+    ("common.detector", ["--dataset", "refcoco", "--data-root", "nowhere", "--split", "val",
+                         "--weights", "nowhere.pth", "--out", "props.json"], "nowhere"),
+])
+def test_tool_commands_end_a_user_error_with_status_2(tool, argv, words, tmp_path):
+    """The `python -m common.NAME` tools end as the scripts do: one line, status 2, nothing
+    written (here, the detector's --out)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", tool, *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=os.environ | {"PYTHONPATH": root})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and words in done.stderr
+    assert "Traceback" not in done.stderr and os.listdir(tmp_path) == []
+
+
+def test_resume_refuses_what_it_cannot_continue(finished_run, tmp_path, capsys):
+    """--resume-override without --resume; a best.pt-like file without optimiser state; another
+    model's checkpoint: each refused by name, the run folder untouched."""
+    out = tmp_path / "r"
+    err = user_error(capsys, train.main, TINY + ["--out", str(out), "--resume-override", "lr"])
+    assert "--resume-override applies to a resumed run" in err
+    lean = tmp_path / "lean.pt"
+    eval_cli.main(["--checkpoint", str(finished_run / "last.pt"), "--export", str(lean)])
+    err = user_error(capsys, train.main, TINY + ["--out", str(out), "--resume", str(lean)])
+    assert "holds no optimiser state" in err
+    other = ["--model", "mmnet", *TINY[2:]]
+    err = user_error(capsys, train.main, other + ["--out", str(out), "--resume",
+                                                  str(finished_run / "last.pt")])
+    assert "holds a maris model, not mmnet" in err
+    assert not out.exists()
+
+
+def test_a_decompression_bomb_is_refused_as_an_image_error(tmp_path, monkeypatch):
+    """Pillow's guard against images of absurd pixel counts (a small file that decodes to GBs)
+    becomes ImageError (an OSError: exit status 2 on the command line) naming the file."""
+    from common.images import ImageError, load_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # errors above twice this
+    with pytest.raises(ImageError, match="cannot decode image .*bomb.png"):
+        load_image(str(path))
+
+
+def test_ris_traceback_shows_the_traceback_of_a_user_error(monkeypatch):
+    def main():
+        raise ValueError("a user's mistake")
+
+    monkeypatch.setenv("RIS_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="a user's mistake"):
+        cli.run(main)
+    monkeypatch.delenv("RIS_TRACEBACK")
+    with pytest.raises(SystemExit):
+        cli.run(main)
