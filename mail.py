@@ -260,7 +260,7 @@ class TrimodalEncoder(nn.Module):
     """Mask-Image-Language trimodal transformer encoder (Sec. 3.2, Eq. 3-5); without
     `mask_modality`, ViLT's image-language encoder (Tab. 2 variant 1), which returns no F_M."""
 
-    def __init__(self, vilt: ViLTEncoder, pretrained: bool, mask_modality: bool = True):
+    def __init__(self, vilt: ViLTEncoder, pretrained: bool, mask_modality: bool):
         super().__init__()
         self.vilt = vilt
         self.mask_embed = self.mask_type = None

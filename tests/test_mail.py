@@ -44,6 +44,8 @@ def test_masked_average_pool_equals_a_loop():
     f_i = torch.randn(2, 6, h, w, generator=g)
     masks = torch.rand(2, 3, h * P, w * P, generator=g) > 0.6
     masks[1, 2] = False  # an empty mask pools to zero
+    masks[0, 1] = False
+    masks[0, 1, 5, 6] = True  # one pixel: 1/16 of a patch, the mean is that patch's feature
     got = mail.masked_average_pool(f_i, masks, P)
     for b in range(2):
         pixels = f_i[b].repeat_interleave(P, 1).repeat_interleave(P, 2)  # F_I at pixels (nearest)
