@@ -253,8 +253,11 @@ def test_resnet_variant_trains_every_parameter():
     assert not bad, bad[:8]
 
 
-def test_vis_panels_show_every_query_with_its_score_and_the_weighted_sum():
-    model = build("mmnet").eval()
+@pytest.mark.parametrize("probs", [True, False])
+def test_vis_panels_show_every_query_with_its_score_and_the_weighted_sum(probs):
+    """Fig. 2, 5: each query's mask, best score first, then Eq. (16)'s mix as the model makes it
+    (a weighted sum of probabilities, or the probability of the weighted sum of logits)."""
+    model = build("mmnet", mix_probabilities=probs).eval()
     batch = make_batch(model, n=2)
     with torch.no_grad():
         out = model(**model.inputs_from(batch))
@@ -265,7 +268,11 @@ def test_vis_panels_show_every_query_with_its_score_and_the_weighted_sum():
     assert scores == sorted(scores, reverse=True)
     assert math.isclose(sum(scores), 1.0, abs_tol=Q * 1e-3)
     assert all(0 <= m.min() and m.max() <= 1 and m.ndim == 2 for _, m in panels)
-    assert "weighted" in panels[-1][0]
+    assert panels[-1][0] == "weighted sum of masks (Eq. 16)"
+    s, m = out["query_scores"][1], out["query_masks"][1]
+    mixed = (s[:, None, None] * m.sigmoid()).sum(0) if probs else (s[:, None, None] * m).sum(
+        0).sigmoid()
+    assert torch.allclose(panels[-1][1], mixed, atol=1e-6)
 
 
 def test_tokenizer_and_input_spec_follow_the_paper():
@@ -340,6 +347,16 @@ def test_paper_configs_are_the_papers_recipe():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([(1 - t / 10) ** 0.9 for t in range(5)], rel=1e-6)  # poly
+    # the config's power and warm-up reach the schedule (the paper's equal its defaults)
+    opt, sched = build("mmnet", power=0.5, warmup=0.5).configure_optimizers(lr=1.0,
+                                                                            total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[4] and lrs[5] > lrs[9] > 0
+    assert lrs[9] / lrs[5] == pytest.approx(((1 - 9 / 10) / (1 - 5 / 10)) ** 0.5, rel=1e-6)
     for name in ("tiny", "tiny-rn"):  # ours: from scratch on CPU, clipped and flipped
         assert (mmnet.CONFIGS[name].clip_grad, mmnet.CONFIGS[name].hflip) == (1.0, True)
 
