@@ -10,6 +10,7 @@ atomically (`save_checkpoint`). `export_checkpoint` writes a self-contained, wei
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -193,14 +194,19 @@ def payload_sha256(state: dict) -> str:
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
-    A run killed mid-write leaves the previous checkpoint intact. The tensors' sha256 goes with
-    them (`payload_sha256`)."""
+    A run killed mid-write leaves the previous checkpoint intact; a failed write (a full disk)
+    also removes its partial file. The tensors' sha256 goes with them (`payload_sha256`)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     state = dict(state, payload_sha256=payload_sha256(state))  # checked by load_checkpoint
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

@@ -454,3 +454,28 @@ def test_ris_traceback_shows_the_traceback_of_a_user_error(monkeypatch):
     monkeypatch.delenv("RIS_TRACEBACK")
     with pytest.raises(SystemExit):
         cli.run(main)
+
+
+def test_a_full_disk_mid_checkpoint_keeps_the_last_one_and_leaves_no_partial_file(
+        finished_run, tmp_path, monkeypatch):
+    """A write that fails part-way (no space left) raises OSError (exit status 2), leaves the
+    previous last.pt byte for byte, and removes its partial temporary file."""
+    import errno
+    import shutil
+
+    from common import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = (run / "last.pt").read_bytes()
+    state = load_checkpoint(str(run / "last.pt"))
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(state, str(run / "last.pt"))
+    assert (run / "last.pt").read_bytes() == before
+    assert not [n for n in os.listdir(run) if ".tmp." in n]
