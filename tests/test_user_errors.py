@@ -281,6 +281,12 @@ def test_a_proposals_file_must_cover_the_split(tmp_path):
     none = _proposals(tmp_path / "none.json", [100, 101])
     with pytest.raises(ValueError, match="0 of the 4 images of the val split"):
         data.build_dataset("shapes", "val", **dict(kwargs, candidates=none))
+    one = _proposals(tmp_path / "one.json", [0])  # a quarter: below the half it needs
+    with pytest.raises(ValueError, match="1 of the 4 images of the val split"):
+        data.build_dataset("shapes", "val", **dict(kwargs, candidates=one))
+    half = _proposals(tmp_path / "half.json", [0, 1])  # the bound itself: used, with a warning
+    with pytest.warns(UserWarning, match="2 of the 4 images"):
+        data.build_dataset("shapes", "val", **dict(kwargs, candidates=half))
     some = _proposals(tmp_path / "some.json", [0, 1, 2])
     with pytest.warns(UserWarning, match="3 of the 4 images"):
         ds = data.build_dataset("shapes", "val", **dict(kwargs, candidates=some))
