@@ -147,10 +147,6 @@ def test_without_mask_modality_needs_no_proposals_on_refer(tmp_path):
     its own) it trains and evaluates without a proposals file, records no candidate source (not
     "oracle": it saw no annotation at inference) and warns that a given file is ignored; the
     full model still stops and asks for proposals."""
-    model = build("mail", **mail.ABLATIONS["w/o mask modality"])
-    assert model.input_names == ("image", "text", "text_mask")
-    assert mail.MaIL.input_names_for(model.cfg) == model.input_names
-    assert mail.MaIL.input_names_for(mail.CONFIGS["tiny"])[-2:] == ("cand_masks", "cand_valid")
     images = [{"id": i, "height": 24, "width": 32, "file_name": f"COCO_train2014_{i:012d}.jpg"}
               for i in (1, 2)]
     anns = [{"id": 10 + i, "image_id": i, "category_id": 1,

@@ -534,6 +534,28 @@ def test_wordpiece_unless_auto_without_a_vocab_is_an_error_not_bpe():
     assert all(mail.CONFIGS[k].tokenizer == "wordpiece" for k in mail.CONFIGS if k != "tiny")
 
 
+def test_text_weights_give_the_wordpiece_vocabulary(tmp_path):
+    """--text-weights names a BERT vocab.txt (or its folder): the tokenizer reads it, and the
+    config records it, so that a checkpoint tokenises as training did."""
+    from weights import write_vocab
+
+    write_vocab(str(tmp_path), 120, ("the", "red", "circle"))
+    model = build("mail", tokenizer="wordpiece", image_size=64,
+                  text_weights=str(tmp_path / "vocab.txt"))
+    assert isinstance(model.tokenizer, WordPieceTokenizer)
+    assert model.cfg.vocab == str(tmp_path / "vocab.txt")
+    ids, _ = model.tokenizer("the red circle")
+    assert list(ids[:5]) == [2, 5, 6, 7, 3]  # [CLS] the red circle [SEP]
+
+
+def test_without_mask_modality_the_model_reads_no_candidates():
+    """Tab. 2 variant 1: no mask modality, so no candidate inputs (and no proposals needed)."""
+    model = build("mail", **mail.ABLATIONS["w/o mask modality"])
+    assert model.input_names == ("image", "text", "text_mask")
+    assert mail.MaIL.input_names_for(model.cfg) == model.input_names
+    assert mail.MaIL.input_names_for(mail.CONFIGS["tiny"])[-2:] == ("cand_masks", "cand_valid")
+
+
 def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path, capsys):
     """Tab. 2 variant 6 (`pretraining="uni-modal"`): blocks, patch projection, class token,
     positions and final norm from a ViT folder; word/position/segment embeddings from BERT's;
