@@ -91,7 +91,6 @@ from common.losses import dice_loss, select_loss, sigmoid_focal_loss
 from common.model import InputSpec, RISModel, check_choices, freeze
 from common.tokenizers import ClipTokenizer, find_wordpiece_vocab, wordpiece_tokenizer
 
-VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)  # ViLT's pixel statistics (ViltImageProcessor)
 IGNORE = -100  # F.cross_entropy's ignore_index: a sample without a select-loss target
 PAD_LOGIT = -1e4  # padded pixels (ViLT setting): background, no loss gradient; finite, fp16-safe
 VOCAB_HINT = ("MaIL tokenises with BERT-uncased WordPiece (Sec. 4.1): pass its vocab.txt "
@@ -398,7 +397,7 @@ class MaIL(RISModel):
         vilt_setting = cfg.max_size is not None  # else square images (Sec. 4.1)
         self.input_spec = InputSpec(cfg.image_size, "shorter" if vilt_setting else "square",
                                     max_size=cfg.max_size, pad_multiple=P if vilt_setting else 1,
-                                    mean=VILT_MEAN, std=VILT_STD)
+                                    mean=vilt.pixel_mean, std=vilt.pixel_std)  # ViLT's
         self.encoder = TrimodalEncoder(vilt, pretrained=cfg.image_weights is not None,
                                        mask_modality="mask" in cfg.encoder_modality)
         if cfg.freeze_encoders:

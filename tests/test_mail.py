@@ -548,6 +548,18 @@ def test_text_weights_give_the_wordpiece_vocabulary(tmp_path):
     assert list(ids[:5]) == [2, 5, 6, 7, 3]  # [CLS] the red circle [SEP]
 
 
+def test_images_are_normalised_with_vilts_statistics_and_padded_to_whole_patches():
+    """Sec. 4.1: ViLT's preprocessing (its mean and std, the shorter side resized, padding to a
+    multiple of the patch: tests/test_upstream.py checks the statistics against transformers'
+    ViltImageProcessor); the 416 x 416 setting is square and needs no padding."""
+    model = build("mail", image_size=64, max_size=96)
+    spec, vilt = model.input_spec, model.encoder.vilt
+    assert (spec.mean, spec.std) == (vilt.pixel_mean, vilt.pixel_std) == ((0.5,) * 3, (0.5,) * 3)
+    assert (spec.resize, spec.pad_multiple) == ("shorter", vilt.patch_size)
+    square = build("mail", image_size=64, max_size=None).input_spec
+    assert (square.resize, square.pad_multiple) == ("square", 1)
+
+
 def test_without_mask_modality_the_model_reads_no_candidates():
     """Tab. 2 variant 1: no mask modality, so no candidate inputs (and no proposals needed)."""
     model = build("mail", **mail.ABLATIONS["w/o mask modality"])
