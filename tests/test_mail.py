@@ -624,3 +624,24 @@ def test_unimodal_weights_fill_vilt_from_vit_and_bert(tmp_path, capsys):
     with pytest.raises(ValueError, match=rf"holds word embeddings \(50, {spec['hidden_size']}\), "
                                          rf"this ViLT \({n_words}, {spec['hidden_size']}\)"):
         mail.load_unimodal_weights(vilt, str(tmp_path / "vit"), str(tmp_path / "bert50"))
+
+
+def test_a_square_size_not_a_multiple_of_the_patch_is_resized_back_bilinearly():
+    """The head returns h*P x w*P pixels; a square input whose side is not a multiple of P
+    (416 is one of ViLT-B/32's 32 px; 72 is not one of the tiny ViLT's) gets its logits resized
+    to H x W, bilinearly with align_corners=False; the image mask comes back with the output
+    for the pictures."""
+    import torch.nn.functional as F
+
+    model = build("mail", image_size=72, max_size=None).eval()
+    P = model.encoder.vilt.patch_size
+    assert 72 % P
+    batch = make_batch(model, n=2)
+    seen = {}
+    model.head.register_forward_hook(lambda m, i, o: seen.update(head=o))
+    with torch.no_grad():
+        out = model(**model.inputs_from(batch))
+    assert seen["head"].shape[-2:] == (72 // P * P,) * 2
+    want = F.interpolate(seen["head"], size=(72, 72), mode="bilinear", align_corners=False)
+    assert torch.allclose(out["mask_logits"], want, atol=1e-6)
+    assert torch.equal(out["image_mask"], model.inputs_from(batch)["image_mask"])
