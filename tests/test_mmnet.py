@@ -380,3 +380,10 @@ def test_forward_contract():
     assert out["query_scores"].shape == (2, Q) and out["word_attn"].shape == (2, Q, L)
     assert out["loss"].shape == () and set(out) == {"mask_logits", "query_masks", "query_scores",
                                                     "word_attn", "loss", "loss_bce"}
+
+
+def test_the_configs_kernel_relu_reaches_the_projector():
+    """Eq. (14)'s sigma on the generated kernel is a config switch (see the Interpretations):
+    the model builds the projector the config names."""
+    assert build("mmnet", kernel_relu=True).projector.kernel_relu is True
+    assert build("mmnet", kernel_relu=False).projector.kernel_relu is False
