@@ -6,7 +6,8 @@ image's original resolution. Over a split:
   oIoU    sum of intersections / sum of unions ("overall IoU", most papers' "IoU"),
   Pr@X    share of samples with IoU >= X, X in 0.5 ... 0.9.
 A sample whose prediction and ground truth are both empty has IoU 1 (nothing to find, nothing
-found); an empty ground truth with a non-empty prediction has IoU 0.
+found); an empty ground truth with a non-empty prediction has IoU 0. A split whose every
+mask is empty has oIoU 1 by the same rule; an accumulator with no sample reports 0 throughout.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class IoUAccumulator:
         n = int(self.sums[0])
         out = {
             "mIoU": float(self.sums[1] / n) if n else 0.0,
-            "oIoU": float(self.sums[2] / self.sums[3]) if self.sums[3] > 0 else 0.0,
+            # every mask empty: 1, as for each of its samples; no sample at all: 0, as above
+            "oIoU": float(self.sums[2] / self.sums[3]) if self.sums[3] > 0 else float(n > 0),
         }
         for k, t in enumerate(THRESHOLDS):
             out[f"Pr@{t}"] = float(self.sums[4 + k] / n) if n else 0.0

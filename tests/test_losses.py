@@ -7,11 +7,18 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal
 from common import losses
 
 
-def test_focal_matches_torchvision(rng):
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.25, 1.0), (0.0, 2.0), (-1.0, 0.5)])
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+def test_focal_matches_torchvision(rng, alpha, gamma, soft):
+    """Fidelity to torchvision.ops.sigmoid_focal_loss (Lin et al. 2017, Eq. 5) for the paper's
+    alpha and gamma and for others: an odd gamma and soft targets tell p_t's two terms apart
+    (at gamma = 2 on 0/1 targets a sign slip in p_t is invisible), alpha = 0 weights only the
+    background and alpha < 0 turns the weighting off."""
     logits = torch.randn(2, 1, 8, 8, generator=rng) * 3
-    target = (torch.rand(2, 1, 8, 8, generator=rng) > 0.5).float()
-    ours = losses.sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0)
-    ref = tv_focal(logits, target, alpha=0.25, gamma=2.0, reduction="mean")
+    target = torch.rand(2, 1, 8, 8, generator=rng)
+    target = target if soft else (target > 0.5).float()
+    ours = losses.sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma)
+    ref = tv_focal(logits, target, alpha=alpha, gamma=gamma, reduction="mean")
     assert torch.allclose(ours, ref, atol=1e-6)
 
 

@@ -155,6 +155,47 @@ def test_sam_load_prints_its_line_and_refuses_missing_or_unexpected_tensors(tmp_
         SAMImageEncoder("tiny", img_size=128, weights=path)
 
 
+@pytest.mark.parametrize("build", [
+    lambda w: SAMImageEncoder("tiny", img_size=64, weights=w),
+    lambda w: CLIPImageEncoder("tiny", weights=w),
+    lambda w: CLIPImageEncoder("tiny-rn", weights=w),
+    lambda w: CLIPTextEncoder("tiny", weights=w),
+    lambda w: SwinImageEncoder("tiny", weights=w),
+    lambda w: Darknet53("tiny", weights=w),
+], ids=["sam", "clip-vit", "clip-rn", "clip-text", "swin", "darknet"])
+def test_an_encoder_built_to_load_a_file_skips_its_random_draw(build, tmp_path, monkeypatch):
+    """Consistency (common.encoders.loading.skip_init): built without a file, an encoder draws
+    its initial weights through torch.nn.init; built to load one, it draws none (the load replaces
+    every tensor) and holds exactly the file's tensors; the initialisers work again afterwards,
+    also after a build that failed."""
+    from common.encoders.loading import skip_init
+
+    calls = []
+    for name in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
+        fn = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name,
+                            lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = build(None)
+    assert calls, "a random build must draw through torch.nn.init (else this test checks nothing)"
+    path = str(tmp_path / "weights.pth")
+    prefix = "image_encoder." if isinstance(src, SAMImageEncoder) else ""  # a SAM file's names
+    torch.save({prefix + k: v for k, v in src.state_dict().items()}, path)
+    calls.clear()
+    with contextlib.redirect_stdout(None):
+        dst = build(path)
+    assert calls == []
+    assert dst.state_dict().keys() == src.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
+                                                  dst.state_dict().values()))
+    with pytest.raises(RuntimeError, match="mid-build"), skip_init():
+        raise RuntimeError("mid-build")
+    nn.init.normal_(torch.empty(3))
+    assert calls == ["normal_"]
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP (MMNet, MARIS): OpenAI's TorchScript files and open_clip checkpoints
 # ---------------------------------------------------------------------------------------------

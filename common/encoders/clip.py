@@ -27,6 +27,7 @@ from common.encoders.loading import (
     load_checked,
     load_state_dict_file,
     sine_init_,
+    skip_init,
     warn_random,
 )
 from common.model import CLIP_MEAN, CLIP_STD
@@ -101,7 +102,8 @@ class CLIPTextEncoder(nn.Module):
         quick_gelu = cfg.get("quick_gelu", False)  # True for the "-quickgelu" names
         if weights is not None:
             check_clip_activation(weights, arch, quick_gelu)
-        tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=quick_gelu)
+        with skip_init(weights is not None):  # every tensor is loaded from the file below
+            tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=quick_gelu)
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
         self.transformer = tower.transformer
@@ -188,8 +190,9 @@ class CLIPImageEncoder(nn.Module):
         quick_gelu = cfg.get("quick_gelu", False)  # True for the "-quickgelu" names
         if weights is not None:
             check_clip_activation(weights, arch, quick_gelu)
-        self.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
-                                          quick_gelu=quick_gelu)
+        with skip_init(weights is not None):  # every tensor is loaded from the file below
+            self.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
+                                              quick_gelu=quick_gelu)
         self.is_vit = hasattr(self.visual, "transformer")
         if not (hasattr(self.visual, "attnpool") or self.is_vit and self.visual.attn_pool is None
                 and self.visual.pool_type == "tok"):

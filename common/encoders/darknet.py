@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from common.encoders.loading import load_checked, load_state_dict_file, warn_random
+from common.encoders.loading import load_checked, load_state_dict_file, skip_init, warn_random
 
 # YOLOv3's Darknet-53: a 3x3 stem of `width` channels, then five stages, each a stride-2 3x3 conv
 # that doubles the channels and `depths[i]` residual blocks. "tiny" is this library's CPU-sized
@@ -62,11 +62,12 @@ class Darknet53(nn.Module):
             raise ValueError(f"unknown Darknet arch {arch!r}; choose from {sorted(DARKNET_ARCHS)}")
         width, depths = DARKNET_ARCHS[arch]["width"], DARKNET_ARCHS[arch]["depths"]
         self.channels = [width * 2 ** (i + 1) for i in range(len(depths))]
-        self.stem = _conv_bn_leaky(3, width, 3)
-        self.stages = nn.ModuleList(
-            nn.Sequential(_conv_bn_leaky(c // 2, c, 3, stride=2),
-                          *(_DarknetResidual(c) for _ in range(d)))
-            for c, d in zip(self.channels, depths))
+        with skip_init(weights is not None):  # every tensor is loaded from the file below
+            self.stem = _conv_bn_leaky(3, width, 3)
+            self.stages = nn.ModuleList(
+                nn.Sequential(_conv_bn_leaky(c // 2, c, 3, stride=2),
+                              *(_DarknetResidual(c) for _ in range(d)))
+                for c, d in zip(self.channels, depths))
         if weights is None:
             warn_random(f"Darknet {arch}", "pass yolov3.weights or a state dict of this module")
         elif weights.endswith((".weights", ".74")):

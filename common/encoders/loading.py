@@ -6,8 +6,8 @@ naming every missing or unexpected tensor beyond a stated allowance: the parts o
 encoder does not build (`load_checked` for state dicts, `load_hf_folder` for Hugging Face
 folders; Darknet's binary format has its own reader in `darknet.py`). Random weights are
 announced once per encoder kind (`warn_random`), unless a checkpoint will replace them
-(`quiet_random_init`). Learned position tables trained from scratch start as the 2-D sine
-encoding (`sine_init_`).
+(`quiet_random_init`); an encoder about to load a file skips its random draw (`skip_init`).
+Learned position tables trained from scratch start as the 2-D sine encoding (`sine_init_`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,30 @@ def quiet_random_init():
         yield
     finally:
         _quiet = old
+
+
+@contextlib.contextmanager
+def skip_init(skip: bool = True):
+    """Build modules without drawing their initial weights (`skip` False: an ordinary build).
+
+    For an encoder whose every tensor is loaded from a file right after it is built
+    (`load_checked` refuses a file that lacks one), the random draw is wasted time: 300M numbers
+    for CLIP ViT-L, 632M for SAM ViT-H, seconds on a CPU. Meanwhile torch.nn.init's in-place
+    initialisers return their tensor untouched (transformers' `no_init_weights` does the same);
+    tensors made any other way (buffers, masks, a `torch.randn` in a constructor) are unaffected.
+    Parameters stay as allocated, arbitrary values: use it only where a complete load follows."""
+    if not skip:
+        yield
+        return
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 @torch.no_grad()

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.encoders.loading import load_checked, load_state_dict_file, sine_init_, warn_random
+from common.encoders.loading import (
+    load_checked,
+    load_state_dict_file,
+    sine_init_,
+    skip_init,
+    warn_random,
+)
 from common.model import SAM_MEAN, SAM_STD
 
 # segment-anything's build_sam.py settings; "tiny" is this library's CPU-sized variant with the
@@ -89,12 +95,13 @@ class SAMImageEncoder(nn.Module):
             raise ValueError(f"unknown SAM arch {arch!r}; choose from {sorted(SAM_ARCHS)}")
         spec = dict(patch_size=16, window_size=14) | SAM_ARCHS[arch]
         self.out_indexes = [spec["global_attn_indexes"][i] for i in global_blocks]
-        vit = ImageEncoderViT(
-            img_size=img_size, patch_size=spec["patch_size"], embed_dim=spec["embed_dim"],
-            depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=spec["global_attn_indexes"], window_size=spec["window_size"],
-        )
+        with skip_init(weights is not None):  # every tensor is loaded from the file below
+            vit = ImageEncoderViT(
+                img_size=img_size, patch_size=spec["patch_size"], embed_dim=spec["embed_dim"],
+                depth=spec["depth"], num_heads=spec["num_heads"], mlp_ratio=4,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
+                global_attn_indexes=spec["global_attn_indexes"], window_size=spec["window_size"],
+            )
         self.patch_embed, self.pos_embed = vit.patch_embed, vit.pos_embed
         self.blocks = vit.blocks[: max(self.out_indexes) + 1]
         for blk in self.blocks:  # same weights and maths, on the fused attention kernel

@@ -27,7 +27,7 @@ import re
 
 from torch import Tensor, nn
 
-from common.encoders.loading import load_checked, load_state_dict_file, warn_random
+from common.encoders.loading import load_checked, load_state_dict_file, skip_init, warn_random
 from common.model import IMAGENET_MEAN, IMAGENET_STD
 
 SWIN_B = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
@@ -63,8 +63,9 @@ class SwinImageEncoder(nn.Module):
             raise ValueError(f"unknown Swin arch {arch!r}; choose from {sorted(SWIN_ARCHS)}")
         spec = dict(SWIN_ARCHS[arch])
         window = spec.pop("window_size")
-        net = SwinTransformer(patch_size=[4, 4], window_size=[window, window],
-                              stochastic_depth_prob=STOCHASTIC_DEPTH[arch], **spec)
+        with skip_init(weights is not None):  # every tensor is loaded from the file below
+            net = SwinTransformer(patch_size=[4, 4], window_size=[window, window],
+                                  stochastic_depth_prob=STOCHASTIC_DEPTH[arch], **spec)
         self.features = net.features  # patch embedding, then (stage, patch merging) x 3, stage
         self.channels = [spec["embed_dim"] * 2**i for i in range(4)]
         if weights is None:
